@@ -1,0 +1,31 @@
+# Two commands on a fresh machine:  make run  |  make test
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(VENV)/bin/pip
+CONFIG ?= configs/quickstart.yaml
+ARGS   ?=
+
+.PHONY: run test install bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	# torch first, pinned to the release this machine's pip can take from disk (ranges admit others)
+	$(PIP) install -q "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed
+
+run: install
+	$(VENV)/bin/raybias run $(CONFIG) $(ARGS)
+
+test: install
+	$(PY) -m pytest -q -ra $(ARGS)
+
+bench: install
+	$(PY) benchmarks/run_all.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

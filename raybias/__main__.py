@@ -1,0 +1,5 @@
+import sys
+
+from raybias.cli import main
+
+sys.exit(main())

@@ -1,0 +1,156 @@
+"""Command line: `raybias STAGE CONFIG [key=value ...] [--run-dir DIR] [--resume]`."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+import time
+from typing import Callable, Dict, List, Optional, Tuple
+
+# stage name -> (module, entry function, one-line help)
+STAGES: Dict[str, Tuple[str, str, str]] = {
+    "prepare": ("raybias.stages.prepare", "run_prepare",
+                "read the data source, apply bias severity, write data/real/ and print group counts"),
+    "base": ("raybias.stages.base", "run_base",
+             "build the embedded text-to-image backbone (render the font corpus and pretrain), or check a diffusers model loads"),
+    "embed": ("raybias.stages.embed", "run_embed",
+              "image embeddings of the real training set with a Ray Data actor pool -> embed/*.parquet"),
+    "cluster": ("raybias.stages.cluster", "run_cluster",
+                "distributed K-means per group -> embed/clusters.parquet, clusters.json, plots"),
+    "finetune": ("raybias.stages.finetune", "run_finetune",
+                 "fine-tune one diffusion model per group (LoRA, DreamBooth) or per (group, cluster) on Ray Train"),
+    "generate": ("raybias.stages.generate", "run_generate",
+                 "generate the group-balanced synthetic set with Ray Data actor pools -> synthetic/<method>/"),
+    "filter": ("raybias.stages.filter", "run_filter",
+               "score synthetic images (class prompt + group centroid) and keep the top fraction"),
+    "train": ("raybias.stages.train", "run_train",
+              "train a classifier with train.method on Ray Train -> classifiers/<method>/<seed>/metrics.json"),
+    "report": ("raybias.stages.report", "run_report",
+               "write report/report.md with tables, plots and sample grids (CONFIG, or a run/sweep directory)"),
+    "run": ("raybias.stages.pipeline", "run_pipeline",
+            "every stage for every method in `methods:` and every seed, then the report"),
+    "sweep": ("raybias.stages.sweep", "run_sweep",
+              "Ray Tune sweep over severity x synthetic_ratio x method x seed -> sweeps/<name>/"),
+}
+JOB_COMMANDS = ("submit", "status", "stop", "logs")
+
+EPILOG = """\
+examples:
+  raybias prepare configs/quickstart.yaml
+  raybias train configs/quickstart.yaml train.method=groupdro seeds=[0,1,2]
+  raybias run configs/quickstart.yaml --run-dir runs/qs --resume
+  raybias submit configs/celeba.yaml --address http://127.0.0.1:8265
+
+Config overrides use dotted keys: data.severity=0.95 data.source=csv data.root=/data/mine.
+A stage skips nothing unless --resume is given; `run` skips stages already finished
+with the same config (and redoes ones whose config changed) like make.
+"""
+
+
+def _common(p: argparse.ArgumentParser, config_help: str = "YAML config (e.g. configs/quickstart.yaml)") -> None:
+    p.add_argument("config", help=config_help)
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.severity=0.95")
+    p.add_argument("--run-dir", dest="run_dir", default=None,
+                   help="run directory, local path or URI such as s3://bucket/run (default: the config's run_dir)")
+    p.add_argument("--resume", action="store_true",
+                   help="skip work finished earlier in this run directory; refuse if its config changed")
+    p.add_argument("-v", "--verbose", action="store_true", help="more logging")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raybias",
+        description="Fair image classifiers from group-balanced diffusion-generated data, on Ray.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    from raybias import __version__
+
+    parser.add_argument("--version", action="version", version=f"raybias {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="STAGE")
+    for name, (_, _, help_) in STAGES.items():
+        p = sub.add_parser(name, help=help_, description=help_)
+        _common(p, "YAML config, or for `report` also a run or sweep directory" if name == "report"
+                else "YAML config (e.g. configs/quickstart.yaml)")
+    p = sub.add_parser("submit", help="submit `raybias run` (or --entry sweep) to a Ray cluster as a Ray job",
+                       description="Submit a run or sweep to a Ray cluster through the job API, stream its "
+                                   "logs and exit with the job's final status.")
+    _common(p)
+    p.add_argument("--address", default=None, help="Ray dashboard/job address, e.g. http://127.0.0.1:8265 "
+                                                   "(default: RAY_ADDRESS)")
+    p.add_argument("--entry", choices=("run", "sweep"), default="run", help="which entrypoint to run")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    for name, help_ in (("status", "print a submitted job's status"), ("stop", "stop a submitted job"),
+                        ("logs", "print a submitted job's logs")):
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.add_argument("job_id")
+        p.add_argument("--address", default=None, help="Ray job address (default: RAY_ADDRESS)")
+    return parser
+
+
+def _entry(name: str) -> Callable:
+    module, func, _ = STAGES[name]
+    return getattr(importlib.import_module(module), func)
+
+
+def _known_errors() -> tuple:
+    from raybias.config import ConfigError
+    from raybias.data.images import ImageError
+    from raybias.data.io import TableMissing
+    from raybias.data.schema import SchemaError
+    from raybias.data.sources import DataError
+    from raybias.ray_utils import ResourceError
+    from raybias.rundir import ResumeRefused, StageFailed
+
+    return (ConfigError, DataError, ImageError, SchemaError, ResumeRefused, StageFailed,
+            TableMissing, ResourceError, FileNotFoundError)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    known = _known_errors()
+    try:
+        if args.command in ("status", "stop", "logs"):
+            from raybias.jobs import job_command
+
+            return job_command(args.command, args.job_id, args.address)
+        if args.command == "report" and os.path.isdir(args.config):
+            from raybias.stages.report import report_directory
+
+            report_directory(args.config)
+            return 0
+        from raybias.config import load_config
+        from raybias.rundir import RunDir
+
+        cfg = load_config(args.config, args.overrides)
+        if args.run_dir:
+            cfg.run_dir = args.run_dir
+        if args.command == "submit":
+            from raybias.jobs import submit
+
+            return submit(cfg, args.config, args.overrides, address=args.address, entry=args.entry,
+                          resume=args.resume, wait=not args.no_wait)
+        mode = "resume" if args.resume else ("auto" if args.command in ("run", "sweep") else "fresh")
+        run = RunDir(cfg.run_dir)
+        start = time.time()
+        _entry(args.command)(cfg, run, mode)
+        if args.command != "run":
+            print(f"{args.command} finished in {time.time() - start:.1f}s ({run.uri})")
+        return 0
+    except known as exc:
+        print(f"raybias: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raybias: interrupted; rerun with --resume to continue", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

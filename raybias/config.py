@@ -1,0 +1,520 @@
+"""Typed configuration: omegaconf structured configs, validated at load.
+
+A config is a YAML file merged over these dataclasses, then command-line overrides
+(`key=value`, omegaconf dotlist syntax). Unknown keys and wrong types are refused by
+omegaconf; ranges and allowed names are checked by `validate`. Every error raised here
+is a `ConfigError` whose message names the key, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+SOURCES = ("colored_digits", "celeba", "waterbirds", "utkface", "csv")
+GENERATORS = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
+# Training hooks selectable by `train.method`.
+TRAIN_METHODS = ("erm", "reweight", "groupdro", "jtt", "two_stage", "ddb_recipe1", "ddb_recipe2")
+# Entries of `methods:` (what a run compares). A generator name means
+# `two_stage` pretraining on that generator's synthetic set.
+METHODS = ("erm", "reweight", "groupdro", "jtt") + GENERATORS + ("ddb_recipe1", "ddb_recipe2")
+EMBEDDERS = ("builtin", "clip")
+BALANCE = ("max_group", "per_group", "ffr")
+SCHEDULERS = ("ddim", "dpm_solver", "ddpm", "euler")
+ATTENTION = ("auto", "sdpa", "xformers")
+PRECISION = ("no", "fp16", "bf16")
+MODELS = ("small_cnn", "resnet18", "resnet50")
+STAGE2 = ("head", "full")
+STAGE2_LOSS = ("erm", "reweight", "groupdro")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, unknown, of the wrong type or out of range."""
+
+
+@dataclass
+class RayConfig:
+    # None: RAY_ADDRESS if set, else start a local Ray bound to 127.0.0.1.
+    # "auto" or "ray://host:10001": connect to an existing cluster.
+    address: Optional[str] = None
+    num_cpus: Optional[int] = None
+    num_gpus: Optional[int] = None
+    object_store_mb: int = 768
+
+
+@dataclass
+class DataConfig:
+    source: str = "colored_digits"
+    root: Optional[str] = None  # dataset folder (not used by colored_digits)
+    severity: Any = 0.99  # fraction of each class that is bias-aligned in train, or "original"
+    seed: int = 0
+    # aligned[y] = bias value that is aligned with class y; None: the class's majority in train
+    aligned: Optional[List[int]] = None
+    image_size: int = 16  # images are resized to this square size when prepared
+    shard_rows: int = 2048  # rows per Parquet shard
+    # colored_digits
+    colors: List[str] = field(default_factory=lambda: ["red", "green"])
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    # celeba
+    target_attr: str = "Blond_Hair"
+    bias_attr: str = "Male"
+    # utkface: bias a=0 for ages in young_ages, a=1 for ages in old_ages; other ages dropped
+    young_ages: List[int] = field(default_factory=lambda: [0, 5])
+    old_ages: List[int] = field(default_factory=lambda: [20, 50])
+    # csv: a CSV inside `root` with columns path, y, a, split
+    csv_file: str = "metadata.csv"
+    # Words used in prompts; None: the source's defaults.
+    # class_words[y] = members of class y (one is drawn per prompt, as FFR draws a breed).
+    class_words: Optional[List[List[str]]] = None
+    bias_words: Optional[List[str]] = None
+    prompt_template: Optional[str] = None  # e.g. "a photo of a {bias} {member}"
+
+
+@dataclass
+class BaseConfig:
+    # "builtin": the small font-pretrained backbone shipped with / cached by raybias.
+    # Anything else: a diffusers hub id or local folder (StableDiffusionPipeline layout).
+    model: str = "builtin"
+    revision: Optional[str] = None
+    # Pretraining of the builtin backbone (`raybias base`).
+    corpus_size: int = 20000
+    steps: int = 5000
+    batch_size: int = 128
+    lr: float = 2e-3
+    ema_decay: float = 0.995
+    seed: int = 0
+    cache_dir: Optional[str] = None  # where a rebuilt builtin backbone is kept
+
+
+@dataclass
+class EmbedConfig:
+    embedder: str = "builtin"
+    model: Optional[str] = None  # CLIP hub id or local folder for embedder=clip
+    batch_size: int = 256
+    concurrency: int = 1  # actors in the pool
+    num_gpus: float = 0.0  # per actor
+
+
+@dataclass
+class ClusterConfig:
+    k: Any = "auto"  # an int >= 1, or "auto"
+    k_min: int = 2
+    k_max: int = 6
+    min_group_size: int = 20  # smaller groups get k = 1
+    max_iter: int = 50
+    tol: float = 1e-4
+    sample_size: int = 10000  # for k-means++ init and silhouette
+    seed: int = 0
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 300
+    batch_size: int = 16
+    lr: float = 1e-4  # LoRA
+    dreambooth_lr: float = 5e-5
+    lora_rank: int = 4
+    lora_alpha: float = 4.0
+    identifier: str = "sks"
+    prior_preservation: bool = True
+    prior_loss_weight: float = 1.0
+    num_class_images: int = 100
+    min_images: int = 3  # a group with fewer real training images is not trained
+    checkpoint_every: int = 100
+    mixed_precision: str = "no"  # on GPU: fp16 / bf16
+    num_gpus_per_job: float = 0.0
+    num_cpus_per_job: float = 1.0
+    max_failures: int = 2
+    seed: int = 0
+
+
+@dataclass
+class GenerateConfig:
+    balance: str = "max_group"
+    per_group: int = 500  # for balance=per_group
+    scheduler: str = "ddim"
+    steps: int = 25
+    guidance: float = 1.0
+    unit_size: int = 512  # images per work unit (= one Parquet shard)
+    batch_size: int = 64
+    attention: str = "auto"
+    dtype: str = "fp32"  # on GPU: fp16 / bf16
+    channels_last: bool = False
+    compile: bool = False
+    concurrency: int = 1
+    num_gpus: float = 0.0
+    negative_prompt: bool = True
+    seed: int = 0
+
+
+@dataclass
+class FilterConfig:
+    enabled: bool = True
+    alpha: float = 0.5
+    keep_fraction: float = 0.75
+    embedder: Optional[str] = None  # None: embed.embedder
+
+
+@dataclass
+class Stage1Config:
+    epochs: int = 10
+    lr: float = 1e-3
+    beta: float = 0.5  # loss = beta * CE + (1 - beta) * SupCon
+    temperature: float = 0.1
+
+
+@dataclass
+class TrainConfig:
+    method: str = "erm"
+    model: str = "small_cnn"
+    pretrained: Optional[str] = None  # "imagenet" for torchvision weights
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adam"
+    schedule: str = "cosine"
+    augment: bool = True
+    groupdro_eta: float = 0.1
+    groupdro_c: float = 0.0
+    jtt_epochs: int = 2
+    jtt_lambda: float = 20.0
+    # two_stage
+    generator: str = "vanilla"
+    synthetic_ratio: float = 0.0  # fraction of stage-1 data that is real
+    stage1: Stage1Config = field(default_factory=Stage1Config)
+    stage2: str = "head"
+    stage2_method: str = "groupdro"
+    # ddb
+    ddb_select_with_bias_labels: bool = True
+    num_workers: int = 1
+    use_gpu: bool = False
+    in_memory: bool = True  # decode the (small) dataset into memory instead of streaming
+
+
+@dataclass
+class DDBConfig:
+    steps: int = 1500
+    cond_drop: float = 0.1
+    guidance: float = 1.0
+    per_class: int = 500
+    amplifier_epochs: int = 10
+    lff_q: float = 0.7
+    lff_ema: float = 0.7
+
+
+@dataclass
+class SweepConfig:
+    name: str = "sweep"
+    severities: List[Any] = field(default_factory=lambda: [0.95, 0.99])
+    synthetic_ratios: List[float] = field(default_factory=lambda: [0.0])
+    methods: Optional[List[str]] = None  # None: top-level methods
+    seeds: Optional[List[int]] = None  # None: top-level seeds
+    max_concurrent: int = 2
+    asha: bool = False
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+
+
+@dataclass
+class RaybiasConfig:
+    run_dir: str = "runs/default"
+    methods: List[str] = field(default_factory=lambda: ["erm"])
+    seeds: List[int] = field(default_factory=lambda: [0])
+    data: DataConfig = field(default_factory=DataConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
+    base: BaseConfig = field(default_factory=BaseConfig)
+    embed: EmbedConfig = field(default_factory=EmbedConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
+    filter: FilterConfig = field(default_factory=FilterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    ddb: DDBConfig = field(default_factory=DDBConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
+
+
+Config = DictConfig  # a validated, typed OmegaConf view of RaybiasConfig
+
+
+def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()) -> DictConfig:
+    """Load YAML `path` over the defaults, apply `key=value` overrides, validate."""
+    schema = OmegaConf.structured(RaybiasConfig)
+    layers = [schema]
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            layers.append(OmegaConf.load(path))
+        except Exception as exc:  # yaml syntax errors
+            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+    try:
+        cfg = OmegaConf.merge(*layers)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc, path)) from exc
+    if overrides:
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_explain(exc, "the command-line overrides")) from exc
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def config_from_dict(values: Dict[str, Any]) -> DictConfig:
+    """Build a validated config from a nested dict (tests, Tune trials, job entrypoints)."""
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RaybiasConfig), OmegaConf.create(values))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc, None)) from exc
+    validate(cfg)
+    return cfg
+
+
+def with_overrides(cfg: DictConfig, overrides: Sequence[str]) -> DictConfig:
+    """A copy of `cfg` with `key=value` overrides applied and validated."""
+    try:
+        new = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_explain(exc, None)) from exc
+    validate(new)
+    return new
+
+
+def _explain(exc: OmegaConfBaseException, path) -> str:
+    where = f" in {path}" if path else ""
+    key = getattr(exc, "full_key", None)
+    msg = str(exc).splitlines()[0]
+    if "Key '" in msg and "not in" in msg:
+        return f"unknown config key '{key}'{where}: check the spelling (see `raybias --help` or configs/quickstart.yaml)"
+    if key:
+        return f"bad value for config key '{key}'{where}: {msg}"
+    return f"invalid config{where}: {msg}"
+
+
+def _fail(key: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"config key '{key}' has bad value {value!r}: allowed {allowed}")
+
+
+def _choice(key: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        _fail(key, value, "one of " + ", ".join(allowed))
+
+
+def _at_least(key: str, value: Any, low: float) -> None:
+    if value is None or value < low:
+        _fail(key, value, f"a number >= {low}")
+
+
+def _between(key: str, value: Any, low: float, high: float, low_open: bool = False) -> None:
+    ok = value is not None and (value > low if low_open else value >= low) and value <= high
+    if not ok:
+        _fail(key, value, f"a number in {'(' if low_open else '['}{low}, {high}]")
+
+
+def severity_value(severity: Any) -> Optional[float]:
+    """None for 'original', else the float severity (validated)."""
+    if isinstance(severity, str):
+        if severity == "original":
+            return None
+        try:
+            severity = float(severity)
+        except ValueError:
+            _fail("data.severity", severity, "a number in (0, 1] or 'original'")
+    if isinstance(severity, bool) or not isinstance(severity, (int, float)):
+        _fail("data.severity", severity, "a number in (0, 1] or 'original'")
+    if not 0 < float(severity) <= 1:
+        _fail("data.severity", severity, "a number in (0, 1] or 'original'")
+    return float(severity)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range and name checks that types alone cannot express."""
+    d = cfg.data
+    _choice("data.source", d.source, SOURCES)
+    severity_value(d.severity)
+    _at_least("data.image_size", d.image_size, 8)
+    _at_least("data.shard_rows", d.shard_rows, 1)
+    if len(d.colors) < 2:
+        _fail("data.colors", list(d.colors), "a list of at least 2 colour names")
+    from raybias.data.colors import COLOR_RGB  # local: keeps config import light
+
+    for c in d.colors:
+        if c not in COLOR_RGB:
+            _fail("data.colors", c, "colour names among " + ", ".join(COLOR_RGB))
+    _between("data.val_fraction", d.val_fraction, 0, 0.5, low_open=True)
+    _between("data.test_fraction", d.test_fraction, 0, 0.5, low_open=True)
+    if d.source != "colored_digits" and not d.root:
+        _fail("data.root", d.root, f"the dataset folder (required for data.source={d.source})")
+    if d.aligned is not None:
+        for v in d.aligned:
+            _at_least("data.aligned", v, 0)
+    for key in ("young_ages", "old_ages"):
+        rng = d[key]
+        if len(rng) != 2 or rng[0] > rng[1] or rng[0] < 0:
+            _fail(f"data.{key}", list(rng), "[min_age, max_age] with 0 <= min <= max")
+
+    if not cfg.methods:
+        _fail("methods", [], "a non-empty list of " + ", ".join(METHODS))
+    for m in cfg.methods:
+        _choice("methods", m, METHODS)
+    if not cfg.seeds:
+        _fail("seeds", [], "a non-empty list of integers")
+    for s in cfg.seeds:
+        _at_least("seeds", s, 0)
+
+    r = cfg.ray
+    if r.num_cpus is not None:
+        _at_least("ray.num_cpus", r.num_cpus, 1)
+    if r.num_gpus is not None:
+        _at_least("ray.num_gpus", r.num_gpus, 0)
+    _at_least("ray.object_store_mb", r.object_store_mb, 75)
+
+    b = cfg.base
+    for key in ("corpus_size", "steps", "batch_size"):
+        _at_least(f"base.{key}", b[key], 1)
+    _between("base.lr", b.lr, 0, 1, low_open=True)
+    _between("base.ema_decay", b.ema_decay, 0, 1)
+
+    e = cfg.embed
+    _choice("embed.embedder", e.embedder, EMBEDDERS)
+    if e.embedder == "clip" and not e.model:
+        _fail("embed.model", e.model, "a CLIP hub id or local folder when embed.embedder=clip")
+    _at_least("embed.batch_size", e.batch_size, 1)
+    _at_least("embed.concurrency", e.concurrency, 1)
+    _at_least("embed.num_gpus", e.num_gpus, 0)
+
+    c = cfg.cluster
+    if isinstance(c.k, str):
+        if c.k != "auto":
+            try:
+                c.k = int(c.k)
+            except ValueError:
+                _fail("cluster.k", c.k, "an integer >= 1 or 'auto'")
+    if not isinstance(c.k, str):
+        if isinstance(c.k, bool) or not isinstance(c.k, int) or c.k < 1:
+            _fail("cluster.k", c.k, "an integer >= 1 or 'auto'")
+    _at_least("cluster.k_min", c.k_min, 1)
+    if c.k_max < c.k_min:
+        _fail("cluster.k_max", c.k_max, f"an integer >= cluster.k_min ({c.k_min})")
+    for key in ("min_group_size", "max_iter", "sample_size"):
+        _at_least(f"cluster.{key}", c[key], 1)
+    _at_least("cluster.tol", c.tol, 0)
+
+    f = cfg.finetune
+    for key in ("steps", "batch_size", "lora_rank", "checkpoint_every", "num_class_images"):
+        _at_least(f"finetune.{key}", f[key], 1)
+    for key in ("lr", "dreambooth_lr"):
+        _between(f"finetune.{key}", f[key], 0, 1, low_open=True)
+    _at_least("finetune.lora_alpha", f.lora_alpha, 0)
+    _at_least("finetune.prior_loss_weight", f.prior_loss_weight, 0)
+    _at_least("finetune.min_images", f.min_images, 0)
+    _choice("finetune.mixed_precision", f.mixed_precision, PRECISION)
+    _at_least("finetune.num_gpus_per_job", f.num_gpus_per_job, 0)
+    _at_least("finetune.num_cpus_per_job", f.num_cpus_per_job, 0)
+    _at_least("finetune.max_failures", f.max_failures, 0)
+    if not f.identifier.strip() or " " in f.identifier:
+        _fail("finetune.identifier", f.identifier, "one word (e.g. sks)")
+
+    g = cfg.generate
+    _choice("generate.balance", g.balance, BALANCE)
+    _at_least("generate.per_group", g.per_group, 1)
+    _choice("generate.scheduler", g.scheduler, SCHEDULERS)
+    for key in ("steps", "unit_size", "batch_size", "concurrency"):
+        _at_least(f"generate.{key}", g[key], 1)
+    _at_least("generate.guidance", g.guidance, 0)
+    _choice("generate.attention", g.attention, ATTENTION)
+    _choice("generate.dtype", g.dtype, ("fp32", "fp16", "bf16"))
+    _at_least("generate.num_gpus", g.num_gpus, 0)
+
+    fl = cfg.filter
+    _between("filter.alpha", fl.alpha, 0, 1)
+    _between("filter.keep_fraction", fl.keep_fraction, 0, 1, low_open=True)
+    if fl.embedder is not None:
+        _choice("filter.embedder", fl.embedder, EMBEDDERS)
+
+    t = cfg.train
+    _choice("train.method", t.method, TRAIN_METHODS)
+    _choice("train.model", t.model, MODELS)
+    if t.pretrained is not None:
+        _choice("train.pretrained", t.pretrained, ("imagenet",))
+    for key in ("epochs", "batch_size", "num_workers"):
+        _at_least(f"train.{key}", t[key], 1)
+    _between("train.lr", t.lr, 0, 10, low_open=True)
+    _at_least("train.weight_decay", t.weight_decay, 0)
+    _choice("train.optimizer", t.optimizer, ("adam", "adamw", "sgd"))
+    _choice("train.schedule", t.schedule, ("cosine", "constant"))
+    _at_least("train.groupdro_eta", t.groupdro_eta, 0)
+    _at_least("train.groupdro_c", t.groupdro_c, 0)
+    _at_least("train.jtt_epochs", t.jtt_epochs, 1)
+    _at_least("train.jtt_lambda", t.jtt_lambda, 1)
+    _choice("train.generator", t.generator, GENERATORS)
+    _between("train.synthetic_ratio", t.synthetic_ratio, 0, 1)
+    _at_least("train.stage1.epochs", t.stage1.epochs, 1)
+    _between("train.stage1.lr", t.stage1.lr, 0, 10, low_open=True)
+    _between("train.stage1.beta", t.stage1.beta, 0, 1)
+    _between("train.stage1.temperature", t.stage1.temperature, 0, 10, low_open=True)
+    _choice("train.stage2", t.stage2, STAGE2)
+    _choice("train.stage2_method", t.stage2_method, STAGE2_LOSS)
+
+    dd = cfg.ddb
+    for key in ("steps", "per_class", "amplifier_epochs"):
+        _at_least(f"ddb.{key}", dd[key], 1)
+    _between("ddb.cond_drop", dd.cond_drop, 0, 1)
+    _at_least("ddb.guidance", dd.guidance, 0)
+    _between("ddb.lff_q", dd.lff_q, 0, 1, low_open=True)
+    _between("ddb.lff_ema", dd.lff_ema, 0, 1)
+
+    sw = cfg.sweep
+    if not sw.severities:
+        _fail("sweep.severities", [], "a non-empty list of severities")
+    for s in sw.severities:
+        severity_value(s)
+    for r_ in sw.synthetic_ratios:
+        _between("sweep.synthetic_ratios", r_, 0, 1)
+    for m in sw.methods or []:
+        _choice("sweep.methods", m, METHODS)
+    for s in sw.seeds or []:
+        _at_least("sweep.seeds", s, 0)
+    _at_least("sweep.max_concurrent", sw.max_concurrent, 1)
+    _at_least("sweep.cpus_per_trial", sw.cpus_per_trial, 0)
+    _at_least("sweep.gpus_per_trial", sw.gpus_per_trial, 0)
+
+
+def config_hash(cfg: DictConfig, sections: Sequence[str]) -> str:
+    """Stable hash of the named config sections (e.g. ("data", "train"))."""
+    parts = {s: OmegaConf.to_container(OmegaConf.select(cfg, s), resolve=True) for s in sections}
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def section_values(cfg: DictConfig, sections: Sequence[str]) -> Dict[str, Any]:
+    """The named sections as plain, flattened `key: value` pairs (for diff messages)."""
+    out: Dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        else:
+            out[prefix] = value
+
+    for s in sections:
+        walk(s, OmegaConf.to_container(OmegaConf.select(cfg, s), resolve=True))
+    return out
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg)

@@ -1,0 +1,58 @@
+"""`data/info.json`: what every later stage needs to know about the prepared dataset."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Dict, List, Optional
+
+from raybias.rundir import RunDir
+
+INFO = "data/info.json"
+REAL = "data/real"
+
+
+@dataclass
+class DatasetInfo:
+    source: str
+    n_classes: int
+    n_bias: int
+    class_names: List[str]
+    bias_names: List[str]
+    class_words: List[List[str]]
+    bias_words: List[str]
+    prompt_template: str
+    aligned: List[int]
+    image_size: int
+    severity: Optional[float]
+    counts: Dict[str, Dict[str, int]] = field(default_factory=dict)  # split -> group -> n
+    empty_train_groups: List[int] = field(default_factory=list)
+
+    @property
+    def n_groups(self) -> int:
+        return self.n_classes * self.n_bias
+
+    def group_of(self, y: int, a: int) -> int:
+        return y * self.n_bias + a
+
+    def y_a(self, group: int):
+        return divmod(int(group), self.n_bias)
+
+    def group_name(self, group: int) -> str:
+        y, a = self.y_a(group)
+        return f"{self.class_names[y]}/{self.bias_names[a]}"
+
+    def is_aligned(self, group: int) -> bool:
+        y, a = self.y_a(group)
+        return self.aligned[y] == a
+
+    def train_count(self, group: int) -> int:
+        return int(self.counts.get("train", {}).get(str(group), 0))
+
+    def save(self, run: RunDir) -> None:
+        run.write_json(INFO, asdict(self))
+
+    @classmethod
+    def load(cls, run: RunDir) -> "DatasetInfo":
+        if not run.exists(INFO):
+            raise FileNotFoundError(f"{run.path(INFO)} does not exist (run `raybias prepare` first)")
+        return cls(**run.read_json(INFO))

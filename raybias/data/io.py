@@ -1,0 +1,87 @@
+"""Reading and writing schema tables as Parquet shards in a run directory, through Ray Data.
+
+A table is a folder of shards plus a `_SUCCESS` marker written last. On a local disk the
+shards are written to a temporary sibling folder and renamed into place, so a crash never
+leaves a half-written table under the final name; on object stores the marker decides.
+Readers refuse a folder without the marker.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from typing import List, Optional
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybias.data.schema import check_table, order_columns, to_arrow
+from raybias.rundir import RunDir
+
+MARKER = "_SUCCESS"
+
+
+class TableMissing(FileNotFoundError):
+    """A stage's input table is absent or was never finished."""
+
+
+def write_table(run: RunDir, rel_dir: str, df: pd.DataFrame, shard_rows: int = 2048,
+                check: bool = True) -> List[str]:
+    """Write `df` as Parquet shards under `rel_dir` via Ray Data; returns shard file names."""
+    import ray
+
+    if check:
+        check_table(df, rel_dir)
+    df = df[order_columns(df.columns)].reset_index(drop=True)
+    table = to_arrow(df)
+    n_shards = max(1, math.ceil(len(df) / max(1, shard_rows)))
+    final = run.path(rel_dir)
+    tmp = run.path(f"{rel_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
+    ds = ray.data.from_arrow(table)
+    if n_shards > 1:
+        ds = ds.repartition(n_shards)
+    ds.write_parquet(tmp, filesystem=run.fs)
+    run.delete(rel_dir)
+    if run.is_local:
+        run.fs.move(tmp, final)
+    else:
+        run.fs.create_dir(final, recursive=True)
+        for info in run.fs.get_file_info(__import__("pyarrow.fs").fs.FileSelector(tmp)):
+            run.fs.move(info.path, f"{final}/{info.base_name}")
+        run.fs.delete_dir(tmp)
+    run.write_bytes(f"{rel_dir}/{MARKER}", b"")
+    return [n for n in run.listdir(rel_dir) if n.endswith(".parquet")]
+
+
+def _require(run: RunDir, rel_dir: str, what: Optional[str]) -> None:
+    if not run.exists(rel_dir, MARKER):
+        hint = f" (run `raybias {what}` first)" if what else ""
+        state = "is incomplete" if run.exists(rel_dir) else "does not exist"
+        raise TableMissing(f"{run.path(rel_dir)} {state}{hint}")
+
+
+def shard_paths(run: RunDir, rel_dir: str) -> List[str]:
+    return [run.path(rel_dir, n) for n in run.listdir(rel_dir) if n.endswith(".parquet")]
+
+
+def read_dataset(run: RunDir, rel_dir: str, columns: Optional[List[str]] = None, stage: Optional[str] = None):
+    """The table as a (streaming) Ray Dataset."""
+    import ray
+
+    _require(run, rel_dir, stage)
+    return ray.data.read_parquet(shard_paths(run, rel_dir), filesystem=run.fs, columns=columns)
+
+
+def read_table(run: RunDir, rel_dir: str, columns: Optional[List[str]] = None,
+               stage: Optional[str] = None, split: Optional[str] = None) -> pd.DataFrame:
+    """The whole table in memory (small data), shards read in a stable order."""
+    _require(run, rel_dir, stage)
+    parts = [pq.read_table(p, columns=columns, filesystem=run.fs) for p in shard_paths(run, rel_dir)]
+    table = pa.concat_tables(parts) if parts else pa.table({})
+    df = table.to_pandas()
+    if split is not None:
+        df = df[df["split"] == split]
+    if "id" in df.columns:
+        df = df.sort_values("id", kind="stable")
+    return df.reset_index(drop=True)

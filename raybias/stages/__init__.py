@@ -1,0 +1,1 @@
+"""Pipeline stages: each module has one entry function `run_<stage>(cfg, run, mode)`."""
