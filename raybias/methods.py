@@ -1,0 +1,73 @@
+"""What each entry of `methods:` means, and which config sections each stage depends on.
+
+A method is either a classifier training hook run on the real data (erm, reweight,
+groupdro, jtt), a generator whose synthetic set pretrains the classifier (`two_stage`
+with train.generator = that generator), or a Diffusing DeBias recipe.
+"""
+
+from __future__ import annotations
+
+from typing import List, Tuple
+
+from omegaconf import OmegaConf
+
+from raybias.config import GENERATORS
+
+# Config sections whose values change what each stage produces (hashed in the manifest).
+PREPARE = ("data",)
+BASE = ("base",)
+EMBED = PREPARE + ("embed",)
+CLUSTER = EMBED + ("cluster",)
+
+
+def finetune_sections(generator: str) -> Tuple[str, ...]:
+    extra = ("embed", "cluster") if generator == "clustered_dreambooth" else ()
+    return ("data", "base", "finetune") + extra
+
+
+def generate_sections(generator: str) -> Tuple[str, ...]:
+    return finetune_sections(generator) + ("generate",)
+
+
+def filter_sections(generator: str) -> Tuple[str, ...]:
+    return generate_sections(generator) + ("filter", "embed")
+
+
+def generator_of(method: str) -> str | None:
+    """The generator whose synthetic data `method` trains on, if any."""
+    if method in GENERATORS:
+        return method
+    if method.startswith("ddb"):
+        return "ddb"
+    return None
+
+
+def train_method_of(method: str) -> str:
+    return "two_stage" if method in GENERATORS else method
+
+
+def train_sections(method: str) -> Tuple[str, ...]:
+    gen = generator_of(method)
+    if gen == "ddb":
+        return ("data", "base", "ddb", "generate", "train")
+    if gen is not None:
+        return filter_sections(gen) + ("train",)
+    return ("data", "train")
+
+
+def method_config(cfg, method: str):
+    """A copy of `cfg` whose `train` section runs `method`."""
+    new = cfg.copy()
+    new.train.method = train_method_of(method)
+    if method in GENERATORS:
+        new.train.generator = method
+    return new
+
+
+def generators_needed(methods: List[str]) -> List[str]:
+    out: List[str] = []
+    for m in methods:
+        g = generator_of(m)
+        if g and g not in out:
+            out.append(g)
+    return out
