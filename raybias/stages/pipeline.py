@@ -1,0 +1,84 @@
+"""Stage `run`: prepare → (base) → embed → cluster → finetune → generate → filter → train → report.
+
+Every stage is skipped when the run directory already holds it finished with the same
+config (mode "auto", like make) or, with --resume, continues where it stopped. Only the
+stages the listed `methods:` need are run: the classifier baselines need only `prepare`
+and `train`; a generator method needs its generator's chain; DDB its own.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Dict, List
+
+from raybias.config import GENERATORS
+from raybias.methods import generators_needed
+from raybias.ray_utils import init_ray
+from raybias.rundir import RunDir
+
+FINETUNED = ("lora", "dreambooth", "clustered_dreambooth")
+
+
+def plan_stages(cfg) -> List[str]:
+    """The ordered stage names `raybias run` will go through for this config."""
+    gens = generators_needed(list(cfg.methods))
+    diffusion = [g for g in gens if g in GENERATORS]
+    stages = ["prepare"]
+    if diffusion or "ddb" in gens:
+        stages.append("base")
+    if "clustered_dreambooth" in diffusion or (diffusion and cfg.filter.enabled):
+        stages += ["embed", "cluster"] if "clustered_dreambooth" in diffusion else ["embed"]
+    if any(g in FINETUNED for g in diffusion):
+        stages.append("finetune")
+    if diffusion:
+        stages += ["generate", "filter"]
+    if "ddb" in gens:
+        stages.append("ddb")
+    stages += ["train", "report"]
+    return stages
+
+
+def _stage_fn(name: str) -> Callable:
+    import importlib
+
+    module, func = {
+        "prepare": ("raybias.stages.prepare", "run_prepare"),
+        "base": ("raybias.stages.base", "run_base"),
+        "embed": ("raybias.stages.embed", "run_embed"),
+        "cluster": ("raybias.stages.cluster", "run_cluster"),
+        "finetune": ("raybias.stages.finetune", "run_finetune"),
+        "generate": ("raybias.stages.generate", "run_generate"),
+        "filter": ("raybias.stages.filter", "run_filter"),
+        "ddb": ("raybias.stages.ddb", "run_ddb"),
+        "train": ("raybias.stages.train", "run_train"),
+        "report": ("raybias.stages.report", "run_report"),
+    }[name]
+    return getattr(importlib.import_module(module), func)
+
+
+def run_pipeline(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> Dict[str, float]:
+    """Run every stage the config's methods need; returns seconds per stage."""
+    init_ray(cfg)
+    stages = plan_stages(cfg)
+    if verbose:
+        print(f"raybias run: {run.uri}\n  methods: {', '.join(cfg.methods)}; seeds: "
+              f"{', '.join(map(str, cfg.seeds))}\n  stages: {' -> '.join(stages)}", flush=True)
+    timings: Dict[str, float] = {}
+    start = time.time()
+    for name in stages:
+        t0 = time.time()
+        if verbose:
+            print(f"\n== {name} ==", flush=True)
+        fn = _stage_fn(name)
+        if name == "prepare":
+            fn(cfg, run, mode, verbose=verbose)
+        else:
+            fn(cfg, run, mode)
+        timings[name] = time.time() - t0
+    total = time.time() - start
+    timings["total"] = total
+    run.write_json("report/timings.json", timings)
+    if verbose:
+        print("\nstage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total"))
+        print(f"raybias run finished in {total:.0f}s ({total / 60:.1f} min); report: {run.path('report', 'report.md')}")
+    return timings

@@ -1,0 +1,184 @@
+"""Stage `sweep`: Ray Tune over severity × synthetic_ratio × method × seed.
+
+Work that does not depend on the method, ratio or seed (prepare, embed, cluster,
+finetune, generate, filter, DDB's generator) is done once per severity, in its own run
+directory `sweeps/<name>/severity-<s>/`, by the same pipeline stages `raybias run` uses.
+The Tune trials then train classifiers only: each trial function builds its own
+`TorchTrainer` (Ray Train V2), so trials run in parallel up to the cluster's CPUs/GPUs,
+with optional ASHA early stopping on validation worst-group accuracy. Re-running the
+command restores the Tune experiment (`Tuner.restore`) and finishes what is missing.
+Results: `sweeps/<name>/results.csv`, `report.md` and a WGA-vs-severity plot.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List
+
+import pandas as pd
+
+from raybias.config import GENERATORS, severity_value, with_overrides
+from raybias.ray_utils import init_ray, require_gpus
+from raybias.rundir import RunDir
+
+
+def severity_name(severity: Any) -> str:
+    value = severity_value(severity)
+    return "original" if value is None else f"{value:g}"
+
+
+def trial_grid(cfg) -> List[Dict[str, Any]]:
+    """Every (severity, synthetic_ratio, method, seed) the sweep trains.
+
+    The synthetic/real ratio only changes generator methods' stage 1, so the baselines are
+    trained once per (severity, seed), under the first ratio.
+    """
+    sw = cfg.sweep
+    methods = list(sw.methods or cfg.methods)
+    seeds = list(sw.seeds or cfg.seeds)
+    ratios = list(sw.synthetic_ratios)
+    grid = []
+    for severity in sw.severities:
+        for method in methods:
+            for ratio in (ratios if method in GENERATORS else ratios[:1]):
+                for seed in seeds:
+                    grid.append({"severity": severity_name(severity), "synthetic_ratio": float(ratio),
+                                 "method": method, "seed": int(seed)})
+    return grid
+
+
+def output_name(method: str, ratio: float, ratios: List[float]) -> str:
+    """Classifier folder name: the method, plus the ratio when a sweep varies it."""
+    return method if len(ratios) == 1 or method not in GENERATORS else f"{method}@r{ratio:g}"
+
+
+def _severity_config(cfg, severity: str, sweep_root: str, methods: List[str]):
+    sub = with_overrides(cfg, [f"data.severity={severity}", f"run_dir={sweep_root}/severity-{severity}"])
+    sub.methods = methods
+    return sub
+
+
+def prepare_shared_stages(cfg, sweep_root: str, mode: str) -> None:
+    """Run every stage except train/report once per severity."""
+    from raybias.stages.pipeline import _stage_fn, plan_stages
+
+    methods = list(cfg.sweep.methods or cfg.methods)
+    for severity in cfg.sweep.severities:
+        name = severity_name(severity)
+        sub = _severity_config(cfg, name, sweep_root, methods)
+        run = RunDir(sub.run_dir)
+        for stage in plan_stages(sub):
+            if stage in ("train", "report"):
+                continue
+            print(f"[sweep] severity {name}: {stage}", flush=True)
+            fn = _stage_fn(stage)
+            if stage == "prepare":
+                fn(sub, run, mode, verbose=False)
+            else:
+                fn(sub, run, mode)
+
+
+def _trial(config: Dict[str, Any]) -> None:
+    """One Tune trial: train one classifier; metrics reach Tune through TuneReportCallback."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from raybias.config import config_from_dict
+    from raybias.stages.train import train_one
+
+    base = config_from_dict(config["base_config"])
+    t = config["trial"]
+    sub = _severity_config(base, t["severity"], config["sweep_root"], [t["method"]])
+    sub = with_overrides(sub, [f"train.synthetic_ratio={t['synthetic_ratio']}"])
+    run = RunDir(sub.run_dir)
+    name = output_name(t["method"], t["synthetic_ratio"], config["ratios"])
+    metrics = train_one(sub, run, t["method"], t["seed"], mode="resume", out_name=name,
+                        callbacks=[TuneReportCallback()])
+    tune.report({"val_wga": metrics["val"]["wga"], "test_wga": metrics["test"]["wga"],
+                 "test_aga": metrics["test"]["aga"], "test_acc": metrics["test"]["acc"], "done": True})
+
+
+def collect_results(cfg, sweep_root: str) -> pd.DataFrame:
+    """results.csv rows from the classifiers' metrics.json (the source of truth, not Tune)."""
+    ratios = list(cfg.sweep.synthetic_ratios)
+    rows = []
+    for t in trial_grid(cfg):
+        run = RunDir(f"{sweep_root}/severity-{t['severity']}")
+        rel = f"classifiers/{output_name(t['method'], t['synthetic_ratio'], ratios)}/{t['seed']}/metrics.json"
+        if not run.exists(rel):
+            continue
+        m = run.read_json(rel)
+        row = dict(t)
+        row.update({"wga": m["test"]["wga"], "aga": m["test"]["aga"], "acc": m["test"]["acc"],
+                    "val_wga": m["val"]["wga"], "best_epoch": m.get("best_epoch")})
+        for g, acc in m["test"].get("group_acc", {}).items():
+            row[f"g{g}"] = acc
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from raybias.stages.report import summarize, write_sweep_report
+
+    if not run.is_local:
+        # Tune's experiment state can live on S3 too, but the sweep's report step reads results locally.
+        pass
+    init_ray(cfg)
+    sw = cfg.sweep
+    require_gpus(sw.gpus_per_trial, "sweep trials (sweep.gpus_per_trial)")
+    sweep_root = run.path("sweeps", sw.name) if run.is_local else f"{run.uri}/sweeps/{sw.name}"
+    RunDir(sweep_root)
+    print(f"raybias sweep '{sw.name}': {sweep_root}", flush=True)
+    prepare_shared_stages(cfg, sweep_root, "resume" if mode == "resume" else "auto")
+
+    grid = trial_grid(cfg)
+    print(f"[sweep] {len(grid)} trials, up to {sw.max_concurrent} at a time", flush=True)
+    from omegaconf import OmegaConf
+
+    param_space = {
+        "trial": tune.grid_search(grid),
+        "base_config": OmegaConf.to_container(cfg, resolve=True),
+        "sweep_root": sweep_root,
+        "ratios": list(sw.synthetic_ratios),
+    }
+    # The trial function itself only waits on its TorchTrainer, whose workers hold the CPUs/GPUs.
+    trainable = tune.with_resources(_trial, {"cpu": 0})
+    storage = os.path.join(sweep_root, "tune") if run.is_local else f"{sweep_root}/tune"
+    exp_path = os.path.join(storage, sw.name)
+    scheduler = None
+    if sw.asha:
+        scheduler = ASHAScheduler(metric="val_wga", mode="max", time_attr="training_iteration",
+                                  max_t=max(cfg.train.epochs, cfg.train.stage1.epochs + cfg.train.epochs),
+                                  grace_period=max(1, cfg.train.epochs // 4))
+    if tune.Tuner.can_restore(exp_path) and mode != "fresh":
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, restart_errored=False,
+                                   param_space=param_space)
+    else:
+        tuner = tune.Tuner(
+            trainable, param_space=param_space,
+            tune_config=tune.TuneConfig(max_concurrent_trials=sw.max_concurrent, scheduler=scheduler),
+            run_config=tune.RunConfig(name=sw.name, storage_path=storage, verbose=0,
+                                      failure_config=tune.FailureConfig(max_failures=1)),
+        )
+    result = tuner.fit()
+    errors = [r.error for r in result if r.error is not None]
+    df = collect_results(cfg, sweep_root)
+    sweep_dir = RunDir(sweep_root)
+    sweep_dir.write_text("results.csv", df.to_csv(index=False))
+    if errors:
+        print(f"[sweep] {len(errors)} trial(s) failed; first error: {errors[0]}", flush=True)
+    if not df.empty:
+        write_sweep_report(sweep_root)
+        df2 = df.copy()
+        summary = summarize(df2, keys=["severity", "synthetic_ratio", "method"])
+        print(summary[["severity", "synthetic_ratio", "method", "wga_mean", "wga_std", "n_seeds"]]
+              .to_string(index=False, float_format=lambda v: f"{100 * v:.1f}"))
+    print(f"[sweep] results: {sweep_dir.path('results.csv')}; report: {sweep_dir.path('report.md')}")
+    if errors:
+        from raybias.rundir import StageFailed
+
+        raise StageFailed(f"{len(errors)} of {len(grid)} sweep trials failed: {errors[0]}")
+    return df
