@@ -1,0 +1,116 @@
+"""Typed config: overrides apply, and every bad value fails at load naming the key, the value
+and what is allowed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from raybias.config import ConfigError, config_from_dict, config_hash, load_config, with_overrides
+
+QUICKSTART = str(Path(__file__).resolve().parents[1] / "configs" / "quickstart.yaml")
+
+
+def test_yaml_and_overrides_are_merged_over_the_defaults():
+    cfg = load_config(QUICKSTART, ["data.severity=0.95", "train.lr=0.01", "seeds=[4,5]",
+                                   "data.source=csv", "data.root=/data/mine", "data.aligned=[1,0]"])
+    assert cfg.data.severity == 0.95 and cfg.train.lr == 0.01 and list(cfg.seeds) == [4, 5]
+    assert cfg.data.source == "csv" and cfg.data.root == "/data/mine" and list(cfg.data.aligned) == [1, 0]
+    assert cfg.methods == ["erm", "reweight", "groupdro", "jtt"]  # from the YAML
+    assert cfg.data.image_size == 16 and cfg.data.image_format == "png"  # YAML, then defaults
+    assert load_config(QUICKSTART, ["data.severity=original"]).data.severity == "original"
+
+
+def test_config_hash_follows_the_values_of_its_sections():
+    a = load_config(QUICKSTART)
+    b = with_overrides(a, ["train.lr=0.5"])
+    c = with_overrides(a, ["data.seed=3"])
+    assert config_hash(a, ("data",)) == config_hash(b, ("data",))
+    assert config_hash(a, ("data",)) != config_hash(c, ("data",))
+    assert config_hash(a, ("data", "train")) != config_hash(b, ("data", "train"))
+
+
+def error(overrides, path=QUICKSTART) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_config(path, overrides)
+    return str(info.value)
+
+
+@pytest.mark.parametrize("override, key", [
+    ("data.sevrity=0.9", "data.sevrity"),
+    ("trian.lr=1", "trian"),
+    ("train.stage1.betta=0.3", "train.stage1.betta"),
+])
+def test_unknown_keys_are_named(override, key):
+    msg = error([override])
+    assert f"unknown config key '{key}'" in msg and "command-line overrides" in msg
+
+
+def test_unknown_key_in_the_yaml_names_the_file(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("data:\n  source: colored_digits\n  image_sise: 32\n")
+    msg = error([], path)
+    assert "data.image_sise" in msg and str(path) in msg
+
+
+@pytest.mark.parametrize("override, key, value, allowed", [
+    ("data.image_size=abc", "data.image_size", "abc", "Integer"),
+    ("train.lr=fast", "train.lr", "fast", "Float"),
+    ("data.aligned=[0,x]", "data.aligned[1]", "x", "Integer"),
+    ("data.center_crop=maybe", "data.center_crop", "maybe", "bool"),
+])
+def test_wrong_types_are_named(override, key, value, allowed):
+    msg = error([override])
+    assert key in msg and value in msg and allowed in msg
+
+
+@pytest.mark.parametrize("override, key, value, allowed", [
+    ("data.severity=0", "data.severity", "0", "(0, 1]"),
+    ("data.severity=1.5", "data.severity", "1.5", "(0, 1]"),
+    ("data.severity=-0.1", "data.severity", "-0.1", "(0, 1]"),
+    ("data.severity=often", "data.severity", "often", "'original'"),
+    ("generate.per_group=-5", "generate.per_group", "-5", ">= 1"),
+    ("data.shard_rows=0", "data.shard_rows", "0", ">= 1"),
+    ("finetune.steps=-1", "finetune.steps", "-1", ">= 1"),
+    ("seeds=[0,-1]", "seeds", "-1", ">= 0"),
+    ("methods=[erm,magic]", "methods", "magic", "one of erm, reweight, groupdro"),
+    ("train.method=magic", "train.method", "magic", "one of erm"),
+    ("data.source=imagenet", "data.source", "imagenet", "colored_digits, celeba, waterbirds, utkface, csv"),
+    ("data.image_format=gif", "data.image_format", "gif", "png, jpeg"),
+    ("data.val_fraction=0.7", "data.val_fraction", "0.7", "(0, 0.5]"),
+    ("data.colors=[red,mauve]", "data.colors", "mauve", "colour names among red"),
+    ("data.old_ages=[3,10]", "data.old_ages", "[3, 10]", "above data.young_ages"),
+    ("data.young_ages=[5,1]", "data.young_ages", "[5, 1]", "min <= max"),
+    ("data.load_workers=-2", "data.load_workers", "-2", ">= 0"),
+    ("data.prompt_template='a {cls}'", "data.prompt_template", "a {cls}", "{member} and {bias}"),
+    ("filter.keep_fraction=0", "filter.keep_fraction", "0", "(0, 1]"),
+    ("cluster.k=0", "cluster.k", "0", "'auto'"),
+])
+def test_out_of_range_values_name_key_value_and_allowed(override, key, value, allowed):
+    msg = error([override])
+    assert f"'{key}'" in msg and value in msg and allowed in msg, msg
+
+
+def test_dataset_specific_checks():
+    msg = error(["data.source=celeba"])
+    assert "'data.root'" in msg and "required for data.source=celeba" in msg
+    msg = error(["data.source=celeba", "data.root=/x", "data.bias_attr=Blond_Hair"])
+    assert "'data.bias_attr'" in msg and "other than data.target_attr" in msg
+    msg = error(["data.class_words=[[seven],[]]"])
+    assert "data.class_words[1]" in msg
+
+
+def test_missing_or_broken_files_and_malformed_overrides(tmp_path):
+    assert "config file not found" in error([], tmp_path / "nope.yaml")
+    bad = tmp_path / "broken.yaml"
+    bad.write_text("data: [unclosed\n")
+    assert "not valid YAML" in error([], bad)
+    assert "not of the form key=value" in error(["data.severity"])
+
+
+def test_config_from_dict_validates_too():
+    with pytest.raises(ConfigError, match="data.severity"):
+        config_from_dict({"data": {"severity": 2}})
+    with pytest.raises(ConfigError, match="unknown config key 'data.colour'"):
+        config_from_dict({"data": {"colour": "red"}})
