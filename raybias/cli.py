@@ -79,7 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("--address", default=None, help="Ray dashboard/job address, e.g. http://127.0.0.1:8265 "
                                                    "(default: RAY_ADDRESS)")
-    p.add_argument("--entry", choices=("run", "sweep"), default="run", help="which entrypoint to run")
+    p.add_argument("--entry", choices=tuple(STAGES), default="run",
+                   help="what the job runs: run (default), sweep, or any one stage")
     p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     for name, help_ in (("status", "print a submitted job's status"), ("stop", "stop a submitted job"),
                         ("logs", "print a submitted job's logs")):
@@ -109,7 +110,13 @@ def _known_errors() -> tuple:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # `raybias train cfg.yaml --run-dir X seeds=[0]`: overrides may also follow the options
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        if hasattr(args, "overrides") and all("=" in e and not e.startswith("-") for e in extra):
+            args.overrides = list(args.overrides) + extra
+        else:
+            parser.error("unrecognized arguments: " + " ".join(extra))
     if args.command is None:
         parser.print_help()
         return 2
@@ -144,12 +151,31 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command != "run":
             print(f"{args.command} finished in {time.time() - start:.1f}s ({run.uri})")
         return 0
-    except known as exc:
-        print(f"raybias: error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("raybias: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except Exception as exc:
+        # A project error, possibly raised inside a Ray task/actor and wrapped on the way
+        # back: print its message alone, not the nested Ray traceback.
+        cause = _known_cause(exc, known)
+        if cause is None:
+            raise
+        print(f"raybias: error: {cause}", file=sys.stderr)
+        return 2
+
+
+def _known_cause(exc: BaseException, known: tuple) -> Optional[BaseException]:
+    """The first error of a `known` class along `exc`'s chain, skipping Ray's wrappers
+    (a RayTaskError keeps the original in `.cause`; Ray Data and `raise ... from` use
+    `__cause__`). None if there is none: an unexpected error keeps its traceback."""
+    seen, cur = set(), exc
+    while cur is not None and id(cur) not in seen:
+        seen.add(id(cur))
+        if isinstance(cur, known) and not type(cur).__name__.startswith("RayTaskError"):
+            return cur
+        nxt = getattr(cur, "cause", None)
+        cur = nxt if isinstance(nxt, BaseException) else cur.__cause__
+    return None
 
 
 if __name__ == "__main__":
