@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from typing import Optional
@@ -30,17 +31,42 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     num_gpus = rc.num_gpus if rc is not None else None
     store_mb = rc.object_store_mb if rc is not None else 768
     # A local Ray binds to loopback only: nothing it serves is reachable from the network.
-    ray.init(
-        num_cpus=num_cpus,
-        num_gpus=num_gpus,
-        object_store_memory=int(store_mb) * 2**20,
-        include_dashboard=False,
-        _node_ip_address="127.0.0.1",
-        log_to_driver=not quiet,
-        configure_logging=True,
-        logging_level=logging.WARNING,
-    )
+    with loopback_only():
+        ray.init(
+            num_cpus=num_cpus,
+            num_gpus=num_gpus,
+            object_store_memory=int(store_mb) * 2**20,
+            include_dashboard=False,
+            _node_ip_address="127.0.0.1",
+            log_to_driver=not quiet,
+            configure_logging=True,
+            logging_level=logging.WARNING,
+        )
     ray_data_quiet()
+
+
+# Ray's switch for "this machine is a single-node install": off, Ray keeps 127.0.0.1 as the
+# node address; on (Linux default), it swaps 127.0.0.1 for the machine's outward address and
+# its GCS, raylet and workers listen there, reachable from the network.
+SINGLE_NODE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def loopback_only():
+    """While starting a local Ray: keep its node address, and so every listener, on 127.0.0.1."""
+    from ray._private import ray_constants
+
+    old_env, old_flag = os.environ.get(SINGLE_NODE_ENV), ray_constants.ENABLE_RAY_CLUSTER
+    os.environ[SINGLE_NODE_ENV] = "0"  # inherited by the GCS, raylet and workers started now
+    ray_constants.ENABLE_RAY_CLUSTER = False  # read when this process resolves 127.0.0.1
+    try:
+        yield
+    finally:
+        ray_constants.ENABLE_RAY_CLUSTER = old_flag
+        if old_env is None:
+            os.environ.pop(SINGLE_NODE_ENV, None)
+        else:
+            os.environ[SINGLE_NODE_ENV] = old_env
 
 
 def cluster_gpus() -> float:

@@ -81,7 +81,10 @@ class RunDir:
             root = os.path.abspath(uri)
             self.uri = root
         self.root = root.rstrip("/")
-        self.fs.create_dir(self.root, recursive=True)
+        try:
+            self.fs.create_dir(self.root, recursive=True)
+        except OSError as exc:  # a missing bucket, no credentials, an unreachable endpoint
+            raise StageFailed(f"cannot use run directory {self.uri}: {exc}") from exc
         self._source_uri = uri
 
     def __repr__(self) -> str:
@@ -94,6 +97,16 @@ class RunDir:
     def spec(self) -> str:
         """What to pass to `RunDir(...)` in another process (keeps S3 options)."""
         return self._source_uri
+
+    def child_spec(self, *parts: str) -> str:
+        """The spec of a folder inside this run (e.g. a sweep's sub-run), keeping the URI's
+        options (`?endpoint_override=…`) after the path, where pyarrow reads them."""
+        rel = "/".join(p.strip("/") for p in parts if p)
+        if self.is_local:
+            return os.path.join(self.root, rel) if rel else self.root
+        base, _, query = self._source_uri.partition("?")
+        base = base.rstrip("/") + (f"/{rel}" if rel else "")
+        return f"{base}?{query}" if query else base
 
     # --- paths -------------------------------------------------------------
     def path(self, *parts: str) -> str:

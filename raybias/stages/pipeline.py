@@ -24,7 +24,9 @@ def plan_stages(cfg) -> List[str]:
     gens = generators_needed(list(cfg.methods))
     diffusion = [g for g in gens if g in GENERATORS]
     stages = ["prepare"]
-    if diffusion or "ddb" in gens:
+    # The builtin backbone ships with the package (rebuilding it is `raybias base`, minutes of
+    # work); any other base model is checked to load before hours of fine-tuning depend on it.
+    if (diffusion or "ddb" in gens) and cfg.base.model != "builtin":
         stages.append("base")
     if "clustered_dreambooth" in diffusion or (diffusion and cfg.filter.enabled):
         stages += ["embed", "cluster"] if "clustered_dreambooth" in diffusion else ["embed"]
