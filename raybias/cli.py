@@ -26,6 +26,8 @@ STAGES: Dict[str, Tuple[str, str, str]] = {
                  "generate the group-balanced synthetic set with Ray Data actor pools -> synthetic/<method>/"),
     "filter": ("raybias.stages.filter", "run_filter",
                "score synthetic images (class prompt + group centroid) and keep the top fraction"),
+    "ddb": ("raybias.stages.ddb", "run_ddb",
+            "Diffusing DeBias: class-conditional diffusion model, bias-aligned set, bias amplifier -> generators/ddb/"),
     "train": ("raybias.stages.train", "run_train",
               "train a classifier with train.method on Ray Train -> classifiers/<method>/<seed>/metrics.json"),
     "report": ("raybias.stages.report", "run_report",

@@ -19,7 +19,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 SOURCES = ("colored_digits", "celeba", "waterbirds", "utkface", "csv")
 GENERATORS = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
-# Training hooks selectable by `train.method`.
+# Training hooks selectable by `train.method` (registered in raybias/classify/methods.py).
+# ddb_recipe1/ddb_recipe2 are registered in raybias/classify/ddb.py (Diffusing DeBias).
 TRAIN_METHODS = ("erm", "reweight", "groupdro", "jtt", "two_stage", "ddb_recipe1", "ddb_recipe2")
 # Entries of `methods:` (what a run compares). A generator name means
 # `two_stage` pretraining on that generator's synthetic set.
@@ -58,6 +59,12 @@ class DataConfig:
     aligned: Optional[List[int]] = None
     image_size: int = 16  # images are resized to this square size when prepared
     shard_rows: int = 2048  # rows per Parquet shard
+    # Sources that read image files: crop the centred square before resizing (else stretch),
+    # how the prepared images are stored (png: lossless; jpeg: quality 95, ~5x smaller for
+    # photos at 224 px), and threads loading them (0: 2 per CPU core, at most 32).
+    center_crop: bool = True
+    image_format: str = "png"
+    load_workers: int = 0
     # colored_digits
     colors: List[str] = field(default_factory=lambda: ["red", "green"])
     val_fraction: float = 0.15
@@ -91,6 +98,16 @@ class BaseConfig:
     ema_decay: float = 0.995
     seed: int = 0
     cache_dir: Optional[str] = None  # where a rebuilt builtin backbone is kept
+    arch: str = "small"  # builtin architecture: small (shipped) or tiny (tests)
+    vae_steps: int = 1500  # VAE reconstruction steps before the UNet
+    train_text_encoder: bool = True  # False: keep the random text encoder frozen
+    cond_drop: float = 0.1  # caption dropout, so classifier-free guidance works
+    oracle_epochs: int = 4
+    # Quality check printed by `raybias base`: oracle recognition of generations.
+    check_per_pair: int = 8  # images per (colour, digit) prompt
+    check_colors: List[str] = field(default_factory=lambda: ["red", "green"])
+    check_guidance: List[float] = field(default_factory=lambda: [1.0, 1.5, 2.0, 3.0])
+    check_steps: int = 25
 
 
 @dataclass
@@ -111,6 +128,7 @@ class ClusterConfig:
     max_iter: int = 50
     tol: float = 1e-4
     sample_size: int = 10000  # for k-means++ init and silhouette
+    n_init: int = 4  # k-means++ seedings tried on the sample; the best seeds the full run
     seed: int = 0
 
 
@@ -131,8 +149,16 @@ class FinetuneConfig:
     mixed_precision: str = "no"  # on GPU: fp16 / bf16
     num_gpus_per_job: float = 0.0
     num_cpus_per_job: float = 1.0
+    max_concurrent_jobs: int = 0  # trainers running at once; 0: as many as the cluster holds
     max_failures: int = 2
     seed: int = 0
+    weight_decay: float = 1e-2  # AdamW
+    max_grad_norm: float = 1.0  # 0: no clipping
+    # Sampling of prior-preservation class images and of the preview grid (DDIM).
+    sample_steps: int = 25
+    sample_guidance: float = 1.0
+    n_samples: int = 4  # preview images per trained model in generators/<gen>/samples.png
+    progress_every: int = 10  # steps between progress updates sent to the driver
 
 
 @dataclass
@@ -148,8 +174,11 @@ class GenerateConfig:
     dtype: str = "fp32"  # on GPU: fp16 / bf16
     channels_last: bool = False
     compile: bool = False
-    concurrency: int = 1
-    num_gpus: float = 0.0
+    concurrency: int = 1  # sampler actors in the pool
+    num_gpus: float = 0.0  # per actor
+    num_cpus: float = 1.0  # per actor (also its torch threads)
+    model_cache: int = 2  # LoRA adapters / DreamBooth UNets kept loaded per actor
+    size: Optional[int] = None  # image size to sample at; None: the model's own
     negative_prompt: bool = True
     seed: int = 0
 
@@ -160,6 +189,8 @@ class FilterConfig:
     alpha: float = 0.5
     keep_fraction: float = 0.75
     embedder: Optional[str] = None  # None: embed.embedder
+    # Oracle folder for the class-prompt term with the builtin embedder; None: the shipped one.
+    oracle: Optional[str] = None
 
 
 @dataclass
@@ -194,18 +225,27 @@ class TrainConfig:
     stage2_method: str = "groupdro"
     # ddb
     ddb_select_with_bias_labels: bool = True
-    num_workers: int = 1
-    use_gpu: bool = False
+    num_workers: int = 1  # Ray Train workers per classifier (DDP when > 1)
+    use_gpu: bool = False  # one GPU per worker
+    cpus_per_worker: float = 1.0  # also each worker's torch threads
     in_memory: bool = True  # decode the (small) dataset into memory instead of streaming
+    max_failures: int = 1  # Ray Train restarts a failed worker group from its last checkpoint
+    # classifiers trained at once by `train_methods`; None: as many as the cluster's CPUs/GPUs fit
+    max_concurrent: Optional[int] = None
 
 
 @dataclass
 class DDBConfig:
-    steps: int = 1500
-    cond_drop: float = 0.1
-    guidance: float = 1.0
-    per_class: int = 500
+    # class-conditional diffusion model (the finetune loop, full UNet, class-only prompts)
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 1e-3
+    cond_drop: float = 0.1  # probability of an empty prompt per training example (CFG)
+    guidance: float = 1.0  # CFG weight when sampling the bias-aligned set
+    per_class: int = 32  # bias-aligned images generated per class
+    sample_steps: int = 10  # denoising steps per generated image
     amplifier_epochs: int = 10
+    seed: int = 0  # of the diffusion model, the generated set and the amplifier
     lff_q: float = 0.7
     lff_ema: float = 0.7
 
@@ -298,10 +338,36 @@ def _explain(exc: OmegaConfBaseException, path) -> str:
     key = getattr(exc, "full_key", None)
     msg = str(exc).splitlines()[0]
     if "Key '" in msg and "not in" in msg:
-        return f"unknown config key '{key}'{where}: check the spelling (see `raybias --help` or configs/quickstart.yaml)"
+        return f"unknown config key '{key}'{where}{_did_you_mean(str(key))}"
     if key:
         return f"bad value for config key '{key}'{where}: {msg}"
     return f"invalid config{where}: {msg}"
+
+
+def _known_keys() -> list:
+    out = []
+
+    def walk(prefix: str, node: Any) -> None:
+        for k, v in node.items():
+            name = f"{prefix}.{k}" if prefix else k
+            out.append(name)
+            if isinstance(v, DictConfig):
+                walk(name, v)
+
+    walk("", OmegaConf.structured(RaybiasConfig))
+    return out
+
+
+def _did_you_mean(key: str) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(key, _known_keys(), n=3, cutoff=0.6)
+    if close:
+        return ": did you mean " + " or ".join(f"'{c}'" for c in close) + "?"
+    section = key.rsplit(".", 1)[0] if "." in key else ""
+    keys = [k.rsplit(".", 1)[-1] for k in _known_keys() if k.startswith(section + ".") and k.count(".") == key.count(".")] if section else []
+    return f": known keys{' in ' + section if section else ''} are {', '.join(keys)}" if keys else \
+        ": check the spelling (see configs/quickstart.yaml)"
 
 
 def _fail(key: str, value: Any, allowed: str) -> None:
@@ -365,6 +431,25 @@ def validate(cfg: DictConfig) -> None:
         rng = d[key]
         if len(rng) != 2 or rng[0] > rng[1] or rng[0] < 0:
             _fail(f"data.{key}", list(rng), "[min_age, max_age] with 0 <= min <= max")
+    if d.young_ages[1] >= d.old_ages[0]:
+        _fail("data.old_ages", list(d.old_ages),
+              f"an age range above data.young_ages {list(d.young_ages)} (the bins may not overlap)")
+    _choice("data.image_format", d.image_format, ("png", "jpeg"))
+    _at_least("data.load_workers", d.load_workers, 0)
+    if d.source == "celeba" and d.target_attr == d.bias_attr:
+        _fail("data.bias_attr", d.bias_attr, f"a CelebA attribute other than data.target_attr ({d.target_attr})")
+    if not str(d.csv_file).strip():
+        _fail("data.csv_file", d.csv_file, "the CSV file name (inside data.root, or an absolute path)")
+    if d.class_words is not None:
+        for y, members in enumerate(d.class_words):
+            if not members:
+                _fail(f"data.class_words[{y}]", list(members), "a non-empty list of words for the class")
+    if d.prompt_template is not None:
+        try:
+            d.prompt_template.format(member="x", bias="y")
+        except (KeyError, IndexError, ValueError) as exc:
+            _fail("data.prompt_template", d.prompt_template,
+                  f"text with the fields {{member}} and {{bias}} only (it failed on {exc})")
 
     if not cfg.methods:
         _fail("methods", [], "a non-empty list of " + ", ".join(METHODS))
@@ -387,6 +472,23 @@ def validate(cfg: DictConfig) -> None:
         _at_least(f"base.{key}", b[key], 1)
     _between("base.lr", b.lr, 0, 1, low_open=True)
     _between("base.ema_decay", b.ema_decay, 0, 1)
+    _choice("base.arch", b.arch, ("tiny", "small"))
+    for key in ("vae_steps", "oracle_epochs", "check_per_pair", "check_steps"):
+        _at_least(f"base.{key}", b[key], 1)
+    _between("base.cond_drop", b.cond_drop, 0, 1)
+    if not b.check_colors:
+        _fail("base.check_colors", [], "a non-empty list of colour names")
+    from raybias.diffusion.corpus import PALETTE  # local: keeps config import light
+
+    for c_ in b.check_colors:
+        if c_ not in PALETTE:
+            _fail("base.check_colors", c_, "colour names among " + ", ".join(PALETTE))
+    if not b.check_guidance:
+        _fail("base.check_guidance", [], "a non-empty list of guidance scales >= 0")
+    for g_ in b.check_guidance:
+        _at_least("base.check_guidance", g_, 0)
+    if not b.model or not str(b.model).strip():
+        _fail("base.model", b.model, "builtin, a local Stable Diffusion folder or a hub id")
 
     e = cfg.embed
     _choice("embed.embedder", e.embedder, EMBEDDERS)
@@ -409,7 +511,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("cluster.k_min", c.k_min, 1)
     if c.k_max < c.k_min:
         _fail("cluster.k_max", c.k_max, f"an integer >= cluster.k_min ({c.k_min})")
-    for key in ("min_group_size", "max_iter", "sample_size"):
+    for key in ("min_group_size", "max_iter", "sample_size", "n_init"):
         _at_least(f"cluster.{key}", c[key], 1)
     _at_least("cluster.tol", c.tol, 0)
 
@@ -427,6 +529,15 @@ def validate(cfg: DictConfig) -> None:
     _at_least("finetune.max_failures", f.max_failures, 0)
     if not f.identifier.strip() or " " in f.identifier:
         _fail("finetune.identifier", f.identifier, "one word (e.g. sks)")
+    _at_least("finetune.max_concurrent_jobs", f.max_concurrent_jobs, 0)
+    for key in ("sample_steps", "progress_every"):
+        _at_least(f"finetune.{key}", f[key], 1)
+    _at_least("finetune.n_samples", f.n_samples, 0)
+    for key in ("weight_decay", "max_grad_norm", "sample_guidance"):
+        _at_least(f"finetune.{key}", f[key], 0)
+    if f.num_cpus_per_job <= 0 and f.num_gpus_per_job <= 0:
+        _fail("finetune.num_cpus_per_job", f.num_cpus_per_job,
+              "a number > 0 when finetune.num_gpus_per_job is 0 (a job needs some resource)")
 
     g = cfg.generate
     _choice("generate.balance", g.balance, BALANCE)
@@ -438,12 +549,18 @@ def validate(cfg: DictConfig) -> None:
     _choice("generate.attention", g.attention, ATTENTION)
     _choice("generate.dtype", g.dtype, ("fp32", "fp16", "bf16"))
     _at_least("generate.num_gpus", g.num_gpus, 0)
+    _at_least("generate.num_cpus", g.num_cpus, 0)
+    _at_least("generate.model_cache", g.model_cache, 1)
+    if g.size is not None and (g.size < 8 or g.size % 8):
+        _fail("generate.size", g.size, "a multiple of 8, at least 8 (or null for the model's own size)")
 
     fl = cfg.filter
     _between("filter.alpha", fl.alpha, 0, 1)
     _between("filter.keep_fraction", fl.keep_fraction, 0, 1, low_open=True)
     if fl.embedder is not None:
         _choice("filter.embedder", fl.embedder, EMBEDDERS)
+        if fl.embedder == "clip" and not e.model:
+            _fail("embed.model", e.model, "a CLIP hub id or local folder when filter.embedder=clip")
 
     t = cfg.train
     _choice("train.method", t.method, TRAIN_METHODS)
@@ -468,10 +585,18 @@ def validate(cfg: DictConfig) -> None:
     _between("train.stage1.temperature", t.stage1.temperature, 0, 10, low_open=True)
     _choice("train.stage2", t.stage2, STAGE2)
     _choice("train.stage2_method", t.stage2_method, STAGE2_LOSS)
+    if t.pretrained is not None and t.model == "small_cnn":
+        _fail("train.pretrained", t.pretrained, "null for train.model=small_cnn (imagenet weights exist for resnet18/resnet50)")
+    _between("train.cpus_per_worker", t.cpus_per_worker, 0, 1024, low_open=not t.use_gpu)
+    _at_least("train.max_failures", t.max_failures, 0)
+    if t.max_concurrent is not None:
+        _at_least("train.max_concurrent", t.max_concurrent, 1)
 
     dd = cfg.ddb
-    for key in ("steps", "per_class", "amplifier_epochs"):
+    for key in ("steps", "batch_size", "per_class", "sample_steps", "amplifier_epochs"):
         _at_least(f"ddb.{key}", dd[key], 1)
+    _between("ddb.lr", dd.lr, 0, 1, low_open=True)
+    _at_least("ddb.seed", dd.seed, 0)
     _between("ddb.cond_drop", dd.cond_drop, 0, 1)
     _at_least("ddb.guidance", dd.guidance, 0)
     _between("ddb.lff_q", dd.lff_q, 0, 1, low_open=True)

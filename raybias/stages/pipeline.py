@@ -74,6 +74,10 @@ def run_pipeline(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> 
         fn = _stage_fn(name)
         if name == "prepare":
             fn(cfg, run, mode, verbose=verbose)
+        elif name == "train":  # every `methods:` entry and seed, not only train.method
+            from raybias.stages.train import train_methods
+
+            train_methods(cfg, run, list(cfg.methods), [int(s) for s in cfg.seeds], mode, progress=verbose)
         else:
             fn(cfg, run, mode)
         timings[name] = time.time() - t0

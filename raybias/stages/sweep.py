@@ -52,8 +52,14 @@ def output_name(method: str, ratio: float, ratios: List[float]) -> str:
     return method if len(ratios) == 1 or method not in GENERATORS else f"{method}@r{ratio:g}"
 
 
+def severity_run_spec(sweep_root: str, severity: str) -> str:
+    """The run directory of one severity inside a sweep (keeps S3 options on the URI)."""
+    return RunDir(sweep_root).child_spec(f"severity-{severity}")
+
+
 def _severity_config(cfg, severity: str, sweep_root: str, methods: List[str]):
-    sub = with_overrides(cfg, [f"data.severity={severity}", f"run_dir={sweep_root}/severity-{severity}"])
+    sub = with_overrides(cfg, [f"data.severity={severity}"])
+    sub.run_dir = severity_run_spec(sweep_root, severity)
     sub.methods = methods
     return sub
 
@@ -84,7 +90,7 @@ def _trial(config: Dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raybias.config import config_from_dict
-    from raybias.stages.train import train_one
+    from raybias.classify.runner import train_classifier
 
     base = config_from_dict(config["base_config"])
     t = config["trial"]
@@ -92,8 +98,8 @@ def _trial(config: Dict[str, Any]) -> None:
     sub = with_overrides(sub, [f"train.synthetic_ratio={t['synthetic_ratio']}"])
     run = RunDir(sub.run_dir)
     name = output_name(t["method"], t["synthetic_ratio"], config["ratios"])
-    metrics = train_one(sub, run, t["method"], t["seed"], mode="resume", out_name=name,
-                        callbacks=[TuneReportCallback()])
+    metrics = train_classifier(sub, run, t["method"], t["seed"], mode="resume", name=name,
+                               callbacks=[TuneReportCallback()])
     tune.report({"val_wga": metrics["val"]["wga"], "test_wga": metrics["test"]["wga"],
                  "test_aga": metrics["test"]["aga"], "test_acc": metrics["test"]["acc"], "done": True})
 
@@ -103,7 +109,7 @@ def collect_results(cfg, sweep_root: str) -> pd.DataFrame:
     ratios = list(cfg.sweep.synthetic_ratios)
     rows = []
     for t in trial_grid(cfg):
-        run = RunDir(f"{sweep_root}/severity-{t['severity']}")
+        run = RunDir(severity_run_spec(sweep_root, t["severity"]))
         rel = f"classifiers/{output_name(t['method'], t['synthetic_ratio'], ratios)}/{t['seed']}/metrics.json"
         if not run.exists(rel):
             continue
@@ -123,14 +129,11 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
 
     from raybias.stages.report import summarize, write_sweep_report
 
-    if not run.is_local:
-        # Tune's experiment state can live on S3 too, but the sweep's report step reads results locally.
-        pass
     init_ray(cfg)
     sw = cfg.sweep
     require_gpus(sw.gpus_per_trial, "sweep trials (sweep.gpus_per_trial)")
-    sweep_root = run.path("sweeps", sw.name) if run.is_local else f"{run.uri}/sweeps/{sw.name}"
-    RunDir(sweep_root)
+    sweep_root = run.child_spec("sweeps", sw.name)
+    sweep_dir = RunDir(sweep_root)
     print(f"raybias sweep '{sw.name}': {sweep_root}", flush=True)
     prepare_shared_stages(cfg, sweep_root, "resume" if mode == "resume" else "auto")
 
@@ -146,8 +149,9 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     }
     # The trial function itself only waits on its TorchTrainer, whose workers hold the CPUs/GPUs.
     trainable = tune.with_resources(_trial, {"cpu": 0})
-    storage = os.path.join(sweep_root, "tune") if run.is_local else f"{sweep_root}/tune"
-    exp_path = os.path.join(storage, sw.name)
+    # Tune keeps its experiment state beside the results (locally, or on the run's object store)
+    storage = sweep_dir.path("tune") if run.is_local else f"{sweep_dir.uri}/tune"
+    exp_path = f"{storage}/{sw.name}"
     scheduler = None
     if sw.asha:
         scheduler = ASHAScheduler(metric="val_wga", mode="max", time_attr="training_iteration",
@@ -166,7 +170,6 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     result = tuner.fit()
     errors = [r.error for r in result if r.error is not None]
     df = collect_results(cfg, sweep_root)
-    sweep_dir = RunDir(sweep_root)
     sweep_dir.write_text("results.csv", df.to_csv(index=False))
     if errors:
         print(f"[sweep] {len(errors)} trial(s) failed; first error: {errors[0]}", flush=True)

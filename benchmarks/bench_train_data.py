@@ -1,0 +1,93 @@
+"""Classifier training throughput: Parquet streamed through Ray Data vs. in-memory tensors.
+
+Trains the same ERM classifier twice, one after the other in one process and one Ray
+session, on colored_digits (severity `original`: every digit in every colour) — once with
+`train.in_memory=true` (each worker decodes the set into a tensor once) and once streaming
+the Parquet shards through Ray Data (`ray.train.get_dataset_shard`, decode in Ray Data
+tasks). Prints images/s of the training loop (the time spent in the batch loop, which
+includes waiting for data; epoch 1 left out as warm-up) for both, their ratio, what the data
+path costs, and the per-run overhead of a Ray Train trainer (wall time of `fit()` minus
+the time the worker spent training).
+
+    .venv/bin/python benchmarks/bench_train_data.py [--epochs 8] [--size 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def machine() -> str:
+    import ray
+    import torch
+
+    cpu = platform.processor() or ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"CPU {cpu}, {os.cpu_count()} cores (load average {load:.1f}), torch {torch.__version__}, "
+            f"ray {ray.__version__}, python {platform.python_version()}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--size", type=int, default=16, help="image size")
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    args = ap.parse_args()
+
+    from raybias.classify.runner import train_classifier
+    from raybias.config import config_from_dict
+    from raybias.ray_utils import init_ray
+    from raybias.rundir import RunDir
+    from raybias.stages.prepare import run_prepare
+
+    tmp = tempfile.mkdtemp(prefix="bench-train-data-")
+    base = {"run_dir": f"{tmp}/run", "ray": {"num_cpus": args.cpus, "object_store_mb": 500},
+            "data": {"severity": "original", "image_size": args.size},
+            "train": {"method": "erm", "epochs": args.epochs, "batch_size": args.batch_size}}
+    cfg = config_from_dict(base)
+    init_ray(cfg, quiet=True)
+    run = RunDir(cfg.run_dir)
+    run_prepare(cfg, run, verbose=False)
+
+    rows = {}
+    for label, in_memory in (("in-memory tensors", True), ("Ray Data streaming", False)):
+        c = config_from_dict({**base, "train": {**base["train"], "in_memory": in_memory}})
+        start = time.time()
+        rec = train_classifier(c, run, "erm", 0, "fresh")
+        wall = time.time() - start
+        hist = rec["history"][1:]  # epoch 1: warm-up (streaming also starts its executor)
+        images = sum(h["examples"] for h in hist)
+        loop_s = sum(h["train_time"] for h in hist)
+        epoch_s = sum(h["epoch_time"] for h in hist)
+        rows[label] = {"loop": images / loop_s, "epoch": images / epoch_s, "wall": wall,
+                       "overhead": rec["seconds"] - rec["train_seconds"], "n": rec["n_train"],
+                       "wga": rec["test"]["wga"]}
+    print(machine())
+    print(f"colored_digits original ({rows['in-memory tensors']['n']} training images, {args.size}px), "
+          f"small_cnn, batch {args.batch_size}, {args.epochs} epochs, 1 worker x 1 CPU")
+    print(f"{'path':<22}{'loop img/s':>12}{'epoch img/s':>13}{'fit() s':>9}{'overhead s':>12}{'test WGA':>10}")
+    for label, r in rows.items():
+        print(f"{label:<22}{r['loop']:>12.0f}{r['epoch']:>13.0f}{r['wall']:>9.1f}{r['overhead']:>12.1f}"
+              f"{100 * r['wga']:>10.1f}")
+    mem, stream = rows["in-memory tensors"], rows["Ray Data streaming"]
+    ratio = stream["loop"] / mem["loop"]
+    print(f"streaming / in-memory (training loop): {ratio:.3f}  -> data path costs {100 * (1 - ratio):.1f} %")
+    print(f"streaming / in-memory (whole epoch incl. validation): {stream['epoch'] / mem['epoch']:.3f}")
+    print("note: the machine may be shared; figures are noisy under load")
+
+
+if __name__ == "__main__":
+    main()

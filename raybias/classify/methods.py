@@ -1,0 +1,285 @@
+"""Training methods as small hooks on the one loop (raybias/classify/loop.py).
+
+A method is a registered `Method`: a list of phases (each a run of epochs on one data set
+with its own learning rate) and hooks the loop calls:
+
+- `prepare(cfg, run, sets, seed)`   driver side, before the trainer starts: may add data sets
+                                    (two_stage adds "stage1") and returns `method_state`
+                                    (picklable) that workers see as `ctx.method_state`;
+- `train_groups(phase, ctx)`        the group label of every training row that samplers and
+                                    group losses use (default: the true group; a method may
+                                    replace them, e.g. with pseudo groups);
+- `sample_weights(phase, ctx)`      None (a permutation each epoch) or (per-row weights,
+                                    epoch size) for sampling with replacement;
+- `loss_hook(phase, ctx)`           a `LossHook`: the batch loss from logits (per-sample
+                                    losses, rows, groups, features available);
+- `end_phase(phase, ctx)`           after a phase's last epoch (JTT builds its error set).
+
+Built in: erm, reweight (group-balanced sampling), groupdro (group-balanced sampling +
+Group-DRO loss), jtt (ERM for jtt_epochs, error set upweighted by jtt_lambda, retrain from
+scratch), two_stage (stage 1: beta CE + (1-beta) SupCon on the synthetic set; stage 2 on the
+real set with stage2_method, head only or whole network).
+
+Adding a method (e.g. Diffusing DeBias' recipes): subclass `Method`, decorate it with
+`@register("ddb_recipe1")`, and list its module in `METHOD_MODULES` so workers import it;
+add the name to TRAIN_METHODS / METHODS in raybias/config.py. Per-sample weights or losses
+go in a `LossHook` (see `SampleWeightedCE`); replacement groups in `train_groups`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raybias.classify.losses import GroupDRO, supcon_loss
+
+
+@dataclass(frozen=True)
+class Phase:
+    name: str
+    data: str  # which data set it trains on: "train" (real) or "stage1"
+    epochs: int
+    lr: float
+    select: bool = False  # keep the epoch with the best validation WGA
+    reinit: str = "none"  # at the start: "all" (a new model from the seed), "head", "none"
+    freeze_encoder: bool = False  # train the head only (encoder weights and BN statistics fixed)
+
+
+@dataclass
+class LossInput:
+    logits: torch.Tensor
+    y: torch.Tensor
+    groups: torch.Tensor  # training groups (possibly replaced by the method)
+    rows: torch.Tensor  # row indices into the phase's data set
+    features: Optional[torch.Tensor] = None
+    world_size: int = 1
+
+    def per_sample_ce(self) -> torch.Tensor:
+        return F.cross_entropy(self.logits, self.y, reduction="none")
+
+
+class LossHook:
+    """Turns a batch into the loss to minimise. State (if any) is checkpointed."""
+
+    needs_features = False
+
+    def __call__(self, inp: LossInput) -> torch.Tensor:
+        raise TypeError(f"{type(self).__name__} must define __call__")
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        pass
+
+    def log(self) -> Dict[str, Any]:
+        return {}
+
+
+class CrossEntropy(LossHook):
+    def __call__(self, inp: LossInput) -> torch.Tensor:
+        return F.cross_entropy(inp.logits, inp.y)
+
+
+class SampleWeightedCE(LossHook):
+    """mean_i w_i * CE_i with w = weight_fn(inp) (per-sample reweighting, e.g. LfF-style)."""
+
+    def __init__(self, weight_fn: Callable[[LossInput], torch.Tensor]):
+        self.weight_fn = weight_fn
+
+    def __call__(self, inp: LossInput) -> torch.Tensor:
+        w = self.weight_fn(inp).detach()
+        return (w * inp.per_sample_ce()).mean()
+
+
+class GroupDROLoss(LossHook):
+    def __init__(self, n_groups: int, eta: float, c: float, train_counts):
+        self.dro = GroupDRO(n_groups, eta, c, train_counts)
+
+    def __call__(self, inp: LossInput) -> torch.Tensor:
+        return self.dro.loss(inp.per_sample_ce(), inp.groups, inp.world_size)
+
+    def state_dict(self):
+        return self.dro.state_dict()
+
+    def load_state_dict(self, state):
+        self.dro.load_state_dict(state)
+
+    def log(self):
+        return {"groupdro_q": [round(float(v), 4) for v in self.dro.q]}
+
+
+class CEPlusSupCon(LossHook):
+    """beta * CE + (1 - beta) * SupCon on the encoder features (labels: the class)."""
+
+    needs_features = True
+
+    def __init__(self, beta: float, temperature: float):
+        self.beta = beta
+        self.temperature = temperature
+
+    def __call__(self, inp: LossInput) -> torch.Tensor:
+        loss = self.beta * F.cross_entropy(inp.logits, inp.y)
+        if self.beta < 1:
+            loss = loss + (1 - self.beta) * supcon_loss(inp.features, inp.y, self.temperature)
+        return loss
+
+
+class Method:
+    """Base: ERM on the real training set, one phase, model selection by val WGA."""
+
+    name = "erm"
+
+    def phases(self, t) -> List[Phase]:
+        return [Phase("main", "train", int(t.epochs), float(t.lr), select=True)]
+
+    def prepare(self, cfg, run, sets: Dict[str, Any], seed: int) -> Dict[str, Any]:
+        return {}
+
+    def train_groups(self, phase: Phase, ctx) -> np.ndarray:
+        return ctx.sets[phase.data].meta["group"].to_numpy(np.int64)
+
+    def sample_weights(self, phase: Phase, ctx) -> Optional[Tuple[np.ndarray, int]]:
+        return None
+
+    def loss_hook(self, phase: Phase, ctx) -> LossHook:
+        return CrossEntropy()
+
+    def end_phase(self, phase: Phase, ctx) -> None:
+        pass
+
+
+def group_balanced_weights(groups: np.ndarray) -> Tuple[np.ndarray, int]:
+    """Weight 1/n_g per example (every group equally likely); epoch size = the set's size."""
+    counts = np.bincount(groups)
+    return 1.0 / counts[groups], len(groups)
+
+
+_REGISTRY: Dict[str, Type[Method]] = {}
+# Modules that register more methods, imported on first lookup (workers too), e.g.
+# {"ddb_recipe1": "raybias.classify.ddb", "ddb_recipe2": "raybias.classify.ddb"}.
+METHOD_MODULES: Dict[str, str] = {name: "raybias.classify.ddb"
+                                  for name in ("ddb_amplifier", "ddb_recipe1", "ddb_recipe2")}
+
+
+def register(name: str):
+    def deco(cls: Type[Method]) -> Type[Method]:
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def get_method(name: str) -> Method:
+    if name not in _REGISTRY and name in METHOD_MODULES:
+        importlib.import_module(METHOD_MODULES[name])
+    if name not in _REGISTRY:
+        from raybias.config import ConfigError
+
+        raise ConfigError(f"train.method {name!r} has no registered training hook; known: "
+                          + ", ".join(sorted(_REGISTRY)))
+    return _REGISTRY[name]()
+
+
+def registered() -> List[str]:
+    return sorted(_REGISTRY)
+
+
+register("erm")(Method)
+
+
+@register("reweight")
+class Reweight(Method):
+    def sample_weights(self, phase, ctx):
+        return group_balanced_weights(ctx.train_groups)
+
+
+@register("groupdro")
+class GroupDROMethod(Method):
+    """Group-DRO with group-balanced sampling, as the reference implementation runs it."""
+
+    def sample_weights(self, phase, ctx):
+        return group_balanced_weights(ctx.train_groups)
+
+    def loss_hook(self, phase, ctx):
+        t = ctx.train
+        return GroupDROLoss(ctx.n_train_groups, t.groupdro_eta, t.groupdro_c,
+                            np.bincount(ctx.train_groups, minlength=ctx.n_train_groups))
+
+
+@register("jtt")
+class JTT(Method):
+    """Just Train Twice: ERM for jtt_epochs; the misclassified training examples (error set)
+    are then drawn jtt_lambda times as often while a new model trains from scratch."""
+
+    def phases(self, t):
+        return [Phase("identify", "train", int(t.jtt_epochs), float(t.lr)),
+                Phase("final", "train", int(t.epochs), float(t.lr), select=True, reinit="all")]
+
+    def end_phase(self, phase, ctx):
+        if phase.name != "identify":
+            return
+        pred = ctx.predict("train")
+        y = ctx.sets["train"].meta["y"].to_numpy(np.int64)
+        errors = np.flatnonzero(pred != y)
+        ctx.method_state["error_rows"] = [int(r) for r in errors]
+        ids = ctx.sets["train"].meta["id"].iloc[errors].tolist()
+        ctx.add_artifact("jtt_error_set.json", {"ids": ids, "n": len(ids), "n_train": int(len(y)),
+                                                "lambda": float(ctx.train.jtt_lambda)})
+        ctx.add_model_artifact("jtt_identifier.safetensors")
+
+    def sample_weights(self, phase, ctx):
+        if phase.name != "final":
+            return None
+        w = np.ones(len(ctx.sets["train"]), dtype=np.float64)
+        w[np.asarray(ctx.method_state.get("error_rows", []), dtype=np.int64)] = float(ctx.train.jtt_lambda)
+        return w, int(round(w.sum()))  # as if the error set were repeated lambda times
+
+
+STAGE2_METHODS = {"erm": Method, "reweight": Reweight, "groupdro": GroupDROMethod}
+
+
+@register("two_stage")
+class TwoStage(Method):
+    """Stage 1 on the synthetic set (+ synthetic_ratio real), beta CE + (1-beta) SupCon;
+    stage 2 on the real biased set with stage2_method, head only (Basu et al.) or full (FFR)."""
+
+    def phases(self, t):
+        head = t.stage2 == "head"
+        return [Phase("stage1", "stage1", int(t.stage1.epochs), float(t.stage1.lr)),
+                Phase("stage2", "train", int(t.epochs), float(t.lr), select=True,
+                      reinit="head" if head else "none", freeze_encoder=head)]
+
+    def prepare(self, cfg, run, sets, seed):
+        from raybias.classify.data import mix_real_into, synthetic_set
+
+        t = cfg.train
+        syn = synthetic_set(run, t.generator) if t.synthetic_ratio < 1 else None
+        if syn is None:
+            from raybias.classify.data import DataSet
+
+            syn = DataSet(sets["train"].meta.iloc[:0], [], None)
+        sets["stage1"] = mix_real_into(syn, sets["train"], float(t.synthetic_ratio), seed)
+        return {}
+
+    def end_phase(self, phase, ctx):
+        if phase.name == "stage1":  # the pretrained encoder, kept for inspection and reuse
+            ctx.add_model_artifact("stage1_model.safetensors")
+
+    def _stage2(self, ctx) -> Method:
+        return STAGE2_METHODS[ctx.train.stage2_method]()
+
+    def sample_weights(self, phase, ctx):
+        return None if phase.name == "stage1" else self._stage2(ctx).sample_weights(phase, ctx)
+
+    def loss_hook(self, phase, ctx):
+        if phase.name == "stage1":
+            s1 = ctx.train.stage1
+            return CEPlusSupCon(float(s1.beta), float(s1.temperature))
+        return self._stage2(ctx).loss_hook(phase, ctx)

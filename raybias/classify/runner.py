@@ -1,0 +1,305 @@
+"""Driver side: one Ray Train `TorchTrainer` per (method, seed), several at once.
+
+`train_classifier` trains one classifier and writes `classifiers/<method>/<seed>/`
+(metrics.json, model.safetensors, curves.png, method artifacts), recorded in the manifest
+as `train/<method>/<seed>`. Ray Train keeps its checkpoints under that folder
+(`train-<method>-<seed>/`), one per epoch, so a failed or killed run resumes at the next
+epoch: automatically within a run (`train.max_failures`), and across invocations with
+`--resume` (same storage path and name, the same config). The folder is removed once the
+outputs are written.
+
+`train_methods` runs all (method, seed) pairs, up to as many trainers at once as the
+cluster's CPUs (or GPUs) fit, each in a driver thread blocked on its `fit()`.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import math
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from omegaconf import OmegaConf
+
+from raybias.classify.data import DataSet, real_sets, stream_dataset
+from raybias.classify.loop import TrainJob, train_loop_per_worker
+from raybias.classify.methods import get_method
+from raybias.classify.metrics import metrics_path
+from raybias.classify.models import check_pretrained
+from raybias.config import config_hash
+from raybias.data.info import DatasetInfo
+from raybias.methods import method_config, train_method_of, train_sections
+from raybias.rundir import RunDir, StageFailed
+
+log = logging.getLogger("raybias.train")
+
+# RunDir's manifest is a read-modify-write JSON file: trainer threads take turns with it.
+_MANIFEST_LOCK = threading.Lock()
+
+
+def classifier_dir(method: str, seed: int) -> str:
+    return f"classifiers/{method}/{seed}"
+
+
+def trainer_name(method: str, seed: int) -> str:
+    return f"train-{method}-{seed}"
+
+
+def stage_key(method: str, seed: int) -> str:
+    return f"train/{method}/{seed}"
+
+
+def _root_cause(exc: BaseException) -> str:
+    """The innermost error message of a Ray Train failure (worker tracebacks are nested)."""
+    seen = exc
+    for attr in ("worker_failures",):
+        failures = getattr(exc, attr, None)
+        if failures:
+            seen = next(iter(failures.values()))
+    cause = seen
+    while getattr(cause, "__cause__", None) is not None:
+        cause = cause.__cause__
+    text = str(cause).strip().splitlines()
+    # Ray prints the remote traceback; its last line is the original "Type: message"
+    last = [line for line in text if line.strip()][-1:] or [repr(cause)]
+    return last[0]
+
+
+def build_job(cfg, run: RunDir, method: str, seed: int, info: DatasetInfo,
+              real: Optional[Dict[str, DataSet]] = None) -> TrainJob:
+    """The worker's job for (method, seed): config, data-set metadata, method state."""
+    mcfg = method_config(cfg, method)
+    t = mcfg.train
+    sets = dict(real if real is not None else real_sets(run))
+    hook = get_method(t.method)
+    method_state = hook.prepare(mcfg, run, sets, int(seed))
+    for name, ds in sets.items():
+        if len(ds) == 0 and name in ("train", "val", "test", "stage1"):
+            raise StageFailed(f"training {method} (seed {seed}): the {name!r} data set is empty "
+                              f"({', '.join(ds.files[:2]) or 'no files'})")
+    group_names = [info.group_name(g) for g in range(info.n_groups)]
+    return TrainJob(
+        # absolute for local runs: Ray Train workers run in their own working directory
+        run_spec=run.uri if run.is_local else run.spec(), method=method, train_method=t.method, seed=int(seed),
+        train=OmegaConf.to_container(t, resolve=True), n_classes=info.n_classes, n_groups=info.n_groups,
+        group_names=group_names, image_size=int(info.image_size), sets=sets, method_state=method_state,
+        torch_threads=max(1, int(t.cpus_per_worker)),
+        config_hash=config_hash(mcfg, train_sections(method)),
+    )
+
+
+def _trainer(job: TrainJob, run: RunDir, t, fail_after_epochs: Optional[int], callbacks=None):
+    import ray.train
+    from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    # Starting a worker group imports torch in fresh processes: on a busy machine that can
+    # outlast Ray Train's 60 s default and fail a run that would have trained fine.
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "300")
+    resources = {"CPU": float(t.cpus_per_worker)}
+    if t.use_gpu:
+        resources["GPU"] = 1.0
+    datasets = None
+    dataset_config = None
+    if not t.in_memory:
+        from ray.data import ExecutionOptions
+
+        from raybias.classify.loop import TRAIN_SETS
+
+        # Training sets stream through Ray Data, split among workers, in a fixed order
+        # (reproducible); workers read evaluation sets from the Parquet files themselves.
+        datasets = {name: stream_dataset(run, ds, job.image_size)
+                    for name, ds in job.sets.items() if name in TRAIN_SETS}
+        dataset_config = DataConfig(datasets_to_split="all",
+                                    execution_options=ExecutionOptions(preserve_order=True))
+    return TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"job": job, "fail_after_epochs": fail_after_epochs},
+        scaling_config=ScalingConfig(num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu),
+                                     resources_per_worker=resources),
+        run_config=RunConfig(
+            name=trainer_name(job.method, job.seed),
+            storage_path=run.path(classifier_dir(job.method, job.seed)),
+            storage_filesystem=run.fs,
+            failure_config=FailureConfig(max_failures=int(t.max_failures)),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            logging_config=LoggingConfig(log_level="WARNING"),  # no line per reported epoch
+            callbacks=list(callbacks or []),  # e.g. Tune's TuneReportCallback in a sweep trial
+        ),
+        datasets=datasets,
+        dataset_config=dataset_config,
+    )
+
+
+def _curves_png(history: List[Dict[str, Any]], title: str) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.2))
+    x = list(range(1, len(history) + 1))
+    ax1.plot(x, [h["val_wga"] for h in history], label="val WGA")
+    ax1.plot(x, [h["val_aga"] for h in history], label="val AGA")
+    ax1.set_ylim(0, 1)
+    ax2.plot(x, [h["train_loss"] for h in history], label="train loss")
+    ax2.plot(x, [h["val_loss"] for h in history], label="val loss")
+    start = 0
+    for i, h in enumerate(history):  # phase boundaries
+        if i and h["phase"] != history[i - 1]["phase"]:
+            for ax in (ax1, ax2):
+                ax.axvline(i + 0.5, color="grey", lw=0.8, ls="--")
+            start = i
+    for ax in (ax1, ax2):
+        ax.set_xlabel("epoch (all phases)")
+        ax.legend(fontsize=8)
+    fig.suptitle(title, fontsize=10)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _write_outputs(run: RunDir, job: TrainJob, result, mcfg, seconds: float) -> Dict[str, Any]:
+    from raybias.classify.loop import TrainState
+
+    if result.checkpoint is None:
+        raise StageFailed(f"training {job.method} (seed {job.seed}) reported no checkpoint")
+    with result.checkpoint.as_directory() as d:
+        state = TrainState.load(d)
+    if state.result is None:
+        raise StageFailed(f"training {job.method} (seed {job.seed}) ended before its final evaluation")
+    out = classifier_dir(job.method, job.seed)
+    train_meta = job.sets["train"].meta
+    counts = train_meta["group"].value_counts()
+    record = {
+        "method": job.method, "seed": job.seed, "train_method": job.train_method,
+        "best_epoch": state.result["best_epoch"], "best_phase": state.result["best_phase"],
+        "val": state.result["val"], "test": state.result["test"],
+        "history": state.history, "seconds": seconds, "train_seconds": state.train_seconds,
+        "data_seconds": state.result.get("data_seconds"), "restarts": state.restarts,
+        "n_train": int(len(train_meta)),
+        "group_counts_train": {str(g): int(counts.get(g, 0)) for g in range(job.n_groups)},
+        "group_names": job.group_names,
+        "n_stage1": int(len(job.sets["stage1"])) if "stage1" in job.sets else None,
+        "config": OmegaConf.to_container(mcfg.train, resolve=True),
+    }
+    for name, data in sorted(state.artifacts.items()):
+        run.write_bytes(f"{out}/{name}", data)
+    run.write_bytes(f"{out}/curves.png", _curves_png(state.history, f"{job.method} seed {job.seed}"))
+    run.write_json(metrics_path(job.method, job.seed), record)
+    return record
+
+
+def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fresh", *,
+                     info: Optional[DatasetInfo] = None, real: Optional[Dict[str, DataSet]] = None,
+                     fail_after_epochs: Optional[int] = None, name: Optional[str] = None,
+                     callbacks=None) -> Dict[str, Any]:
+    """Train (or skip, or resume) the classifier of one `methods:` entry and seed.
+
+    `name` (default: the method) names its folder `classifiers/<name>/<seed>/` and stage key,
+    so a sweep can keep variants of one method apart; `callbacks` go to Ray Train's RunConfig.
+
+    Returns the metrics.json record. `fail_after_epochs` makes the first worker session raise
+    after that many epochs (fault injection: a restart or `--resume` must continue it).
+    """
+    from raybias.ray_utils import init_ray, require_gpus
+
+    init_ray(cfg)
+    mcfg = method_config(cfg, method)
+    t = mcfg.train
+    name = name or method
+    key = stage_key(name, seed)
+    sections = train_sections(method)
+    with _MANIFEST_LOCK:
+        prev = run.stage_record(key)
+        st = run.begin_stage(key, mcfg, sections, mode)
+    if st.skip:
+        return json.loads(run.read_text(metrics_path(name, seed)))
+    resumable = (mode != "fresh" and prev is not None and prev.get("hash") == config_hash(mcfg, sections))
+    if not resumable:
+        run.delete(classifier_dir(name, seed))
+    if t.use_gpu:
+        require_gpus(1, f"train.use_gpu for {method}")
+    check_pretrained(t.model, t.pretrained)
+    info = info or DatasetInfo.load(run)
+    job = build_job(cfg, run, method, seed, info, real)
+    job.method = name
+    trainer = _trainer(job, run, t, fail_after_epochs, callbacks)
+    start = time.time()
+    try:
+        result = trainer.fit()
+    except Exception as exc:  # Ray Train wraps worker errors; keep the message readable
+        raise StageFailed(f"training {method} (seed {seed}) failed: {_root_cause(exc)} "
+                          f"(checkpoints kept in {run.path(classifier_dir(name, seed), trainer_name(name, seed))}; "
+                          "rerun with --resume to continue)") from exc
+    record = _write_outputs(run, job, result, mcfg, time.time() - start)
+    run.delete(classifier_dir(name, seed), trainer_name(name, seed))
+    with _MANIFEST_LOCK:
+        run.finish_stage(key, info={"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]})
+    return record
+
+
+def max_concurrent_trainers(t) -> int:
+    """How many trainers fit the cluster at once (train.max_concurrent overrides).
+
+    Streaming (not in memory) keeps one CPU free for Ray Data's decode tasks, which
+    would otherwise wait behind the trainers' workers forever.
+    """
+    from raybias.ray_utils import cluster_gpus, cpus_available
+
+    if t.max_concurrent:
+        return int(t.max_concurrent)
+    per_trainer_cpu = max(1e-6, float(t.cpus_per_worker) * int(t.num_workers))
+    cpus = cpus_available() - (0 if t.in_memory else 1)
+    n = int(math.floor(cpus / per_trainer_cpu + 1e-9))
+    if t.use_gpu:
+        n = min(n, int(cluster_gpus() // max(1, int(t.num_workers))))
+    return max(1, n)
+
+
+def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int], mode: str = "fresh",
+                  progress: bool = True) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """Train every (method, seed) pair, several trainers at once; {(method, seed): record}.
+
+    A failing pair does not stop the others; the failures are raised together afterwards
+    as one StageFailed (what finished is recorded and kept).
+    """
+    from tqdm import tqdm
+
+    from raybias.ray_utils import init_ray
+
+    init_ray(cfg)
+    pairs = [(m, int(s)) for m in methods for s in seeds]
+    for m in dict.fromkeys(methods):  # fail fast on what is checkable before any trainer starts
+        t = method_config(cfg, m).train
+        check_pretrained(t.model, t.pretrained)
+    info = DatasetInfo.load(run)
+    real = real_sets(run)
+    width = min(len(pairs), max_concurrent_trainers(cfg.train)) or 1
+    results: Dict[Tuple[str, int], Dict[str, Any]] = {}
+    errors: List[Tuple[str, BaseException]] = []
+    bar = tqdm(total=len(pairs), desc="classifiers", unit="run", disable=not progress)
+    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="raybias-train") as pool:
+        futures = {pool.submit(train_classifier, cfg, run, m, s, mode, info=info, real=real): (m, s)
+                   for m, s in pairs}
+        for fut in as_completed(futures):
+            m, s = futures[fut]
+            try:
+                results[(m, s)] = fut.result()
+                bar.set_postfix_str(f"{m}/{s} test WGA {100 * (results[(m, s)]['test']['wga'] or 0):.1f}")
+            except Exception as exc:
+                errors.append((f"{m} seed {s}", exc))
+            bar.update(1)
+    bar.close()
+    if len(errors) == 1:
+        raise errors[0][1]
+    if errors:
+        raise StageFailed(f"{len(errors)} of {len(pairs)} classifiers failed: "
+                          + "; ".join(f"{what}: {exc}" for what, exc in errors))
+    return {p: results[p] for p in pairs}

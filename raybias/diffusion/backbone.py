@@ -1,0 +1,255 @@
+"""The text-to-image backbone: Stable Diffusion's diffusers classes, built from config or loaded.
+
+- `build_pipeline(arch)`: a `StableDiffusionPipeline` with random weights from config.
+  "tiny" (tests), "small" (the builtin backbone's architecture), "sd15" (SD-1.5-sized,
+  for GPU benchmarks only: do not instantiate it in CPU tests).
+- `save_pipeline` / `load_pipeline`: `save_pretrained` (safetensors) and
+  `StableDiffusionPipeline.from_pretrained` of "builtin" (the backbone shipped in
+  raybias/assets/backbone/), a local folder or a hub id. No safety checker, never remote
+  code, safetensors preferred.
+- `resolve_base_model(cfg, run)`: which folder `base.model` means for a run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from importlib import resources
+from typing import Dict, Optional, Sequence
+
+import torch
+
+from raybias.config import ConfigError
+from raybias.diffusion.tokenizer import build_tokenizer
+
+log = logging.getLogger("raybias")
+
+ARCHS = ("tiny", "small", "sd15")
+MODEL_INDEX = "model_index.json"
+
+# Latents of a 16 px image are 8x8x4 for tiny/small (one VAE downsampling).
+ARCH_CONFIGS: Dict[str, Dict[str, dict]] = {
+    "tiny": {
+        "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                     block_out_channels=(16, 32), norm_num_groups=8, cross_attention_dim=32,
+                     attention_head_dim=4,
+                     down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D")),
+        "vae": dict(sample_size=16, in_channels=3, out_channels=3, latent_channels=4,
+                    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                    down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2),
+        "text": dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                     num_attention_heads=2, projection_dim=32),
+        "max_length": 16,
+    },
+    "small": {
+        "unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
+                     block_out_channels=(32, 64), norm_num_groups=16, cross_attention_dim=64,
+                     attention_head_dim=4,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+                     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D")),
+        "vae": dict(sample_size=16, in_channels=3, out_channels=3, latent_channels=4,
+                    block_out_channels=(16, 32), layers_per_block=1, norm_num_groups=8,
+                    down_block_types=("DownEncoderBlock2D",) * 2,
+                    up_block_types=("UpDecoderBlock2D",) * 2),
+        "text": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, projection_dim=64),
+        "max_length": 16,
+    },
+    # Stable Diffusion 1.5's published component configs (UNet 860M, VAE 84M, CLIP ViT-L/14 text).
+    "sd15": {
+        "unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+                     block_out_channels=(320, 640, 1280, 1280), norm_num_groups=32,
+                     cross_attention_dim=768, attention_head_dim=8,
+                     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                       "CrossAttnDownBlock2D", "DownBlock2D"),
+                     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                     "CrossAttnUpBlock2D")),
+        "vae": dict(sample_size=512, in_channels=3, out_channels=3, latent_channels=4,
+                    block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32,
+                    down_block_types=("DownEncoderBlock2D",) * 4,
+                    up_block_types=("UpDecoderBlock2D",) * 4),
+        "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                     num_attention_heads=12, projection_dim=768, vocab_size=49408),
+        "max_length": 77,
+    },
+}
+
+# Stable Diffusion's training noise schedule (DDPM, 1000 steps, scaled-linear betas).
+SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                beta_schedule="scaled_linear", prediction_type="epsilon")
+
+
+def noise_schedule_config() -> dict:
+    return dict(SCHEDULE)
+
+
+def build_pipeline(arch: str = "tiny", vocab_words: Optional[Sequence[str]] = None, seed: int = 0,
+                   image_size: Optional[int] = None):
+    """A `StableDiffusionPipeline` with random weights (deterministic given `seed`).
+
+    `vocab_words`: extra words the tokenizer makes single tokens (on top of the builtin
+    vocabulary of digit words, colours, identifiers and common prompt words).
+    `image_size`: the pixel size it is meant for (default: 16 for tiny/small, 512 for sd15).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    if arch not in ARCH_CONFIGS:
+        raise ConfigError(f"unknown backbone architecture {arch!r}: allowed {', '.join(ARCHS)}")
+    spec = ARCH_CONFIGS[arch]
+    tokenizer = build_tokenizer(vocab_words, model_max_length=spec["max_length"])
+    text_kwargs = dict(spec["text"])
+    vocab_size = max(text_kwargs.pop("vocab_size", 0), len(tokenizer))
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size, max_position_embeddings=spec["max_length"],
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, **text_kwargs)
+    text_encoder = CLIPTextModel(text_config)
+    vae_kwargs, unet_kwargs = dict(spec["vae"]), dict(spec["unet"])
+    if image_size is not None:
+        factor = 2 ** (len(vae_kwargs["block_out_channels"]) - 1)
+        if image_size % factor:
+            raise ConfigError(f"image size {image_size} is not a multiple of the VAE's factor {factor}")
+        vae_kwargs["sample_size"] = int(image_size)
+        unet_kwargs["sample_size"] = int(image_size) // factor
+    vae = AutoencoderKL(**vae_kwargs)
+    unet = UNet2DConditionModel(**unet_kwargs)
+    scheduler = DDIMScheduler(**SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipe = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def save_pipeline(pipe, folder: str) -> str:
+    """`save_pretrained` with safetensors; the tokenizer also as CLIP's vocab.json + merges.txt."""
+    os.makedirs(folder, exist_ok=True)
+    pipe.save_pretrained(folder, safe_serialization=True)
+    tok_dir = os.path.join(folder, "tokenizer")
+    tok_json = os.path.join(tok_dir, "tokenizer.json")
+    if os.path.isfile(tok_json):
+        # Older transformers read the slow-tokenizer files; write them from the fast one.
+        with open(tok_json, encoding="utf-8") as f:
+            model = json.load(f)["model"]
+        with open(os.path.join(tok_dir, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(model["vocab"], f, ensure_ascii=False)
+        with open(os.path.join(tok_dir, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n")
+            for pair in model["merges"]:
+                f.write((pair if isinstance(pair, str) else " ".join(pair)) + "\n")
+    return folder
+
+
+def builtin_folder() -> str:
+    """raybias/assets/backbone inside the installed package."""
+    return str(resources.files("raybias") / "assets" / "backbone")
+
+
+def is_pipeline_folder(folder: str) -> bool:
+    return os.path.isfile(os.path.join(folder, MODEL_INDEX))
+
+
+def _looks_local(model: str) -> bool:
+    return (os.path.isabs(model) or model.startswith(("./", "../", "~")) or os.path.exists(model)
+            or model.count("/") != 1)
+
+
+def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32):
+    """Load a Stable Diffusion pipeline: "builtin", a local folder, or a hub id.
+
+    Errors name `base.model`: a missing folder, a folder that is not a diffusers pipeline,
+    a hub id that cannot be fetched (e.g. no network and not in the local cache).
+    """
+    from diffusers import StableDiffusionPipeline
+
+    if model == "builtin":
+        folder = builtin_folder()
+        if not is_pipeline_folder(folder):
+            raise ConfigError(f"base.model=builtin: the shipped backbone is missing from {folder} "
+                              "(rebuild it with `raybias base CONFIG base.model=builtin`)")
+        model = folder
+    elif _looks_local(model):
+        model = os.path.expanduser(model)
+        if not os.path.isdir(model):
+            raise ConfigError(f"base.model={model!r}: folder not found (give a local Stable Diffusion "
+                              "folder, a hub id such as runwayml/stable-diffusion-v1-5, or builtin)")
+        if not is_pipeline_folder(model):
+            raise ConfigError(f"base.model={model!r}: no {MODEL_INDEX} in this folder; it is not a "
+                              "diffusers StableDiffusionPipeline folder")
+    kwargs = dict(revision=revision, torch_dtype=dtype, safety_checker=None,
+                  requires_safety_checker=False)
+    try:
+        try:
+            pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True, **kwargs)
+        except EnvironmentError as exc:
+            if "safetensors" not in str(exc).lower():
+                raise
+            log.warning("%s has no safetensors weights; loading its pickled weights", model)
+            pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=False, **kwargs)
+    except ConfigError:
+        raise
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"base.model={model!r}" + (f" (revision {revision})" if revision else "")
+                          + f" could not be loaded as a StableDiffusionPipeline: {exc}") from exc
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def count_parameters(pipe) -> Dict[str, int]:
+    return {name: sum(p.numel() for p in getattr(pipe, name).parameters())
+            for name in ("unet", "vae", "text_encoder")}
+
+
+BASE_DIR = "base"
+BASE_MODEL_DIR = "base/model"
+
+
+def resolve_base_model(cfg, run=None) -> str:
+    """What `base.model` names, as something `load_pipeline` takes.
+
+    For "builtin": a rebuilt copy in `base.cache_dir` if one is there, else the copy
+    `raybias base` wrote into this run directory (base/model/) if that stage finished,
+    else the backbone shipped in the package. Anything else is returned as given.
+    """
+    model = cfg.base.model
+    if model != "builtin":
+        return model
+    if cfg.base.cache_dir and is_pipeline_folder(os.path.expanduser(cfg.base.cache_dir)):
+        return os.path.expanduser(cfg.base.cache_dir)
+    if run is not None and run.is_done("base") and run.exists(BASE_MODEL_DIR, MODEL_INDEX):
+        if run.is_local:
+            return run.local_path(BASE_MODEL_DIR)
+        return fetch_to_local(run, BASE_MODEL_DIR)
+    return "builtin"
+
+
+def fetch_to_local(run, rel_dir: str) -> str:
+    """Copy a folder of a remote run directory into a local cache folder (once)."""
+    import hashlib
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    key = hashlib.sha256(run.path(rel_dir).encode()).hexdigest()[:12]
+    target = os.path.join(tempfile.gettempdir(), f"raybias-model-{key}")
+    if is_pipeline_folder(target):
+        return target
+    tmp = f"{target}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    src = run.path(rel_dir)
+    for info in run.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type != pafs.FileType.File:
+            continue
+        dest = os.path.join(tmp, os.path.relpath(info.path, src))
+        os.makedirs(os.path.dirname(dest), exist_ok=True)
+        with run.fs.open_input_stream(info.path) as f_in, open(dest, "wb") as f_out:
+            shutil.copyfileobj(f_in, f_out)
+    os.replace(tmp, target)
+    return target

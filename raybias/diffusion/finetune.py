@@ -1,0 +1,711 @@
+"""The one fine-tuning loop: LoRA, DreamBooth and Clustered DreamBooth are small differences of it.
+
+A *job* fine-tunes the base text-to-image model on the real training images of one group
+(or one (group, cluster)). Everything a job needs travels as plain data (`JobSpec` as a
+dict) so that it can run in a Ray Train worker anywhere:
+
+    setup      load the base pipeline (inside the worker, never on the driver), read the
+               job's images from the run directory, VAE-encode them ONCE (mean and std of
+               the latent distribution; a fresh latent is drawn from it each step), encode
+               the prompts ONCE (the text encoder is frozen), and for DreamBooth with prior
+               preservation generate the class images with the base model (cached in the
+               run directory, so a restarted worker does not sample them again)
+    method     `lora`: a peft LoRA adapter on the UNet attention projections, only it trains;
+               `dreambooth`: the whole UNet trains, prompts carry the identifier token
+    step       DDPM noise at a uniform timestep, UNet prediction (epsilon or v), MSE
+               (+ prior_loss_weight x the same loss on class images)
+    checkpoint every `checkpoint_every` steps: trainable weights + optimizer state
+               (safetensors) + step and loss history (JSON), reported to Ray Train
+    publish    the model folder, in stock diffusers layout, renamed into place when whole
+
+Every random draw of step i comes from a generator seeded by (seed, i), so a job resumed
+from a checkpoint continues exactly where the killed one would have gone.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import random
+import shutil
+import signal
+import tempfile
+import time
+import uuid
+import zlib
+from abc import ABC, abstractmethod
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+log = logging.getLogger("raybias")
+
+# generator (config `methods:` entry) -> kind of model it trains
+KIND_OF = {"lora": "lora", "dreambooth": "dreambooth", "clustered_dreambooth": "dreambooth"}
+FINETUNED_GENERATORS = tuple(KIND_OF)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
+TRAINING_JSON = "training.json"
+PREVIEW_JSON = "previews.json"
+
+PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------- jobs
+
+
+@dataclass
+class JobSpec:
+    """One fine-tuning job: a group, or a (group, cluster), of one generator."""
+
+    name: str  # "g1" or "g1-c2"
+    generator: str
+    kind: str  # "lora" | "dreambooth"
+    group: int
+    cluster: Optional[int]
+    prompt_template: str  # "a sks red {member}"
+    members: List[str]
+    ids: List[str]  # ids of the real training images
+    # prior preservation: prompt template of the class images (no identifier), else None
+    class_template: Optional[str] = None
+    # extra preview rows: models of other groups that borrow this job's weights
+    borrower_previews: List[Dict[str, Any]] = field(default_factory=list)
+    # per-image training prompts (same order as `ids`), overriding the template: Diffusing
+    # DeBias trains one class-conditional model whose prompts name each image's class only
+    prompts: Optional[List[str]] = None
+
+    def to_dict(self) -> Dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, Any]) -> "JobSpec":
+        return cls(**d)
+
+
+def model_name(group: int, cluster: Optional[int] = None) -> str:
+    return f"g{group}" if cluster is None else f"g{group}-c{cluster}"
+
+
+class _MemberSlot(random.Random):
+    """A member "draw" that returns the `{member}` placeholder itself."""
+
+    def choice(self, seq):
+        return "{member}"
+
+
+def prompt_template(info, group: int, identifier: Optional[str] = None,
+                    bias_override: Optional[str] = None) -> str:
+    """The group's prompt with the bias word (and identifier) filled in and `{member}` left.
+
+    Built by the project's prompt helper (`raybias.diffusion.prompts.group_prompt`), so the
+    identifier lands where it puts it ("a sks red {member}"); training prompts are this
+    template with a member filled in, and the generation stage fills it the same way.
+    """
+    from raybias.diffusion.prompts import group_prompt
+
+    return group_prompt(info, group, _MemberSlot(), identifier=identifier, bias_override=bias_override)
+
+
+def member_for(image_id: str, members: Sequence[str], seed: int) -> str:
+    """The class member named in an image's prompt: drawn once per (image, seed), stable."""
+    rng = np.random.default_rng([int(seed), zlib.crc32(str(image_id).encode())])
+    return members[int(rng.integers(len(members)))]
+
+
+def training_prompts(job: JobSpec, seed: int) -> List[str]:
+    if job.prompts is not None:
+        return list(job.prompts)
+    return [job.prompt_template.format(member=member_for(i, job.members, seed)) for i in job.ids]
+
+
+def preview_prompts(template: str, members: Sequence[str], n: int) -> List[str]:
+    return [template.format(member=members[i % len(members)]) for i in range(n)]
+
+
+# --------------------------------------------------------------------------- methods
+
+
+class Method(ABC):
+    """What distinguishes a fine-tuning method inside the one loop."""
+
+    kind = ""
+
+    def __init__(self, ft: Dict[str, Any]):
+        self.ft = ft
+
+    @property
+    @abstractmethod
+    def lr(self) -> float:
+        """Learning rate of the method's optimizer."""
+
+    @abstractmethod
+    def prepare(self, unet) -> List[torch.nn.Parameter]:
+        """Make the UNet trainable the method's way; return the parameters to optimise."""
+
+    def uses_prior(self) -> bool:
+        return False
+
+    @abstractmethod
+    def save(self, pipe, folder: str, base_folder: Optional[str], link: bool) -> None:
+        """Write the model folder in stock diffusers layout."""
+
+
+class LoraMethod(Method):
+    """peft LoRA on the UNet attention projections; the base weights stay frozen."""
+
+    kind = "lora"
+
+    @property
+    def lr(self) -> float:
+        return float(self.ft["lr"])
+
+    def lora_config(self):
+        from peft import LoraConfig
+
+        return LoraConfig(r=int(self.ft["lora_rank"]), lora_alpha=float(self.ft["lora_alpha"]),
+                          init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
+
+    def prepare(self, unet) -> List[torch.nn.Parameter]:
+        unet.requires_grad_(False)
+        # The adapter's gaussian init draws from torch's RNG: seed it, so a job is reproducible.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(self.ft["seed"]))
+            unet.add_adapter(self.lora_config())
+        params = [p for p in unet.parameters() if p.requires_grad]
+        for p in params:  # adapters train in fp32 even when the base runs in half precision
+            p.data = p.data.float()
+        return params
+
+    def save(self, pipe, folder: str, base_folder: Optional[str], link: bool) -> None:
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+        layers = {k: v.detach().float().cpu().contiguous() for k, v in layers.items()}
+        # The adapter's config travels in the file's metadata, so a loader that is not raybias
+        # rebuilds the same rank and alpha (alpha != rank would otherwise load rescaled).
+        cfg = self.lora_config().to_dict()
+        meta = {"r": cfg["r"], "lora_alpha": cfg["lora_alpha"], "target_modules": sorted(LORA_TARGETS),
+                "init_lora_weights": cfg["init_lora_weights"], "lora_dropout": 0.0, "use_dora": False}
+        StableDiffusionPipeline.save_lora_weights(folder, unet_lora_layers=layers, weight_name=LORA_WEIGHTS,
+                                                  safe_serialization=True, unet_lora_adapter_metadata=meta)
+
+
+class DreamBoothMethod(Method):
+    """The whole UNet trains on prompts that carry the identifier, optionally with a prior."""
+
+    kind = "dreambooth"
+
+    @property
+    def lr(self) -> float:
+        return float(self.ft["dreambooth_lr"])
+
+    def prepare(self, unet) -> List[torch.nn.Parameter]:
+        unet.requires_grad_(True)
+        unet.float()
+        return list(unet.parameters())
+
+    def uses_prior(self) -> bool:
+        return bool(self.ft["prior_preservation"])
+
+    def save(self, pipe, folder: str, base_folder: Optional[str], link: bool) -> None:
+        os.makedirs(folder, exist_ok=True)
+        if base_folder is None:
+            pipe.save_pretrained(folder, safe_serialization=True)
+            return
+        # Only the UNet changed: save it, and hard-link (or copy) every other component of the
+        # base folder, so N models cost N UNets and the folder still loads with from_pretrained.
+        pipe.unet.save_pretrained(os.path.join(folder, "unet"), safe_serialization=True)
+        for entry in os.listdir(base_folder):
+            if entry == "unet" or entry.startswith("."):
+                continue
+            src = os.path.join(base_folder, entry)
+            dst = os.path.join(folder, entry)
+            if os.path.isdir(src):
+                shutil.copytree(src, dst, copy_function=_link_or_copy if link else shutil.copy2)
+            else:
+                (_link_or_copy if link else shutil.copy2)(src, dst)
+
+
+METHODS = {"lora": LoraMethod, "dreambooth": DreamBoothMethod}
+
+
+def make_method(kind: str, ft: Dict[str, Any]) -> Method:
+    return METHODS[kind](ft)
+
+
+def _link_or_copy(src: str, dst: str) -> str:
+    try:
+        os.link(src, dst)
+    except OSError:  # another filesystem, or links not allowed
+        shutil.copy2(src, dst)
+    return dst
+
+
+# --------------------------------------------------------------------------- data
+
+
+def read_images(run, ids: Sequence[str]) -> List[bytes]:
+    """Encoded images of the real table's rows `ids`, in that order (reads only those rows)."""
+    import pyarrow.dataset as pads
+
+    from raybias.data.info import REAL
+    from raybias.data.io import MARKER, TableMissing, shard_paths
+
+    if not run.exists(REAL, MARKER):
+        raise TableMissing(f"{run.path(REAL)} is missing or incomplete (run `raybias prepare` first)")
+    ds = pads.dataset(shard_paths(run, REAL), filesystem=run.fs, format="parquet")
+    table = ds.to_table(columns=["id", "image"], filter=pads.field("id").isin(list(ids)))
+    by_id = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
+    missing = [i for i in ids if i not in by_id]
+    if missing:
+        from raybias.data.sources import DataError
+
+        raise DataError(f"{run.path(REAL)}: {len(missing)} training image(s) of the job are missing "
+                        f"(e.g. id {missing[0]!r}); was the data prepared again after clustering?")
+    return [by_id[i] for i in ids]
+
+
+def to_model_range(images: Sequence[np.ndarray]) -> torch.Tensor:
+    """uint8 N x H x W x 3 -> float32 N x 3 x H x W in [-1, 1]."""
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float()
+    return x / 127.5 - 1.0
+
+
+def decode_images(blobs: Sequence[bytes], size: int) -> List[np.ndarray]:
+    from raybias.data.images import decode
+
+    return [decode(b, size, where=f"training image {i}") for i, b in enumerate(blobs)]
+
+
+# --------------------------------------------------------------------------- checkpoint
+
+
+def save_training_state(folder: str, trainable: Dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+                        state: Dict[str, Any], scaler=None) -> None:
+    """Trainable weights and optimizer state as safetensors, counters as JSON (no pickles)."""
+    from safetensors.torch import save_file
+
+    os.makedirs(folder, exist_ok=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in trainable.items()},
+              os.path.join(folder, "trainable.safetensors"))
+    opt = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for idx, per_param in opt["state"].items():
+        for key, value in per_param.items():
+            if torch.is_tensor(value):
+                tensors[f"{idx}.{key}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{idx}.{key}"] = value
+    meta = {"param_groups": json.dumps(opt["param_groups"]), "scalars": json.dumps(scalars)}
+    if scaler is not None:
+        meta["grad_scaler"] = json.dumps({k: (v.item() if torch.is_tensor(v) else v)
+                                          for k, v in scaler.state_dict().items()})
+    save_file(tensors, os.path.join(folder, "optimizer.safetensors"), metadata=meta)
+    with open(os.path.join(folder, "state.json"), "w") as f:
+        json.dump(state, f)
+
+
+def load_training_state(folder: str, module: torch.nn.Module, trainable_names: Sequence[str],
+                        optimizer: torch.optim.Optimizer, scaler=None) -> Dict[str, Any]:
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    weights = load_file(os.path.join(folder, "trainable.safetensors"))
+    if set(weights) != set(trainable_names):
+        raise RuntimeError(f"checkpoint {folder} does not match the model being trained "
+                           f"({len(weights)} tensors saved, {len(trainable_names)} expected)")
+    params = dict(module.named_parameters())
+    with torch.no_grad():
+        for name, value in weights.items():
+            params[name].copy_(value.to(params[name].device, params[name].dtype))
+    path = os.path.join(folder, "optimizer.safetensors")
+    with safe_open(path, framework="pt") as f:
+        meta = f.metadata()
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    state: Dict[int, Dict[str, Any]] = {}
+    for key, value in list(tensors.items()) + list(json.loads(meta["scalars"]).items()):
+        idx, name = key.split(".", 1)
+        state.setdefault(int(idx), {})[name] = value
+    optimizer.load_state_dict({"state": state, "param_groups": json.loads(meta["param_groups"])})
+    if scaler is not None and "grad_scaler" in meta:
+        scaler.load_state_dict(json.loads(meta["grad_scaler"]))
+    with open(os.path.join(folder, "state.json")) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class FinetuneLoop:
+    """Holds the pipeline, the cached latents and text embeddings, and runs training steps."""
+
+    def __init__(self, pipe, job: JobSpec, ft: Dict[str, Any], device: str = "cpu",
+                 class_images: Optional[List[np.ndarray]] = None, images: Optional[List[np.ndarray]] = None):
+        from diffusers import DDPMScheduler
+
+        from raybias.diffusion.sampling import default_size
+
+        self.pipe, self.job, self.ft = pipe, job, ft
+        self.device = torch.device(device)
+        self.method = make_method(job.kind, ft)
+        self.seed = int(ft["seed"])
+        self.batch_size = int(ft["batch_size"])
+        self.size = default_size(pipe)
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+        self.prediction_type = self.noise_scheduler.config.prediction_type
+        self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
+        self.scaling = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
+        self.shift = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
+        precision = ft.get("mixed_precision", "no")
+        self.amp_dtype = PRECISION_DTYPES.get(precision) if self.device.type == "cuda" else None
+        if precision != "no" and self.amp_dtype is None:
+            log.info("finetune.mixed_precision=%s is for GPUs; training in fp32 on %s", precision, self.device)
+
+        for module in (pipe.vae, pipe.text_encoder):
+            module.requires_grad_(False)
+            module.eval()
+        if images is None:
+            images = decode_images(read_images_for(job, ft), self.size)
+        self.n_images = len(images)
+        self.lat_mean, self.lat_std = self._encode(images)
+        prompts = training_prompts(job, self.seed)
+        self.emb_table, self.emb_index = self._embed(prompts)
+        # classifier-free guidance training: the condition is dropped (empty prompt) with
+        # probability cond_drop, so the model also learns the unconditional score
+        self.cond_drop = float(ft.get("cond_drop", 0.0))
+        self.null_emb = self._embed([""])[0][0] if self.cond_drop > 0 else None
+        self.prior = self.method.uses_prior() and class_images is not None and len(class_images) > 0
+        if self.prior:
+            self.cls_mean, self.cls_std = self._encode(class_images)
+            cls_prompts = [job.class_template.format(member=member_for(f"class-{i}", job.members, self.seed))
+                           for i in range(len(class_images))]
+            self.cls_table, self.cls_index = self._embed(cls_prompts)
+        self.trainable = self.method.prepare(pipe.unet)
+        self.trainable_names = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
+        pipe.unet.to(self.device)
+        self.optimizer = make_optimizer(self.trainable, self.method.lr, float(ft.get("weight_decay", 1e-2)))
+        self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None)
+
+    # one-off encodings ---------------------------------------------------
+    @torch.no_grad()
+    def _encode(self, images: Sequence[np.ndarray]) -> Tuple[torch.Tensor, torch.Tensor]:
+        vae = self.pipe.vae
+        means, stds = [], []
+        chunk = max(1, min(256, (1 << 20) // (self.size * self.size)))  # bounded activation memory
+        for i in range(0, len(images), chunk):
+            x = to_model_range(images[i:i + chunk]).to(vae.device, vae.dtype)
+            dist = vae.encode(x).latent_dist
+            means.append(dist.mean.float().cpu())
+            stds.append(dist.std.float().cpu())
+        return torch.cat(means), torch.cat(stds)
+
+    @torch.no_grad()
+    def _embed(self, prompts: Sequence[str]) -> Tuple[torch.Tensor, torch.Tensor]:
+        from raybias.diffusion.sampling import encode_prompts
+
+        distinct = list(dict.fromkeys(prompts))
+        table = encode_prompts(self.pipe, distinct).float().to(self.device)
+        pos = {p: i for i, p in enumerate(distinct)}
+        return table, torch.tensor([pos[p] for p in prompts])
+
+    # a step ----------------------------------------------------------------
+    def _draw(self, gen: torch.Generator, mean: torch.Tensor, std: torch.Tensor, index: torch.Tensor,
+              table: torch.Tensor, n: int):
+        pick = torch.randint(0, len(mean), (n,), generator=gen)
+        eps = torch.randn(mean[pick].shape, generator=gen)
+        latents = ((mean[pick] + std[pick] * eps) - self.shift) * self.scaling
+        noise = torch.randn(latents.shape, generator=gen)
+        t = torch.randint(0, self.num_train_timesteps, (n,), generator=gen)
+        return latents, noise, t, table[index[pick].to(table.device)]
+
+    def step(self, i: int) -> float:
+        """Training step number `i` (0-based); its randomness depends only on (seed, i)."""
+        gen = torch.Generator("cpu").manual_seed(self.seed * 1_000_003 + i)
+        n = self.batch_size
+        latents, noise, t, context = self._draw(gen, self.lat_mean, self.lat_std, self.emb_index,
+                                                self.emb_table, n)
+        if self.cond_drop > 0:  # drawn only when enabled: other methods' draws stay as they were
+            drop = torch.rand(n, generator=gen) < self.cond_drop
+            context = torch.where(drop.to(context.device)[:, None, None], self.null_emb.to(context.dtype), context)
+        if self.prior:
+            c_lat, c_noise, c_t, c_ctx = self._draw(gen, self.cls_mean, self.cls_std, self.cls_index,
+                                                    self.cls_table, n)
+            latents, noise = torch.cat([latents, c_lat]), torch.cat([noise, c_noise])
+            t, context = torch.cat([t, c_t]), torch.cat([context, c_ctx])
+        latents, noise, t = latents.to(self.device), noise.to(self.device), t.to(self.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.prediction_type == "epsilon":
+            target = noise
+        elif self.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, t)
+        else:
+            raise ValueError(f"unsupported prediction_type {self.prediction_type!r} of the base scheduler")
+        unet = self.pipe.unet
+        unet.train()
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+            pred = unet(noisy, t, encoder_hidden_states=context).sample
+        pred = pred.float()
+        if self.prior:
+            p_inst, p_cls = pred.chunk(2)
+            t_inst, t_cls = target.chunk(2)
+            loss = (torch.nn.functional.mse_loss(p_inst, t_inst)
+                    + float(self.ft["prior_loss_weight"]) * torch.nn.functional.mse_loss(p_cls, t_cls))
+        else:
+            loss = torch.nn.functional.mse_loss(pred, target)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+        else:
+            loss.backward()
+        clip = float(self.ft.get("max_grad_norm", 0.0))
+        if clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.trainable, clip)
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss.detach())
+
+    # state -------------------------------------------------------------------
+    def trainable_state(self) -> Dict[str, torch.Tensor]:
+        params = dict(self.pipe.unet.named_parameters())
+        return {n: params[n] for n in self.trainable_names}
+
+    def save(self, folder: str, state: Dict[str, Any]) -> None:
+        save_training_state(folder, self.trainable_state(), self.optimizer, state, self.scaler)
+
+    def load(self, folder: str) -> Dict[str, Any]:
+        return load_training_state(folder, self.pipe.unet, self.trainable_names, self.optimizer, self.scaler)
+
+
+def make_optimizer(params: List[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused into one kernel over all parameters where torch supports it (CPU and CUDA)."""
+    try:
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
+    except (RuntimeError, TypeError, ValueError):  # a device or dtype without the fused kernel
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+
+
+def read_images_for(job: JobSpec, ft: Dict[str, Any]) -> List[bytes]:
+    from raybias.rundir import RunDir
+
+    return read_images(RunDir(ft["run_spec"]), job.ids)
+
+
+# --------------------------------------------------------------------------- class images
+
+
+def class_images(pipe, job: JobSpec, ft: Dict[str, Any], run=None) -> List[np.ndarray]:
+    """Prior-preservation images: the base model's own samples for the prompt without identifier.
+
+    Cached in the run directory under a key of everything that decides them, so restarted
+    workers and the other clusters of the same group reuse them.
+    """
+    from raybias.diffusion.sampling import sample
+
+    n = int(ft["num_class_images"])
+    prompts = [job.class_template.format(member=member_for(f"class-{i}", job.members, int(ft["seed"])))
+               for i in range(n)]
+    seeds = [int(ft["seed"]) * 100_003 + i for i in range(n)]
+    settings = dict(steps=int(ft["sample_steps"]), guidance=float(ft["sample_guidance"]))
+    key = zlib.crc32(json.dumps([ft["base"], prompts, seeds, settings]).encode())
+    rel = f"{ft['generator_dir']}/_class/{job.group}-{key:08x}.npz"
+    if run is not None and run.exists(rel):
+        with np.load(io.BytesIO(run.read_bytes(rel)), allow_pickle=False) as z:
+            return list(z["images"])
+    images = sample(pipe, prompts, seeds, scheduler="ddim", batch_size=64, **settings)
+    if run is not None:
+        buf = io.BytesIO()
+        np.savez(buf, images=np.stack(images))
+        run.write_bytes(rel, buf.getvalue())
+    return images
+
+
+# --------------------------------------------------------------------------- previews
+
+
+def _preview_row(pipe, prompts: List[str], negatives: Optional[List[Optional[str]]], ft: Dict[str, Any],
+                 guidance: Optional[float] = None) -> np.ndarray:
+    from raybias.diffusion.sampling import sample
+
+    seeds = [int(ft["seed"]) * 7919 + i for i in range(len(prompts))]
+    # A negative prompt only acts through classifier-free guidance (> 1).
+    g = float(ft["sample_guidance"]) if guidance is None else guidance
+    images = sample(pipe, prompts, seeds, negative_prompts=negatives, scheduler="ddim",
+                    steps=int(ft["sample_steps"]), guidance=g)
+    return np.concatenate(images, axis=1)
+
+
+def _encode_png(arr: np.ndarray) -> bytes:
+    from raybias.data.images import encode_png
+
+    return encode_png(arr)
+
+
+# --------------------------------------------------------------------------- Ray Train worker
+
+
+def _maybe_inject_fault(cfg: Dict[str, Any], step: int) -> None:
+    """Test hook: kill this worker process once, after `step`, guarded by a marker file."""
+    fault = cfg.get("fault")
+    if not fault or step != int(fault["step"]) or os.path.exists(fault["marker"]):
+        return
+    with open(fault["marker"], "w") as f:
+        f.write(str(step))
+    # Give the controller time to register the checkpoint reported before this step.
+    time.sleep(float(fault.get("delay_s", 5.0)))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
+    """Ray Train entry point of one job (1 worker): setup, resume, train, checkpoint, publish."""
+    import ray.train
+    from ray.train import Checkpoint
+
+    from raybias.diffusion.backbone import load_pipeline
+    from raybias.rundir import RunDir
+
+    started = time.time()
+    job = JobSpec.from_dict(cfg["job"])
+    ft = cfg["finetune"]
+    threads = max(1, int(cfg.get("threads", 1)))
+    torch.set_num_threads(threads)
+    device = "cuda" if cfg.get("use_gpu") and torch.cuda.is_available() else "cpu"
+    run = RunDir(ft["run_spec"])
+    board = cfg.get("board")
+    tag = f"[{job.generator} {job.name}]"
+
+    pipe = load_pipeline(ft["base"], revision=ft.get("revision"), device=device)
+    pipe.set_progress_bar_config(disable=True)
+    steps = int(ft["steps"])
+    previews: List[Tuple[str, np.ndarray]] = []
+    n_prev = int(ft["n_samples"])
+    base_prompt = prompt_template_without_identifier(job)
+    if n_prev:  # what the base model makes of the group's prompt, before any training
+        previews.append(("base", _preview_row(pipe, preview_prompts(base_prompt, job.members, n_prev), None, ft)))
+    cls_images = class_images(pipe, job, ft, run) if (job.kind == "dreambooth" and ft["prior_preservation"]
+                                                      and job.class_template) else None
+    loop = FinetuneLoop(pipe, job, ft, device=device, class_images=cls_images)
+    setup_s = time.time() - started
+
+    state = {"step": 0, "losses": [], "attempts": 0, "resumed_from": [], "train_seconds": 0.0}
+    ckpt = ray.train.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            state = loop.load(d)
+        state["resumed_from"].append(state["step"])
+    state["attempts"] += 1
+    if board is not None:
+        board.update.remote(job.generator, job.name, state["step"], steps,
+                            state["losses"][-1] if state["losses"] else None, "training")
+    every = int(ft["checkpoint_every"])
+    progress_every = int(ft.get("progress_every", 10))
+    t0 = time.time()
+    for i in range(state["step"], steps):
+        loss = loop.step(i)
+        state["losses"].append(loss)
+        state["step"] = i + 1
+        done = state["step"]
+        if board is not None and (done % progress_every == 0 or done == steps):
+            board.update.remote(job.generator, job.name, done, steps, loss, "training")
+        if done % every == 0 or done == steps:
+            state["train_seconds"] += time.time() - t0
+            t0 = time.time()
+            with tempfile.TemporaryDirectory(prefix="raybias-ckpt-") as tmp:
+                loop.save(tmp, state)
+                ray.train.report({"step": done, "loss": float(np.mean(state["losses"][-every:]))},
+                                 checkpoint=Checkpoint.from_directory(tmp),
+                                 checkpoint_dir_name=f"step-{done:06d}")
+        _maybe_inject_fault(cfg, done)
+    state["train_seconds"] += time.time() - t0
+
+    # Only the rank-0 worker publishes (a job has one worker; kept right if that changes).
+    if ray.train.get_context().get_world_rank() != 0:
+        return
+    if board is not None:
+        board.update.remote(job.generator, job.name, steps, steps, state["losses"][-1], "saving")
+    pipe.unet.eval()
+    preview_start = time.time()
+    if n_prev:
+        previews.append(("fine-tuned", _preview_row(pipe, preview_prompts(job.prompt_template, job.members,
+                                                                          n_prev), None, ft)))
+        for b in job.borrower_previews:
+            prompts = preview_prompts(b["prompt_template"], job.members, n_prev)
+            negs = [b.get("negative_prompt")] * n_prev
+            previews.append((b["name"], _preview_row(pipe, prompts, negs, ft, guidance=b.get("guidance"))))
+    record = {
+        "name": job.name, "generator": job.generator, "kind": job.kind, "group": job.group,
+        "cluster": job.cluster, "steps": state["step"], "final_loss": state["losses"][-1],
+        "losses": state["losses"], "attempts": state["attempts"], "resumed_from": state["resumed_from"],
+        "n_images": loop.n_images, "n_class_images": len(cls_images) if loop.prior else 0,
+        "train_seconds": round(state["train_seconds"], 3), "setup_seconds": round(setup_s, 3),
+        # from the driver's fit() call to this function: Ray Train controller, worker process, placement
+        "startup_seconds": round(started - float(cfg.get("launched_at", started)), 3),
+        "preview_seconds": round(time.time() - preview_start, 3),
+        "seconds_per_step": round(state["train_seconds"] / max(1, steps - (state["resumed_from"] or [0])[-1]), 5),
+        "device": device, "threads": threads,
+        "precision": "fp32" if loop.amp_dtype is None else str(loop.amp_dtype).replace("torch.", ""),
+        "prompt_template": job.prompt_template, "trainable_parameters": int(sum(p.numel() for p in loop.trainable)),
+    }
+    publish_model(run, loop.method, pipe, f"{ft['generator_dir']}/{job.name}", record, previews,
+                  ft.get("base_folder"))
+    if board is not None:
+        board.update.remote(job.generator, job.name, steps, steps, state["losses"][-1], "done")
+
+
+def prompt_template_without_identifier(job: JobSpec) -> str:
+    return job.class_template or job.prompt_template
+
+
+def publish_model(run, method: Method, pipe, rel: str, record: Dict[str, Any],
+                  previews: List[Tuple[str, np.ndarray]], base_folder: Optional[str]) -> None:
+    """Write the model folder under a temporary name and rename it into place when whole."""
+    def fill(folder: str, link: bool) -> None:
+        method.save(pipe, folder, base_folder if base_folder and os.path.isdir(base_folder) else None, link)
+        labels = []
+        for k, (label, row) in enumerate(previews):
+            with open(os.path.join(folder, f"preview-{k}.png"), "wb") as f:
+                f.write(_encode_png(row))
+            labels.append(label)
+        with open(os.path.join(folder, PREVIEW_JSON), "w") as f:
+            json.dump(labels, f)
+        with open(os.path.join(folder, TRAINING_JSON), "w") as f:  # written last: marks the folder whole
+            json.dump(record, f, indent=1)
+
+    if run.is_local:
+        final = run.local_path(rel)
+        parent = os.path.dirname(final)
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:8]}-{os.path.basename(final)}")
+        fill(tmp, link=True)
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        return
+    import pyarrow.fs as pafs
+
+    with tempfile.TemporaryDirectory(prefix="raybias-model-") as tmp:
+        fill(tmp, link=False)
+        run.delete(rel)
+        last = os.path.join(tmp, TRAINING_JSON)
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                path = os.path.join(root, name)
+                if path != last:
+                    _upload(run, path, f"{rel}/{os.path.relpath(path, tmp)}", pafs)
+        _upload(run, last, f"{rel}/{TRAINING_JSON}", pafs)
+
+
+def _upload(run, local: str, rel: str, pafs) -> None:
+    target = run.path(rel)
+    run.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+    with open(local, "rb") as src, run.fs.open_output_stream(target) as dst:
+        shutil.copyfileobj(src, dst, 1 << 20)

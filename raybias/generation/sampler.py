@@ -1,0 +1,258 @@
+"""The sampler actor: one per Ray Data actor-pool slot, one base pipeline each.
+
+`SamplerActor` is the class-based UDF of `map_batches`: its constructor loads the base
+pipeline once (on the actor, never on the driver), and each call gets one work unit (a
+JSON spec from the plan), puts that unit's model into the pipeline, samples the unit's
+prompts with their seeds, encodes PNGs and writes the unit's shard itself. It returns
+one small row per unit (counts, seconds, attention backend) for the driver's progress bar.
+
+Model switching (`ModelSwitcher`): LoRA adapters are loaded into the base UNet under
+their own adapter names and switched with `set_adapters`; DreamBooth models swap the
+pipeline's UNet (and text encoder / tokenizer when the folder has its own). The last
+`generate.model_cache` models of each kind stay loaded, so a pool that sees the same few
+models over and over loads each once.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import time
+from collections import OrderedDict
+from typing import Any, Dict, List, Optional
+
+import numpy as np
+
+from raybias.data.images import encode_png
+from raybias.generation.shards import unit_table, write_shard
+from raybias.rundir import RunDir, StageFailed
+
+log = logging.getLogger("raybias.generation")
+
+DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+
+
+def resolve_device(num_gpus: float) -> str:
+    import torch
+
+    if num_gpus and num_gpus > 0:
+        if not torch.cuda.is_available():
+            raise StageFailed("generate.num_gpus > 0 but this Ray worker sees no CUDA device")
+        return "cuda"
+    return "cpu"
+
+
+def resolve_dtype(name: str, device: str):
+    """The torch dtype to sample in: fp16/bf16 only on GPU (CPU half kernels are slow or absent)."""
+    import torch
+
+    if device == "cpu":
+        return torch.float32
+    return getattr(torch, DTYPES[name])
+
+
+def local_folder(run: RunDir, rel: str, cache_root: Optional[str] = None) -> str:
+    """A local path holding the run-relative folder `rel` (copied down from object stores)."""
+    if run.is_local:
+        return run.path(rel)
+    import pyarrow.fs as pafs
+
+    root = cache_root or tempfile.mkdtemp(prefix="raybias-models-")
+    dest = os.path.join(root, rel.strip("/").replace("/", "__"))
+    if not os.path.isdir(dest):
+        tmp = dest + ".part"
+        shutil.rmtree(tmp, ignore_errors=True)
+        pafs.copy_files(run.path(rel), tmp, source_filesystem=run.fs,
+                        destination_filesystem=pafs.LocalFileSystem())
+        os.replace(tmp, dest)
+    return dest
+
+
+def adapter_name(model_name: str) -> str:
+    return "m_" + re.sub(r"[^0-9A-Za-z_]", "_", model_name)
+
+
+class ModelSwitcher:
+    """Puts a plan model (kind base | lora | dreambooth) into the pipeline; caches recent ones.
+
+    Caches are keyed by the model's folder, so a borrowed model (another group's weights
+    with other prompts) reuses what its source loaded.
+    """
+
+    def __init__(self, pipe, run: RunDir, cache_size: int, prepare, cache_root: Optional[str] = None):
+        self.pipe = pipe
+        self.run = run
+        self.cache_size = max(1, int(cache_size))
+        self.prepare = prepare  # called on (pipe) after a component swap: device, dtype, attention
+        self.cache_root = cache_root
+        self.base = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
+        self.classes = {k: type(v) for k, v in self.base.items()}
+        self.dreambooth: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()  # folder -> components
+        self.adapters: "OrderedDict[str, str]" = OrderedDict()  # folder -> adapter name
+        self.active: Optional[tuple] = None
+        self.loads = 0  # models loaded from disk (cache misses)
+
+    def _use_components(self, comps: Dict[str, Any]) -> None:
+        changed = False
+        for key, module in comps.items():
+            if getattr(self.pipe, key) is not module:
+                setattr(self.pipe, key, module)
+                changed = True
+        if changed:
+            self.prepare(self.pipe)
+
+    def activate(self, spec: Dict[str, Any]) -> None:
+        kind, folder = spec["kind"], spec.get("folder")
+        if self.active == (kind, folder):
+            return
+        if kind == "base":
+            self._use_components(self.base)
+            if self.adapters:
+                self.pipe.disable_lora()
+        elif kind == "lora":
+            self._use_components(self.base)
+            self._activate_lora(spec)
+        elif kind == "dreambooth":
+            self._use_components(self._dreambooth_components(spec))
+        else:
+            raise StageFailed(f"model {spec['name']!r} has kind {kind!r}, which the sampler cannot load")
+        self.active = (kind, folder)
+
+    def _activate_lora(self, spec: Dict[str, Any]) -> None:
+        key = spec["folder"]
+        if key in self.adapters:
+            self.adapters.move_to_end(key)
+        else:
+            while len(self.adapters) >= self.cache_size:
+                _, old = self.adapters.popitem(last=False)
+                self.pipe.delete_adapters(old)
+            folder = local_folder(self.run, key, self.cache_root)
+            name = adapter_name(key)
+            try:
+                self.pipe.load_lora_weights(folder, adapter_name=name)
+            except Exception as exc:
+                raise StageFailed(f"cannot load LoRA weights of model {spec['name']!r} from {folder}: {exc}") from exc
+            self.adapters[key] = name
+            self.loads += 1
+            self.prepare(self.pipe)
+        self.pipe.enable_lora()
+        self.pipe.set_adapters([self.adapters[key]])
+
+    def _same_as_base_text_encoder(self, folder: str) -> bool:
+        """True when the folder's text encoder holds exactly the base weights (the usual case:
+        DreamBooth tunes the UNet only), so the base module is kept instead of a copy."""
+        import torch
+        from safetensors.torch import load_file
+
+        sub = os.path.join(folder, "text_encoder")
+        files = [f for f in os.listdir(sub) if f.endswith(".safetensors")] if os.path.isdir(sub) else []
+        if not files:
+            return not os.path.isdir(sub)
+        base = self.base["text_encoder"].state_dict()
+        for name in files:
+            for key, tensor in load_file(os.path.join(sub, name)).items():
+                mine = base.get(key)
+                if (mine is None or mine.shape != tensor.shape
+                        or not torch.equal(mine.detach().cpu(), tensor.to(mine.dtype))):
+                    return False
+        return True
+
+    def _dreambooth_components(self, spec: Dict[str, Any]) -> Dict[str, Any]:
+        key = spec["folder"]
+        if key in self.dreambooth:
+            self.dreambooth.move_to_end(key)
+            return self.dreambooth[key]
+        while len(self.dreambooth) >= self.cache_size:
+            self.dreambooth.popitem(last=False)
+        folder = local_folder(self.run, key, self.cache_root)
+        comps: Dict[str, Any] = {"text_encoder": self.base["text_encoder"], "tokenizer": self.base["tokenizer"]}
+        try:
+            comps["unet"] = self.classes["unet"].from_pretrained(folder, subfolder="unet")
+            if not self._same_as_base_text_encoder(folder):
+                comps["text_encoder"] = self.classes["text_encoder"].from_pretrained(folder, subfolder="text_encoder")
+                if os.path.isdir(os.path.join(folder, "tokenizer")):
+                    comps["tokenizer"] = self.classes["tokenizer"].from_pretrained(folder, subfolder="tokenizer")
+        except Exception as exc:
+            raise StageFailed(f"cannot load DreamBooth model {spec['name']!r} from {folder}: {exc}") from exc
+        for module in (comps["unet"], comps["text_encoder"]):
+            module.eval().requires_grad_(False)
+        self.dreambooth[key] = comps
+        self.loads += 1
+        return comps
+
+
+class SamplerActor:
+    """Ray Data UDF: work units in, shards written, one summary row per unit out."""
+
+    def __init__(self, run_spec: str, generator: str, base_model: str, base_revision: Optional[str],
+                 models: Dict[str, Dict[str, Any]], sampling: Dict[str, Any]):
+        import torch
+
+        from raybias.diffusion.backbone import load_pipeline
+
+        self.run = RunDir(run_spec)
+        self.generator = generator
+        self.models = models
+        self.sampling = dict(sampling)
+        threads = int(self.sampling.get("num_threads") or 0)
+        if threads > 0:
+            torch.set_num_threads(threads)
+        self.device = resolve_device(float(self.sampling.get("num_gpus", 0.0)))
+        self.dtype = resolve_dtype(self.sampling.get("dtype", "fp32"), self.device)
+        started = time.perf_counter()
+        self.pipe = load_pipeline(base_model, revision=base_revision, device=self.device, dtype=self.dtype)
+        self.pipe.set_progress_bar_config(disable=True)
+        for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
+            module.eval().requires_grad_(False)
+        self.attention = "sdpa"
+        self._prepare(self.pipe)
+        self.load_seconds = time.perf_counter() - started
+        self.switcher = ModelSwitcher(self.pipe, self.run, int(self.sampling.get("model_cache", 2)), self._prepare)
+
+    def _prepare(self, pipe) -> None:
+        """Device, dtype, memory format, attention and compilation for whatever the pipeline holds."""
+        import torch
+
+        from raybias.diffusion.sampling import set_attention
+
+        pipe.to(self.device, self.dtype)
+        if self.sampling.get("channels_last") and self.device == "cuda":
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        self.attention = set_attention(pipe, self.sampling.get("attention", "auto"))
+        if self.sampling.get("compile") and not getattr(pipe.unet, "_raybias_compiled", False):
+            pipe.unet.compile()  # in place: the module keeps its type, so adapters still load
+            pipe.unet._raybias_compiled = True
+
+    def sample_unit(self, unit: Dict[str, Any]) -> List[bytes]:
+        from raybias.diffusion.sampling import sample
+
+        self.switcher.activate(self.models[unit["model"]])
+        n = len(unit["ids"])
+        negative = [unit["negative_prompt"]] * n if unit.get("negative_prompt") else None
+        s = self.sampling
+        images = sample(self.pipe, list(unit["prompts"]), [int(x) for x in unit["seeds"]],
+                        negative_prompts=negative, scheduler=s["scheduler"], steps=int(s["steps"]),
+                        guidance=float(s["guidance"]), batch_size=int(s["batch_size"]), size=s.get("size"))
+        return [encode_png(np.asarray(im)) for im in images]
+
+    def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
+        out: Dict[str, list] = {"unit": [], "n_images": [], "seconds": [], "attention": [], "device": [],
+                                "dtype": [], "model_loads": []}
+        for spec in batch["spec"]:
+            unit = json.loads(spec)
+            started = time.perf_counter()
+            pngs = self.sample_unit(unit)
+            write_shard(self.run, self.generator, unit["unit"], unit_table(self.generator, unit, pngs))
+            out["unit"].append(int(unit["unit"]))
+            out["n_images"].append(len(pngs))
+            out["seconds"].append(time.perf_counter() - started)
+            out["attention"].append(self.attention)
+            out["device"].append(self.device)
+            out["dtype"].append(str(self.dtype).replace("torch.", ""))
+            out["model_loads"].append(self.switcher.loads)
+        return out

@@ -1,0 +1,113 @@
+"""One Parquet shard per work unit: written whole or not at all, checked on resume.
+
+A shard is serialised in memory and handed to `RunDir.write_bytes`, which writes a
+temporary `.tmp-…` name and renames it to `unit-NNNNN.parquet` (copy+delete on object
+stores). So the final name only ever holds a whole file; a crash leaves at most a
+temporary file, which is deleted and never read. A shard under the final name that still
+fails to read, or whose ids are not the unit's planned ids (disk trouble, a stale run), is
+deleted and its unit redone.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybias.data.synthetic import finished_units, shards_dir, unit_name
+from raybias.rundir import RunDir
+
+log = logging.getLogger("raybias.generation")
+
+SHARD_SCHEMA = pa.schema([
+    ("id", pa.string()),
+    ("image", pa.binary()),
+    ("y", pa.int64()),
+    ("a", pa.int64()),
+    ("group", pa.int64()),
+    ("split", pa.string()),
+    ("source", pa.string()),
+    ("seed", pa.int64()),
+    ("prompt", pa.string()),
+    ("negative_prompt", pa.string()),
+    ("cluster", pa.int64()),
+    ("generator", pa.string()),
+])
+
+
+def shard_rel(generator: str, unit: int) -> str:
+    return f"{shards_dir(generator)}/{unit_name(unit)}"
+
+
+def unit_table(generator: str, unit: Dict[str, Any], images_png: Sequence[bytes]) -> pa.Table:
+    """The unit's rows in the synthetic schema (split=train, source=generator)."""
+    n = len(unit["ids"])
+    if len(images_png) != n:
+        raise ValueError(f"unit {unit['unit']}: {len(images_png)} images for {n} planned ids")
+    return pa.table({
+        "id": unit["ids"],
+        "image": list(images_png),
+        "y": [unit["y"]] * n,
+        "a": [unit["a"]] * n,
+        "group": [unit["group"]] * n,
+        "split": ["train"] * n,
+        "source": [generator] * n,
+        "seed": unit["seeds"],
+        "prompt": unit["prompts"],
+        "negative_prompt": [unit["negative_prompt"]] * n,
+        "cluster": [unit["cluster"]] * n,
+        "generator": [generator] * n,
+    }, schema=SHARD_SCHEMA)
+
+
+def write_shard(run: RunDir, generator: str, unit: int, table: pa.Table) -> str:
+    """Serialise and write atomically; returns the final path."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf, compression="zstd")
+    rel = shard_rel(generator, unit)
+    run.write_bytes(rel, buf.getvalue())
+    return run.path(rel)
+
+
+def shard_is_whole(run: RunDir, generator: str, unit: Dict[str, Any]) -> bool:
+    """True when the unit's shard reads and holds exactly the planned ids, in order."""
+    try:
+        ids = pq.read_table(run.path(shard_rel(generator, unit["unit"])), columns=["id"],
+                            filesystem=run.fs).column("id").to_pylist()
+    except Exception:  # any read failure (truncated footer, bad pages) means: redo it
+        return False
+    return ids == list(unit["ids"])
+
+
+def remove_temporaries(run: RunDir, generator: str) -> List[str]:
+    """Delete `.tmp-*` files a crashed writer left in the shards folder."""
+    removed = []
+    for name in run.listdir(shards_dir(generator)):
+        if name.startswith(".tmp-"):
+            run.delete(shards_dir(generator), name)
+            removed.append(name)
+    return removed
+
+
+def sort_out_shards(run: RunDir, generator: str, units: Iterable[Dict[str, Any]]) -> Tuple[List[int], List[int]]:
+    """(units whose shard is whole, units whose shard was there but broken and is now deleted).
+
+    Shards of units the plan does not have are deleted too. Temporary files are removed.
+    """
+    remove_temporaries(run, generator)
+    planned = {u["unit"]: u for u in units}
+    whole, broken = [], []
+    for number in finished_units(run, generator):
+        unit = planned.get(number)
+        if unit is not None and shard_is_whole(run, generator, unit):
+            whole.append(number)
+            continue
+        run.delete(shard_rel(generator, number))
+        if unit is not None:
+            broken.append(number)
+            log.warning("shard %s of %s is unreadable or incomplete; redoing unit %d",
+                        unit_name(number), generator, number)
+    return whole, broken

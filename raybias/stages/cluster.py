@@ -1,0 +1,156 @@
+"""Stage `cluster`: K-means per group on the image embeddings -> `embed/clusters.*` and plots.
+
+For every group of the training split, the group's vectors are loaded once into Ray's object
+store (`VectorBlocks`) and clustered there (`raybias.clustering`): k-means++ on a sample of
+cluster.sample_size rows, then distributed Lloyd iterations (cluster.max_iter, cluster.tol).
+k is cluster.k, or chosen by silhouette when cluster.k is "auto"; a group with fewer than
+cluster.min_group_size images gets k = 1 and an empty group k = 0 (no clusters).
+
+Outputs:
+- embed/clusters.parquet   id, group, cluster  (every embedded training image)
+- embed/clusters.json      {group: {name, n, k, chosen_by, sizes, centroids, inertia,
+                            iterations, converged, silhouette {k: score} when auto}}
+- embed/clusters_projection.png, embed/clusters_samples.png
+"""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any, Dict, List
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from raybias.clustering import CLUSTERS_JSON, CLUSTERS_PARQUET, PROJECTION_PNG, SAMPLES_PNG
+from raybias.clustering.kmeans import VectorBlocks, assign_block, squared_distances
+from raybias.clustering.plots import projection_figure, samples_figure
+from raybias.clustering.select_k import cluster_group
+from raybias.data.images import decode
+from raybias.data.info import REAL, DatasetInfo
+from raybias.data.io import shard_paths
+from raybias.embed import vectors_dataset
+from raybias.methods import CLUSTER
+from raybias.ray_utils import init_ray
+from raybias.rundir import RunDir, StageFailed
+
+KEY = "cluster"
+PLOT_POINTS = 1500  # points per group in the projection plot
+PER_CLUSTER = 6  # images per cluster in the sample grid
+
+ASSIGNMENT_SCHEMA = pa.schema([("id", pa.string()), ("group", pa.int64()), ("cluster", pa.int64())])
+
+
+def _images_by_id(run: RunDir, ids: List[str]) -> Dict[str, np.ndarray]:
+    """Decoded images of these ids from data/real (only the matching rows are read)."""
+    if not ids:
+        return {}
+    out: Dict[str, np.ndarray] = {}
+    for path in shard_paths(run, REAL):
+        table = pq.read_table(path, columns=["id", "image"], filters=[("id", "in", list(ids))], filesystem=run.fs)
+        for row_id, data in zip(table.column("id").to_pylist(), table.column("image").to_pylist()):
+            out[row_id] = decode(data, where=f"{run.path(REAL)} row id={row_id}")
+    return out
+
+
+def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Any]:
+    """Cluster every group's embeddings; returns the contents of embed/clusters.json."""
+    st = run.begin_stage(KEY, cfg, CLUSTER, mode)
+    if st.skip:
+        if verbose:
+            print("cluster: already done, skipped")
+        return run.read_json(CLUSTERS_JSON)
+    init_ray(cfg)
+    from tqdm.auto import tqdm
+
+    info = DatasetInfo.load(run)
+    vectors = vectors_dataset(run, columns=["id", "group", "vector"])
+    # Blocks in file order, so the sample (and with it the clustering) is the same every run.
+    vectors.context.execution_options.preserve_order = True
+    c = cfg.cluster
+
+    summary: Dict[str, Any] = {}
+    projection: List[Dict[str, Any]] = []
+    typical: List[Dict[str, Any]] = []
+    tmp_parquet = f"embed/.tmp-{uuid.uuid4().hex[:8]}-clusters.parquet"
+    run.makedirs("embed")
+    writer = pq.ParquetWriter(run.path(tmp_parquet), ASSIGNMENT_SCHEMA, filesystem=run.fs)
+    # One pass over embed/vectors puts each group's vectors in the object store as its own blocks.
+    by_group = VectorBlocks.split_dataset(vectors, "group", [g for g in range(info.n_groups) if info.train_count(g)],
+                                          id_column="id")
+    try:
+        for g in tqdm(range(info.n_groups), desc="cluster", unit="group", disable=not verbose):
+            name = info.group_name(g)
+            n_g = info.train_count(g)
+            title = f"group {g}: {name} (n={n_g})"
+            if n_g == 0:
+                summary[str(g)] = {"name": name, "n": 0, "k": 0, "chosen_by": "empty", "sizes": [],
+                                   "centroids": [], "inertia": 0.0, "iterations": 0, "converged": True}
+                projection.append({"title": title, "points": None})
+                typical.append({"title": title, "rows": []})
+                continue
+            blocks = by_group.pop(g)
+            if blocks.n != n_g:
+                raise StageFailed(f"{run.path('embed/vectors')} has {blocks.n} vectors of group {g} ({name}) but "
+                                  f"data/real has {n_g} training images: rerun `raybias embed`")
+            rows = blocks.sample_rows(int(c.sample_size), int(c.seed))
+            sample = blocks.take(rows)
+            sample_ids = blocks.take_ids(rows)
+            chosen = cluster_group(blocks, c, sample=sample)
+            fit = chosen.result
+            for ids, labels in blocks.iter_labels(fit.centroids):
+                writer.write_table(pa.table({"id": pa.array(ids.tolist(), pa.string()),
+                                             "group": pa.array(np.full(len(ids), g), pa.int64()),
+                                             "cluster": pa.array(labels, pa.int64())}, schema=ASSIGNMENT_SCHEMA))
+            entry = {"name": name, "n": int(n_g), "k": int(chosen.k), "chosen_by": chosen.chosen_by,
+                     "sizes": [int(s) for s in fit.sizes], "centroids": fit.centroids.astype(float).tolist(),
+                     "inertia": float(fit.inertia), "iterations": int(fit.n_iter), "converged": bool(fit.converged)}
+            if chosen.silhouette:
+                entry["silhouette"] = {str(k): float(v) for k, v in chosen.silhouette.items()}
+            summary[str(g)] = entry
+
+            sample_labels = assign_block(sample, fit.centroids)
+            dist = squared_distances(sample, fit.centroids)[np.arange(len(sample)), sample_labels]
+            shown = np.random.default_rng(int(c.seed)).permutation(len(sample))[:PLOT_POINTS]
+            projection.append({"title": f"{title}, k={chosen.k}", "points": sample[shown],
+                               "labels": sample_labels[shown], "centroids": fit.centroids})
+            picks = []
+            for j in range(chosen.k):
+                members = np.flatnonzero(sample_labels == j)
+                members = members[np.argsort(dist[members], kind="stable")][:PER_CLUSTER]
+                picks.append((f"cluster {j} (n={int(fit.sizes[j])})", [str(i) for i in sample_ids[members]]))
+            typical.append({"title": f"{title}, k={chosen.k}", "rows": picks})
+            del blocks  # frees the group's vectors in the object store
+        writer.close()
+    except BaseException:
+        writer.close()
+        run.delete(tmp_parquet)
+        raise
+    run.delete(CLUSTERS_PARQUET)
+    run.fs.move(run.path(tmp_parquet), run.path(CLUSTERS_PARQUET))
+    run.write_json(CLUSTERS_JSON, summary)
+    _write_plots(run, projection, typical)
+    run.finish_stage(KEY, {"k": {g: e["k"] for g, e in summary.items()}})
+    if verbose:
+        for g, e in summary.items():
+            extra = ""
+            if "silhouette" in e:
+                extra = "  silhouette " + ", ".join(f"k={k}: {v:.3f}" for k, v in e["silhouette"].items())
+            print(f"group {g} {e['name']}: n={e['n']} k={e['k']} ({e['chosen_by']}) sizes={e['sizes']}{extra}")
+        print(f"clusters -> {run.path(CLUSTERS_PARQUET)}, plots in {run.path('embed')}")
+    return summary
+
+
+def _write_plots(run: RunDir, projection: List[Dict[str, Any]], typical: List[Dict[str, Any]]) -> None:
+    import matplotlib.pyplot as plt
+
+    fig = projection_figure(projection)
+    run.write_figure(PROJECTION_PNG, fig)
+    plt.close(fig)
+    wanted = [i for panel in typical for _, ids in panel["rows"] for i in ids]
+    images = _images_by_id(run, wanted)
+    panels = [{"title": p["title"], "rows": [(label, [images[i] for i in ids if i in images])
+                                             for label, ids in p["rows"]]} for p in typical]
+    fig = samples_figure(panels, PER_CLUSTER)
+    run.write_figure(SAMPLES_PNG, fig)
+    plt.close(fig)

@@ -1,0 +1,247 @@
+"""Stage `ddb`: Diffusing DeBias' bias amplifier (Ciranni et al., NeurIPS 2025).
+
+Three recorded, resumable steps, none of which reads a bias label:
+
+`ddb/model`      a class-conditional diffusion model with classifier-free guidance, trained on
+                 the biased training set: the one fine-tuning loop (raybias.diffusion.finetune,
+                 a Ray Train job, full UNet like DreamBooth, no prior preservation) on the base
+                 backbone, with per-image prompts "a {member}" naming the image's class only
+                 (a member word of class y, drawn per image from y alone) and the prompt dropped
+                 (empty) with probability ddb.cond_drop. Steps, batch, lr: ddb.*; cpus/gpus,
+                 checkpointing, failures: finetune.*. A killed job resumes from its checkpoint.
+                 Writes generators/ddb/cond/ (diffusers folder, training.json) and
+                 generators/ddb/manifest.json (the generators/<gen>/manifest.json format: one
+                 model entry per class, group -1, kind dreambooth, all sharing the folder).
+`ddb/generate`   ddb.per_class bias-ALIGNED images per class: the model prompted with the class
+                 alone reproduces the training set's dominant bias. The generation path's plan
+                 units go through its Ray Data actor pool (raybias.generation.runner.run_units),
+                 CFG weight ddb.guidance, ddb.sample_steps steps; shards in synthetic/ddb/ in
+                 the usual layout, with a = -1 and group = -1 ("bias unknown": DDB never
+                 labels the bias); whole shards are kept on --resume.
+`ddb/amplifier`  the bias amplifier: a classifier of the train.model family trained by the
+                 classifier loop (hook `ddb_amplifier`, GCE with q = ddb.lff_q,
+                 ddb.amplifier_epochs epochs) on the synthetic set only; its predictions and
+                 CE on the real train and val images go to generators/ddb/amplifier/outputs.parquet,
+                 which `ddb_recipe1` / `ddb_recipe2` read. conflict.json holds the precision and
+                 recall of its pseudo bias-conflicting set against the true one (evaluation only).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Dict, List
+
+from raybias.config import config_hash
+from raybias.data.info import DatasetInfo
+from raybias.rundir import RunDir, StageFailed
+
+GEN = "ddb"
+MODEL_NAME = "cond"
+MODEL_DIR = f"generators/{GEN}/{MODEL_NAME}"
+MANIFEST = f"generators/{GEN}/manifest.json"
+CONFLICT_JSON = f"generators/{GEN}/amplifier/conflict.json"
+PROMPT = "a {member}"
+
+MODEL_SECTIONS = ("data", "base", "ddb")
+GENERATE_SECTIONS = MODEL_SECTIONS + ("generate",)
+AMPLIFIER_SECTIONS = GENERATE_SECTIONS + ("train",)
+
+
+def class_prompts(ids: List[str], ys: List[int], info: DatasetInfo, seed: int) -> List[str]:
+    """Per-image prompts naming the class only: a member word of class y, drawn per image."""
+    from raybias.diffusion.finetune import member_for
+
+    return [PROMPT.format(member=member_for(i, info.class_words[int(y)], seed)) for i, y in zip(ids, ys)]
+
+
+def _ddb_finetune_dict(cfg, run: RunDir) -> Dict[str, Any]:
+    from raybias.stages.finetune import _base_model, _finetune_dict
+
+    base, base_folder = _base_model(cfg, run)
+    ft = _finetune_dict(cfg, run, GEN, base, base_folder)
+    d = cfg.ddb
+    ft.update(steps=int(d.steps), batch_size=int(d.batch_size), dreambooth_lr=float(d.lr), seed=int(d.seed),
+              cond_drop=float(d.cond_drop), prior_preservation=False, n_samples=0,
+              checkpoint_every=max(1, min(int(cfg.finetune.checkpoint_every), int(d.steps))))
+    return ft
+
+
+def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any]:
+    """`ddb/model`: the class-conditional CFG diffusion model (see the module docstring)."""
+    from raybias.classify.data import real_sets
+    from raybias.diffusion.finetune import TRAINING_JSON, JobSpec
+    from raybias.ray_utils import require_gpus
+    from raybias.stages.finetune import _run_job
+
+    key = "ddb/model"
+    prev = run.stage_record(key)
+    same = prev is not None and prev.get("hash") == config_hash(cfg, MODEL_SECTIONS)
+    st = run.begin_stage(key, cfg, MODEL_SECTIONS, mode)
+    if st.skip and run.exists(MANIFEST) and run.exists(MODEL_DIR, TRAINING_JSON):
+        return run.read_json(MANIFEST)
+    if mode == "fresh" or not same:
+        run.delete(f"generators/{GEN}")  # nothing of another config may be resumed
+    require_gpus(cfg.finetune.num_gpus_per_job, "ddb (finetune.num_gpus_per_job)")
+    train = real_sets(run)["train"].meta  # id and y only are used
+    ids = train["id"].astype(str).tolist()
+    ys = [int(v) for v in train["y"]]
+    members = [info.class_words[c][0] for c in range(info.n_classes)]
+    job = JobSpec(name=MODEL_NAME, generator=GEN, kind="dreambooth", group=-1, cluster=None,
+                  prompt_template=PROMPT, members=members, ids=ids,
+                  prompts=class_prompts(ids, ys, info, int(cfg.ddb.seed)))
+    ft = _ddb_finetune_dict(cfg, run)
+    record = _run_job(cfg, run, job, ft, None)
+    manifest = {
+        "generator": GEN, "base": cfg.base.model, "base_resolved": ft["base"], "identifier": None,
+        "conditioning": "class-only prompts, classifier-free guidance", "cond_drop": float(cfg.ddb.cond_drop),
+        "models": [{"name": f"y{c}", "group": -1, "y": c, "cluster": None, "weight": 1.0, "kind": "dreambooth",
+                    "folder": MODEL_DIR, "prompt_template": PROMPT, "members": list(info.class_words[c]),
+                    "negative_prompt": None, "n_images": int(sum(1 for y in ys if y == c)),
+                    "group_images": None, "borrowed_from": None, "steps": int(record["steps"]),
+                    "final_loss": float(record["final_loss"])} for c in range(info.n_classes)],
+    }
+    run.write_json(MANIFEST, manifest)
+    run.finish_stage(key, info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
+                                "wall_seconds": record.get("wall_seconds"),
+                                "seconds_per_step": record.get("seconds_per_step")})
+    return manifest
+
+
+def build_ddb_plan(cfg, info: DatasetInfo, manifest: Dict[str, Any], base_model: str) -> Dict[str, Any]:
+    """The generation plan: ddb.per_class images per class, class-only prompts, a = group = -1."""
+    from raybias.generation.plan import ModelSpec, PLAN_VERSION, Unit, fill_template, image_draw
+    from raybias.generation.runner import sampling_settings
+
+    g, d = cfg.generate, cfg.ddb
+    sampling = sampling_settings(g)
+    sampling.update(guidance=float(d.guidance), steps=int(d.sample_steps))
+    models = {}
+    units: List[Unit] = []
+    for entry in manifest["models"]:
+        c = int(entry["y"])
+        spec = ModelSpec(name=entry["name"], group=-1, kind="dreambooth", prompt_template=entry["prompt_template"],
+                         members=list(entry["members"]), folder=entry["folder"])
+        models[spec.name] = spec.to_dict()
+        n = int(d.per_class)
+        for start in range(0, n, int(g.unit_size)):
+            u = Unit(unit=len(units), model=spec.name, group=-1, y=c, a=-1, cluster=None, negative_prompt=None)
+            for i in range(start, min(n, start + int(g.unit_size))):
+                s, draw = image_draw(int(d.seed), GEN, c, i)
+                u.ids.append(f"{GEN}-y{c}-{i:06d}")
+                u.seeds.append(s)
+                u.prompts.append(fill_template(spec.prompt_template, member=spec.members[draw % len(spec.members)]))
+            units.append(u)
+    return {"version": PLAN_VERSION, "generator": GEN, "base": base_model,
+            "config_hash": config_hash(cfg, GENERATE_SECTIONS), "balance": "per_class", "seed": int(d.seed),
+            "unit_size": int(g.unit_size), "class_counts": {str(c): int(d.per_class) for c in range(info.n_classes)},
+            "models": models, "sampling": sampling, "n_images": sum(len(u.ids) for u in units),
+            "units": [u.to_dict() for u in units]}
+
+
+class _ClassLabels:
+    """Row titles of the sample grid: the class (DDB's units carry no group)."""
+
+    def __init__(self, info: DatasetInfo):
+        self.info = info
+
+    def group_name(self, y: int) -> str:
+        return f"class {self.info.class_names[y]}"
+
+
+def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, Any], mode: str) -> Dict[str, Any]:
+    """`ddb/generate`: the bias-aligned synthetic set through the generation path."""
+    from raybias.data.synthetic import synthetic_dir
+    from raybias.diffusion.backbone import resolve_base_model
+    from raybias.generation.plan import load_plan, plan_signature, save_plan
+    from raybias.generation.runner import missing_units, run_units, sample_grid, unit_key
+    from raybias.generation.shards import sort_out_shards
+    from raybias.ray_utils import require_gpus
+
+    key = "ddb/generate"
+    prev = run.stage_record(key)
+    same = prev is not None and prev.get("hash") == config_hash(cfg, GENERATE_SECTIONS)
+    st = run.begin_stage(key, cfg, GENERATE_SECTIONS, mode)
+    old = load_plan(run, GEN)
+    plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
+    if st.skip and old is not None and not missing_units(run, GEN, old):
+        return (prev or {}).get("info", {})
+    if mode == "fresh" or not same or old is None or plan_signature(old) != plan_signature(plan):
+        run.delete(synthetic_dir(GEN))
+    save_plan(run, plan)
+    whole, _ = sort_out_shards(run, GEN, plan["units"])
+    if whole:
+        run.mark_units(key, [unit_key(u) for u in whole])
+    todo = [u for u in plan["units"] if u["unit"] not in set(whole)]
+    g = cfg.generate
+    facts: Dict[str, Any] = {}
+    if todo:
+        require_gpus(g.num_gpus, "ddb generation (generate.num_gpus)")
+        facts = run_units(run, plan, todo, base_model=plan["base"], base_revision=cfg.base.revision,
+                          concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
+                          on_unit=lambda row: run.mark_units(key, [unit_key(int(row["unit"]))]),
+                          desc="ddb bias-aligned set")
+    left = missing_units(run, GEN, plan)
+    if left:
+        raise StageFailed(f"ddb generation: {len(left)} planned unit(s) have no shard (e.g. {unit_key(left[0])}); "
+                          "rerun with --resume")
+    shown = dict(plan, units=[dict(u, group=u["y"]) for u in plan["units"]])
+    sample_grid(run, shown, _ClassLabels(info), f"{synthetic_dir(GEN)}/samples.png")
+    record = {"n_images": plan["n_images"], "units": len(plan["units"]), "made_now": facts.get("images", 0),
+              "images_per_s": round(facts.get("images_per_s", 0.0), 3)}
+    run.finish_stage(key, record)
+    return record
+
+
+def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any]:
+    """`ddb/amplifier`: classifier on the synthetic set only, then its outputs on the real images."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybias.classify.data import real_sets
+    from raybias.classify.ddb import AMPLIFIER_DIR, OUTPUTS, amplifier_outputs, conflict_scores
+    from raybias.classify.runner import classifier_dir, train_classifier
+
+    key = "ddb/amplifier"
+    st = run.begin_stage(key, cfg, AMPLIFIER_SECTIONS, mode)
+    if st.skip and run.exists(OUTPUTS) and run.exists(CONFLICT_JSON):
+        return run.read_json(CONFLICT_JSON)
+    amp = cfg.copy()
+    amp.train.epochs = int(cfg.ddb.amplifier_epochs)
+    seed = int(cfg.ddb.seed)
+    record = train_classifier(amp, run, "ddb_amplifier", seed, "fresh" if mode == "fresh" else "auto")
+    model = run.read_bytes(f"{classifier_dir('ddb_amplifier', seed)}/model.safetensors")
+    run.write_bytes(f"{AMPLIFIER_DIR}/model.safetensors", model)
+    outputs = amplifier_outputs(run, model, int(info.image_size), max(1, int(cfg.train.cpus_per_worker)))
+    buf = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(outputs, preserve_index=False), buf)
+    run.write_bytes(OUTPUTS, buf.getvalue().to_pybytes())
+    # evaluation only: how well the pseudo split matches the true (bias-labelled) one
+    scores = conflict_scores(outputs, real_sets(run)["train"].meta, info)
+    scores["amplifier_synthetic_epochs"] = int(cfg.ddb.amplifier_epochs)
+    scores["amplifier_test_acc"] = record["test"].get("acc")
+    run.write_json(CONFLICT_JSON, scores)
+    run.finish_stage(key, info=scores)
+    return scores
+
+
+def run_ddb(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Any]:
+    """`raybias ddb`: diffusion model -> bias-aligned set -> bias amplifier and its outputs."""
+    from raybias.ray_utils import init_ray
+
+    init_ray(cfg)
+    info = DatasetInfo.load(run)
+    times: Dict[str, float] = {}
+    t0 = time.time()
+    manifest = train_model(cfg, run, info, mode)
+    times["model"] = time.time() - t0
+    t0 = time.time()
+    gen = generate_aligned(cfg, run, info, manifest, mode)
+    times["generate"] = time.time() - t0
+    t0 = time.time()
+    scores = train_amplifier(cfg, run, info, mode)
+    times["amplifier"] = time.time() - t0
+    print(f"ddb: {gen.get('n_images')} bias-aligned images; amplifier's pseudo-conflicting set: precision "
+          f"{scores.get('conflicting_precision')}, recall {scores.get('conflicting_recall')} "
+          f"({scores.get('n_pseudo_conflicting')} flagged of {scores.get('n_train')}); "
+          + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), flush=True)
+    return {"generate": gen, "amplifier": scores, "seconds": times}

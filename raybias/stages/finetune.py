@@ -1,0 +1,515 @@
+"""Stage `finetune`: one diffusion model per group (LoRA, DreamBooth) or per (group, cluster).
+
+Each job is its own Ray Train `TorchTrainer` (one worker sized by finetune.num_cpus_per_job /
+num_gpus_per_job), checkpointing into `generators/<gen>/_train/<job>` under the run
+directory; a failed worker restarts from its last checkpoint (`FailureConfig`), and a killed
+run continues with `--resume`: finished jobs are work units in the manifest and are not
+trained again, unfinished ones resume from their Ray Train checkpoint. The jobs of every
+generator being fine-tuned are launched together, as many at once as the cluster holds.
+
+Writes, per generator:
+  generators/<gen>/<g>[-c<k>]/      the model (LoRA weights or a DreamBooth pipeline folder),
+                                    training.json (loss per step, attempts, timings), previews
+  generators/<gen>/manifest.json    the contract with `generate` (see GENERATOR_MANIFEST)
+  generators/<gen>/samples.png      base vs. fine-tuned samples per model
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from omegaconf import OmegaConf
+
+from raybias.config import ConfigError, config_hash
+from raybias.data.info import REAL, DatasetInfo
+from raybias.data.io import TableMissing, read_table
+from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, PREVIEW_JSON, TRAINING_JSON, JobSpec,
+                                        model_name, prompt_template, train_loop_per_worker)
+from raybias.methods import finetune_sections, generators_needed
+from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus
+from raybias.rundir import RunDir, StageFailed
+
+log = logging.getLogger("raybias")
+
+CLUSTERS_TABLE = "embed/clusters.parquet"
+CLUSTERS_JSON = "embed/clusters.json"
+# Test hook: "<job>:<step>" (or "<generator>/<job>:<step>") kills that job's worker once after
+# the step, so tests can check recovery from the last checkpoint.
+FAULT_ENV = "RAYBIAS_FINETUNE_FAULT"
+
+
+def generator_dir(generator: str) -> str:
+    return f"generators/{generator}"
+
+
+def manifest_path(generator: str) -> str:
+    return f"generators/{generator}/manifest.json"
+
+
+# --------------------------------------------------------------------------- planning
+
+
+@dataclass
+class GeneratorPlan:
+    generator: str
+    jobs: List[JobSpec]
+    entries: List[Dict[str, Any]]  # manifest "models" entries, results filled in after training
+    group_counts: Dict[int, int] = field(default_factory=dict)
+
+
+def _train_ids(run: RunDir) -> Dict[int, List[str]]:
+    real = read_table(run, REAL, columns=["id", "group", "split"], stage="prepare", split="train")
+    return {int(g): list(part["id"]) for g, part in real.groupby("group")}
+
+
+def _clusters(run: RunDir, train_ids: Dict[int, List[str]]) -> Dict[int, Dict[int, List[str]]]:
+    """group -> cluster -> ids (training images only), from embed/clusters.parquet."""
+    import pyarrow.parquet as pq
+
+    if not run.exists(CLUSTERS_TABLE):
+        raise TableMissing(f"{run.path(CLUSTERS_TABLE)} does not exist: clustered_dreambooth needs the "
+                           "clusters of each group (run `raybias embed` and `raybias cluster` first)")
+    table = pq.read_table(run.path(CLUSTERS_TABLE), filesystem=run.fs).to_pandas()
+    missing = {"id", "group", "cluster"} - set(table.columns)
+    if missing:
+        from raybias.data.schema import SchemaError
+
+        raise SchemaError(f"{run.path(CLUSTERS_TABLE)}: missing column(s) {', '.join(sorted(missing))}; "
+                          "it needs id, group, cluster")
+    out: Dict[int, Dict[int, List[str]]] = {}
+    for g, ids in train_ids.items():
+        wanted = set(ids)
+        part = table[(table["group"] == g) & table["id"].isin(wanted)].sort_values("id", kind="stable")
+        out[g] = {int(c): list(p["id"]) for c, p in part.groupby("cluster")}
+    return out
+
+
+def plan_generator(cfg, run: RunDir, info: DatasetInfo, generator: str,
+                   train_ids: Optional[Dict[int, List[str]]] = None) -> GeneratorPlan:
+    """The jobs of one generator and its manifest entries (trained and borrowed models).
+
+    A group with fewer than finetune.min_images real training images (or none) is not
+    trained: it borrows the model(s) of its class's best-stocked trained group, with the
+    identifier dropped, its own bias word in the prompt and the source's bias word as the
+    negative prompt (Basu et al.).
+    """
+    if generator not in KIND_OF:
+        raise ConfigError(f"generator {generator!r} is not fine-tuned: fine-tuned generators are "
+                          + ", ".join(FINETUNED_GENERATORS))
+    ft = cfg.finetune
+    kind = KIND_OF[generator]
+    identifier = ft.identifier if kind == "dreambooth" else None
+    ids = train_ids if train_ids is not None else _train_ids(run)
+    counts = {g: len(ids.get(g, [])) for g in range(info.n_groups)}
+    clusters = _clusters(run, ids) if generator == "clustered_dreambooth" else None
+    min_images = max(1, int(ft.min_images))
+    trained = [g for g in range(info.n_groups) if counts[g] >= min_images]
+
+    jobs: List[JobSpec] = []
+    entries: List[Dict[str, Any]] = []
+    for g in trained:
+        y, _ = info.y_a(g)
+        members = list(info.class_words[y])
+        if clusters is None:
+            parts = [(None, ids[g])]
+        else:
+            if not clusters.get(g):
+                raise TableMissing(f"{run.path(CLUSTERS_TABLE)} has no clusters for group {g} "
+                                   f"({info.group_name(g)}, {counts[g]} training images); rerun `raybias cluster`")
+            parts = sorted(clusters[g].items())
+        total = sum(len(p) for _, p in parts)
+        for c, part_ids in parts:
+            job = JobSpec(
+                name=model_name(g, c), generator=generator, kind=kind, group=g, cluster=c,
+                prompt_template=prompt_template(info, g, identifier=identifier), members=members,
+                ids=list(part_ids),
+                class_template=prompt_template(info, g) if kind == "dreambooth" else None)
+            jobs.append(job)
+            entries.append(_entry(cfg, generator, job, weight=len(part_ids) / total, n_images=len(part_ids),
+                                  group_images=counts[g]))
+
+    by_name = {j.name: j for j in jobs}
+    for g in range(info.n_groups):
+        if g in trained:
+            continue
+        y, a = info.y_a(g)
+        sources = [s for s in trained if info.y_a(s)[0] == y]
+        if not sources:
+            have = ", ".join(f"{info.group_name(s)}: {counts[s]}" for s in range(info.n_groups)
+                             if info.y_a(s)[0] == y)
+            raise StageFailed(
+                f"{generator}: class {info.class_names[y]!r} has no group with at least finetune.min_images="
+                f"{min_images} real training images to fine-tune on or borrow from ({have}); lower "
+                "finetune.min_images or use a milder data.severity")
+        src = max(sources, key=lambda s: (counts[s], -s))
+        _, a_src = info.y_a(src)
+        template = prompt_template(info, g)  # identifier dropped, this group's bias word
+        negative = info.bias_words[a_src] if info.bias_words[a_src] != info.bias_words[a] else None
+        for src_entry in [e for e in entries if e["group"] == src and e["borrowed_from"] is None]:
+            name = model_name(g, src_entry["cluster"])
+            entries.append({
+                **src_entry, "name": name, "group": g, "prompt_template": template,
+                "negative_prompt": negative, "borrowed_from": src_entry["name"], "group_images": counts[g],
+            })
+            by_name[src_entry["name"]].borrower_previews.append(
+                {"name": f"{name} (borrowed)", "prompt_template": template, "negative_prompt": negative})
+    entries.sort(key=lambda e: (e["group"], -1 if e["cluster"] is None else e["cluster"]))
+    return GeneratorPlan(generator, jobs, entries, counts)
+
+
+def _entry(cfg, generator: str, job: JobSpec, weight: float, n_images: int, group_images: int) -> Dict[str, Any]:
+    return {
+        "name": job.name, "group": job.group, "cluster": job.cluster, "weight": float(weight),
+        "kind": job.kind, "folder": f"{generator_dir(generator)}/{job.name}",
+        "prompt_template": job.prompt_template, "members": list(job.members), "negative_prompt": None,
+        "n_images": int(n_images), "group_images": int(group_images), "borrowed_from": None,
+        "steps": None, "final_loss": None,
+    }
+
+
+# --------------------------------------------------------------------------- progress
+
+
+def _progress_board_class():
+    import ray
+
+    @ray.remote(num_cpus=0)
+    class ProgressBoard:
+        """Where job workers post (step, loss); the driver polls it for its progress display."""
+
+        def __init__(self):
+            self.state: Dict[str, Dict[str, Any]] = {}
+
+        def update(self, generator, name, step, total, loss, phase):
+            self.state[f"{generator}/{name}"] = {"step": step, "total": total, "loss": loss, "phase": phase,
+                                                 "time": time.time()}
+
+        def snapshot(self):
+            return dict(self.state)
+
+    return ProgressBoard
+
+
+class ProgressMonitor:
+    """One tqdm bar over all jobs' steps, plus a line per job now and then:
+    "[lora g1] step 120/300 loss 0.083"."""
+
+    def __init__(self, board, total_steps: int, interval_s: float = 1.0, line_every_s: float = 15.0):
+        from tqdm.auto import tqdm
+
+        self.board = board
+        self.bar = tqdm(total=total_steps, desc="fine-tuning", unit="step", file=sys.stderr,
+                        disable=not sys.stderr.isatty() and os.environ.get("RAYBIAS_PROGRESS") != "1")
+        self.interval_s, self.line_every_s = interval_s, line_every_s
+        self.seen: Dict[str, int] = {}
+        self.last_line: Dict[str, Tuple[float, str]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True, name="raybias-finetune-progress")
+
+    def start(self) -> "ProgressMonitor":
+        self._thread.start()
+        return self
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self.poll()
+
+    def poll(self) -> None:
+        import ray
+
+        try:
+            snap = ray.get(self.board.snapshot.remote(), timeout=10)
+        except Exception:  # the display must never break training
+            return
+        now = time.time()
+        for key, s in sorted(snap.items()):
+            advance = s["step"] - self.seen.get(key, 0)
+            if advance > 0:
+                self.bar.update(advance)
+                self.seen[key] = s["step"]
+            last_t, last_phase = self.last_line.get(key, (0.0, ""))
+            if s["phase"] != last_phase or now - last_t >= self.line_every_s:
+                gen, name = key.split("/", 1)
+                loss = "" if s["loss"] is None else f" loss {s['loss']:.4f}"
+                self.bar.write(f"[{gen} {name}] step {s['step']}/{s['total']}{loss} ({s['phase']})",
+                               file=sys.stdout)
+                self.last_line[key] = (now, s["phase"])
+        active = [k for k, s in snap.items() if s["phase"] == "training"]
+        if active:
+            self.bar.set_postfix_str(", ".join(sorted(active))[:60])
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        self.poll()
+        self.bar.close()
+
+
+# --------------------------------------------------------------------------- running jobs
+
+
+def _capacity(ft) -> int:
+    """Trainers the cluster can run at once."""
+    if ft.num_gpus_per_job > 0:
+        cap = int(math.floor(cluster_gpus() / ft.num_gpus_per_job + 1e-9))
+    else:
+        cap = int(math.floor(cpus_available() / ft.num_cpus_per_job + 1e-9))
+    if ft.max_concurrent_jobs:
+        cap = min(cap, int(ft.max_concurrent_jobs))
+    return max(1, cap)
+
+
+def _fault_for(generator: str, job: str, run: RunDir) -> Optional[Dict[str, Any]]:
+    spec = os.environ.get(FAULT_ENV)
+    if not spec or ":" not in spec or not run.is_local:
+        return None
+    target, step = spec.rsplit(":", 1)
+    if target not in (job, f"{generator}/{job}"):
+        return None
+    return {"step": int(step), "marker": run.local_path(generator_dir(generator), "_train", f"{job}.fault-marker")}
+
+
+def _finetune_dict(cfg, run: RunDir, generator: str, base: str, base_folder: Optional[str]) -> Dict[str, Any]:
+    ft = OmegaConf.to_container(cfg.finetune, resolve=True)
+    ft.update(run_spec=run.spec(), base=base, revision=cfg.base.revision, base_folder=base_folder,
+              generator_dir=generator_dir(generator))
+    return ft
+
+
+def _base_model(cfg, run: RunDir) -> Tuple[str, Optional[str]]:
+    """(what load_pipeline takes, the local folder it is in if known)."""
+    from raybias.diffusion.backbone import builtin_folder, is_pipeline_folder, resolve_base_model
+
+    base = resolve_base_model(cfg, run)
+    folder = builtin_folder() if base == "builtin" else os.path.expanduser(base)
+    return base, folder if is_pipeline_folder(folder) else None
+
+
+def _run_job(cfg, run: RunDir, job: JobSpec, ft: Dict[str, Any], board) -> Dict[str, Any]:
+    """Train one job on Ray Train; returns its training record (training.json)."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    f = cfg.finetune
+    use_gpu = f.num_gpus_per_job > 0
+    resources = {"CPU": float(f.num_cpus_per_job)}
+    if use_gpu:
+        resources["GPU"] = float(f.num_gpus_per_job)
+    loop_cfg = {"job": job.to_dict(), "finetune": ft, "board": board, "use_gpu": use_gpu,
+                "threads": max(1, int(f.num_cpus_per_job)), "fault": _fault_for(job.generator, job.name, run)}
+    storage = run.path(generator_dir(job.generator), "_train")
+    start = loop_cfg["launched_at"] = time.time()
+    trainer = TorchTrainer(
+        train_loop_per_worker, train_loop_config=loop_cfg,
+        scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=job.name, storage_path=storage, storage_filesystem=None if run.is_local else run.fs,
+            failure_config=FailureConfig(max_failures=int(f.max_failures)),
+            checkpoint_config=CheckpointConfig(num_to_keep=1)))
+    trainer.fit()  # raises when the job failed more than max_failures times
+    wall = time.time() - start
+    rel = f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
+    if not run.exists(rel):
+        raise StageFailed(f"{job.generator} {job.name}: training finished but {run.path(rel)} was not written")
+    record = run.read_json(rel)
+    record["wall_seconds"] = round(wall, 3)
+    return record
+
+
+def _run_all(cfg, run: RunDir, work: List[Tuple[JobSpec, Dict[str, Any]]],
+             on_done) -> Dict[str, Exception]:
+    """Run every job, as many at once as the cluster holds; `on_done(job, record)` as each finishes."""
+    import ray
+
+    errors: Dict[str, Exception] = {}
+    if not work:
+        return errors
+    board = _progress_board_class().remote()
+    monitor = ProgressMonitor(board, sum(int(cfg.finetune.steps) for _ in work)).start()
+    pool = ThreadPoolExecutor(max_workers=min(len(work), _capacity(cfg.finetune)),
+                              thread_name_prefix="raybias-finetune")
+    try:
+        futures = {pool.submit(_run_job, cfg, run, job, ft, board): job for job, ft in work}
+        for fut in as_completed(futures):
+            job = futures[fut]
+            try:
+                on_done(job, fut.result())
+            except Exception as exc:  # one job failing must not stop the others
+                errors[f"{job.generator}/{job.name}"] = exc
+    except BaseException:
+        # Ctrl-C: start nothing more; running trainers end with the driver, and --resume
+        # continues them from their checkpoints.
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    finally:
+        monitor.close()
+        ray.kill(board)
+    pool.shutdown(wait=True)
+    return errors
+
+
+# --------------------------------------------------------------------------- outputs
+
+
+def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None:
+    """generators/<gen>/samples.png: per trained model, the base model's and its own samples."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from raybias.data.images import decode
+
+    rows: List[Tuple[str, np.ndarray]] = []
+    for name in names:
+        rel = f"{generator_dir(generator)}/{name}"
+        if not run.exists(rel, PREVIEW_JSON):
+            continue
+        labels = json.loads(run.read_text(f"{rel}/{PREVIEW_JSON}"))
+        for k, label in enumerate(labels):
+            rows.append((f"{name}: {label}", decode(run.read_bytes(f"{rel}/preview-{k}.png"))))
+    if not rows:
+        return
+    width = max(r.shape[1] for _, r in rows)
+    height = rows[0][1].shape[0]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(3.0, width / height * 0.9), 0.9 * len(rows) + 0.4),
+                             squeeze=False)
+    for ax, (label, img) in zip(axes[:, 0], rows):
+        ax.imshow(img, interpolation="nearest")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
+    fig.suptitle(f"{generator}: samples before / after fine-tuning", fontsize=9)
+    run.write_figure(f"{generator_dir(generator)}/samples.png", fig)
+    plt.close(fig)
+
+
+def _manifest(cfg, generator: str, plan: GeneratorPlan, records: Dict[str, Dict[str, Any]], base: str):
+    models = []
+    for e in plan.entries:
+        src = e["borrowed_from"] or e["name"]
+        rec = records[src]
+        models.append({**e, "steps": int(rec["steps"]), "final_loss": float(rec["final_loss"])})
+    return {"generator": generator, "base": cfg.base.model, "base_resolved": base,
+            "identifier": cfg.finetune.identifier if KIND_OF[generator] == "dreambooth" else None,
+            "models": models}
+
+
+# --------------------------------------------------------------------------- entry points
+
+
+def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str = "fresh") -> Dict[str, Dict]:
+    """Fine-tune several generators with one pool of jobs; returns {generator: its manifest}."""
+    out: Dict[str, Dict] = {}
+    pending: List[Tuple[str, GeneratorPlan, str]] = []
+    info = None
+    for gen in generators:
+        if gen not in KIND_OF:
+            raise ConfigError(f"finetune: {gen!r} needs no fine-tuning (fine-tuned generators: "
+                              + ", ".join(FINETUNED_GENERATORS) + ")")
+        key = f"finetune/{gen}"
+        sections = finetune_sections(gen)
+        prev = run.stage_record(key)
+        same_config = bool(prev) and prev.get("hash") == config_hash(cfg, sections)
+        st = run.begin_stage(key, cfg, sections, mode)
+        if st.skip and run.exists(manifest_path(gen)):
+            out[gen] = run.read_json(manifest_path(gen))
+            continue
+        if mode == "fresh" or not same_config:
+            run.delete(generator_dir(gen))  # nothing of another config may be resumed
+        if info is None:
+            init_ray(cfg)
+            require_gpus(cfg.finetune.num_gpus_per_job, "finetune (finetune.num_gpus_per_job)")
+            info = DatasetInfo.load(run)
+            train_ids = _train_ids(run)
+        plan = plan_generator(cfg, run, info, gen, train_ids)
+        pending.append((gen, plan, key))
+        run.delete(manifest_path(gen))
+    if not pending:
+        return out
+
+    base, base_folder = _base_model(cfg, run)
+    records: Dict[str, Dict[str, Dict[str, Any]]] = {gen: {} for gen, _, _ in pending}
+    work: List[Tuple[JobSpec, Dict[str, Any]]] = []
+    done_units = {gen: set(run.stage_record(key).get("units", [])) for gen, _, key in pending}
+    for gen, plan, key in pending:
+        ft = _finetune_dict(cfg, run, gen, base, base_folder)
+        for job in plan.jobs:
+            rel = f"{generator_dir(gen)}/{job.name}/{TRAINING_JSON}"
+            if job.name in done_units[gen] and run.exists(rel):
+                records[gen][job.name] = run.read_json(rel)  # finished earlier: not trained again
+                continue
+            work.append((job, ft))
+    skipped = sum(len(r) for r in records.values())
+    print(f"finetune: {len(work)} job(s) to train" + (f", {skipped} finished earlier" if skipped else "")
+          + f" ({', '.join(g for g, _, _ in pending)}; base {base})", flush=True)
+
+    lock = threading.Lock()
+
+    def on_done(job: JobSpec, record: Dict[str, Any]) -> None:
+        with lock:  # the manifest is read-modify-write
+            records[job.generator][job.name] = record
+            run.mark_units(f"finetune/{job.generator}", [job.name])
+
+    started = time.time()
+    errors = _run_all(cfg, run, work, on_done)
+    failed_gens = {name.split("/", 1)[0] for name in errors}
+    for gen, plan, key in pending:
+        if gen in failed_gens:
+            continue
+        write_samples_png(run, gen, [j.name for j in plan.jobs])
+        manifest = _manifest(cfg, gen, plan, records[gen], base)
+        run.write_json(manifest_path(gen), manifest)
+        trained = [records[gen][j.name] for j in plan.jobs]
+        run.finish_stage(key, info={
+            "trained": len(plan.jobs), "borrowed": sum(1 for e in plan.entries if e["borrowed_from"]),
+            "wall_seconds": round(time.time() - started, 2),
+            "job_wall_seconds": {r["name"]: r.get("wall_seconds") for r in trained},
+            "seconds_per_step": {r["name"]: r.get("seconds_per_step") for r in trained},
+        })
+        out[gen] = manifest
+        _print_summary(gen, manifest, records[gen])
+    if errors:
+        lines = [f"  {name}: {type(exc).__name__}: {_short(exc)}" for name, exc in sorted(errors.items())]
+        raise StageFailed(f"finetune: {len(errors)} job(s) failed (finished jobs are kept; rerun with --resume "
+                          "to train only the rest):\n" + "\n".join(lines))
+    return out
+
+
+def _short(exc: Exception, limit: int = 400) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def _print_summary(gen: str, manifest: Dict[str, Any], records: Dict[str, Dict[str, Any]]) -> None:
+    print(f"finetune/{gen}: {len(manifest['models'])} model(s)")
+    for m in manifest["models"]:
+        rec = records.get(m["borrowed_from"] or m["name"], {})
+        how = (f"borrows {m['borrowed_from']} (negative prompt {m['negative_prompt']!r})" if m["borrowed_from"]
+               else f"{m['n_images']} images, {m['steps']} steps, loss {m['final_loss']:.4f}, "
+                    f"{rec.get('wall_seconds', 0):.1f}s")
+        print(f"  {m['name']:<8} weight {m['weight']:.2f}  {m['prompt_template']!r:<28} {how}")
+
+
+def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") -> Dict[str, Any]:
+    """Fine-tune one generator's models; returns its generators/<gen>/manifest.json content."""
+    return finetune_generators(cfg, run, [generator], mode)[generator]
+
+
+def run_finetune(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict]:
+    """Fine-tune every generator of `methods:` that needs it (lora, dreambooth, clustered_dreambooth)."""
+    gens = [g for g in generators_needed(list(cfg.methods)) if g in KIND_OF]
+    if not gens:
+        print("finetune: no method in `methods:` needs fine-tuning (lora, dreambooth, clustered_dreambooth)")
+        return {}
+    return finetune_generators(cfg, run, gens, mode)

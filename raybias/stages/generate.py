@@ -1,0 +1,134 @@
+"""Stage `generate`: the group-balanced synthetic set of every generator in `methods:`.
+
+For each generator (vanilla, lora, dreambooth, clustered_dreambooth) `generate_set` builds
+the plan (`raybias.generation.plan`), saves it as `synthetic/<gen>/plan.json`, and runs the
+unfinished work units through a Ray Data actor pool of `SamplerActor`s, each of which
+writes its unit's shard `synthetic/<gen>/shards/unit-NNNNN.parquet` atomically. The stage
+key is `generate/<gen>`; finished units are marked in the manifest as they arrive.
+
+Modes: `fresh` deletes the generator's synthetic folder and makes everything; `resume` and
+`auto` keep every shard that reads whole with the planned ids (a shard of a crashed run
+is never half there: see `raybias.generation.shards`) and make the rest, so the set ends
+with exactly the planned images, none twice. A config change (auto) starts afresh.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional, Sequence
+
+from raybias.config import GENERATORS, config_hash
+from raybias.data.info import DatasetInfo
+from raybias.diffusion.backbone import resolve_base_model
+from raybias.data.synthetic import synthetic_dir
+from raybias.generation.plan import build_plan, describe_plan, load_plan, models_for, plan_signature, save_plan
+from raybias.generation.runner import missing_units, run_units, sample_grid, sampling_settings, unit_key
+from raybias.generation.shards import sort_out_shards
+from raybias.methods import generate_sections, generators_needed
+from raybias.ray_utils import init_ray, require_gpus
+from raybias.rundir import RunDir, StageFailed
+
+log = logging.getLogger("raybias.generation")
+
+SAMPLES_PNG = "samples.png"
+
+
+def stage_key(generator: str) -> str:
+    return f"generate/{generator}"
+
+
+def _wipe(run: RunDir, generator: str) -> None:
+    run.delete(synthetic_dir(generator))
+
+
+def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbose: bool = True,
+                 sections: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Make (or finish) `generator`'s synthetic set; returns a summary (counts, images/s, paths)."""
+    key = stage_key(generator)
+    sections = tuple(sections or generate_sections(generator))
+    previous = run.stage_record(key)
+    same_config = previous is not None and previous.get("hash") == config_hash(cfg, sections)
+    st = run.begin_stage(key, cfg, sections, mode)
+    plan = load_plan(run, generator)
+    if st.skip:
+        if plan is not None:
+            whole, _ = sort_out_shards(run, generator, plan["units"])
+            if len(whole) == len(plan["units"]):
+                if verbose:
+                    print(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
+                return _summary(run, generator, plan, (previous or {}).get("info", {}))
+        # recorded as done but shards are gone or broken: make those again, keeping the rest
+        log.warning("generate/%s is marked done but shards are missing or broken; making them again", generator)
+        run.begin_stage(key, cfg, sections, "fresh")
+        mode = "resume"
+
+    g = cfg.generate
+    info = DatasetInfo.load(run)
+    manifest_base, models = models_for(run, generator, info, g.negative_prompt)
+    base_model = resolve_base_model(cfg, run)
+    if manifest_base and manifest_base not in (cfg.base.model, base_model):
+        log.warning("generators/%s was fine-tuned from %r; sampling with base.model=%r",
+                    generator, manifest_base, base_model)
+    new_plan = build_plan(generator, info, models, balance=g.balance, per_group=g.per_group,
+                          unit_size=g.unit_size, seed=g.seed, sampling=sampling_settings(g),
+                          base_model=base_model, config_hash=config_hash(cfg, sections))
+    keep_shards = (mode != "fresh" and same_config and plan is not None
+                   and plan_signature(plan) == plan_signature(new_plan))
+    if not keep_shards:
+        _wipe(run, generator)
+    plan = new_plan
+    save_plan(run, plan)
+    whole, broken = sort_out_shards(run, generator, plan["units"])
+    if whole:
+        run.mark_units(key, [unit_key(u) for u in whole])
+    done = set(whole)
+    todo = [u for u in plan["units"] if u["unit"] not in done]
+    if verbose:
+        print(f"generate {generator}: plan ({g.balance})")
+        print(describe_plan(plan, info))
+        if done:
+            print(f"resuming: {len(done)} of {len(plan['units'])} units already whole"
+                  + (f", {len(broken)} broken shard(s) redone" if broken else ""))
+    facts: Dict[str, Any] = {}
+    if todo:
+        # scores of an older set would silently filter the new one
+        run.delete(synthetic_dir(generator), "scores.parquet")
+        init_ray(cfg)
+        require_gpus(g.num_gpus, f"generate ({generator})")
+        facts = run_units(run, plan, todo, base_model=base_model, base_revision=cfg.base.revision,
+                          concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
+                          on_unit=lambda row: run.mark_units(key, [unit_key(int(row["unit"]))]),
+                          progress=verbose)
+    left = missing_units(run, generator, plan)
+    if left:
+        raise StageFailed(f"generate {generator}: {len(left)} planned unit(s) have no shard "
+                          f"(e.g. {unit_key(left[0])}); rerun with --resume")
+    if facts:
+        plan["runtime"] = {k: facts[k] for k in ("attention", "device", "dtype") if k in facts}
+        save_plan(run, plan)
+    grid = sample_grid(run, plan, info, f"{synthetic_dir(generator)}/{SAMPLES_PNG}") if plan["units"] else None
+    record = {"n_images": plan["n_images"], "units": len(plan["units"]),
+              "made_now": facts.get("images", 0), "images_per_s": round(facts.get("images_per_s", 0.0), 3),
+              **plan.get("runtime", {})}
+    run.finish_stage(key, record)
+    if verbose:
+        rate = f" at {facts['images_per_s']:.2f} images/s" if facts.get("images") else ""
+        print(f"generate {generator}: {plan['n_images']} images in {run.path(synthetic_dir(generator))}{rate}"
+              + (f"; samples: {grid}" if grid else ""))
+    return _summary(run, generator, plan, record)
+
+
+def _summary(run: RunDir, generator: str, plan: Dict[str, Any], record: Dict[str, Any]) -> Dict[str, Any]:
+    return {"generator": generator, "n_images": plan["n_images"], "units": len(plan["units"]),
+            "group_counts": {int(k): v for k, v in plan["group_counts"].items()},
+            "path": run.path(synthetic_dir(generator)), **record}
+
+
+def run_generate(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict[str, Any]]:
+    """`raybias generate`: every text-to-image generator named in `methods:`."""
+    generators = [g for g in generators_needed(list(cfg.methods)) if g in GENERATORS]
+    if not generators:
+        print("generate: no generator in methods (vanilla, lora, dreambooth, clustered_dreambooth); "
+              "nothing to do")
+        return {}
+    return {gen: generate_set(cfg, run, gen, mode) for gen in generators}

@@ -1,0 +1,36 @@
+"""Stage `train`: the classifier of `train.method` for every seed in `seeds:`, on Ray Train.
+
+`raybias train CONFIG train.method=groupdro` writes classifiers/groupdro/<seed>/ for each
+seed and prints a per-group table. With train.method=two_stage the results are written
+under the generator's name (classifiers/<train.generator>/<seed>/), the `methods:` entry
+that stands for it. The pipeline calls `train_methods` for all its methods at once.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Tuple
+
+from raybias.classify.metrics import format_runs, format_summary, summarize
+from raybias.classify.runner import train_classifier, train_methods  # noqa: F401  (public API)
+from raybias.data.info import DatasetInfo
+from raybias.rundir import RunDir
+
+
+def method_entry(cfg) -> str:
+    """The `methods:` entry that cfg.train stands for (a generator name for two_stage)."""
+    return cfg.train.generator if cfg.train.method == "two_stage" else cfg.train.method
+
+
+def run_train(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    method = method_entry(cfg)
+    seeds: List[int] = [int(s) for s in cfg.seeds]
+    results = train_methods(cfg, run, [method], seeds, mode, progress=verbose)
+    if verbose:
+        info = DatasetInfo.load(run)
+        names = [info.group_name(g) for g in range(info.n_groups)]
+        print(f"test accuracy per group ({method}; model chosen by validation worst-group accuracy):")
+        print(format_runs([results[(method, s)] for s in seeds], names))
+        if len(seeds) > 1:
+            print()
+            print(format_summary(summarize(run, [method], seeds), names))
+    return results

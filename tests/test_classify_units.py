@@ -1,0 +1,259 @@
+"""Exact checks of the classifier pieces: Group-DRO, SupCon, group metrics, sampling,
+augmentation, models, the stage-1 mix, summaries. No Ray needed."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from raybias.classify.data import DataSet, augment, epoch_draw, generator, mix_real_into
+from raybias.classify.losses import GroupDRO, group_means, supcon_loss
+from raybias.classify.methods import (JTT, GroupDROLoss, LossInput, Phase, get_method,
+                                      group_balanced_weights, registered)
+from raybias.classify.metrics import format_summary, group_metrics, summarize
+from raybias.classify.models import (build_model, cached_weights_path, check_pretrained, load_classifier,
+                                     model_bytes)
+from raybias.config import ConfigError, config_from_dict
+from raybias.ray_utils import ResourceError
+from raybias.rundir import RunDir
+
+
+# --- Group-DRO ----------------------------------------------------------------------------
+
+def test_groupdro_weights_equal_hand_computation():
+    eta, c = 0.5, 1.0
+    train_counts = [100, 4, 9, 0]  # group 3 has no training data: no adjustment for it
+    dro = GroupDRO(4, eta, c, train_counts)
+    steps = [  # (per-sample losses, groups) of three batches; group 2 absent in the first
+        ([0.2, 0.4, 1.0, 3.0], [0, 0, 1, 1]),
+        ([0.5, 2.0, 1.5], [0, 2, 2]),
+        ([0.1, 0.3, 0.9, 0.6], [1, 0, 3, 3]),
+    ]
+    q = [0.25, 0.25, 0.25, 0.25]
+    for losses, groups in steps:
+        # by hand: l_g = mean loss of group g in the batch (0 if absent)
+        ell = []
+        for g in range(4):
+            vals = [l for l, gg in zip(losses, groups) if gg == g]
+            ell.append(sum(vals) / len(vals) if vals else 0.0)
+        adj = [c / math.sqrt(n) if n > 0 else 0.0 for n in train_counts]
+        q = [q[g] * math.exp(eta * (ell[g] + adj[g])) for g in range(4)]
+        total = sum(q)
+        q = [v / total for v in q]
+        expected_loss = sum(q[g] * ell[g] for g in range(4))
+
+        per_sample = torch.tensor(losses, dtype=torch.float64, requires_grad=True)
+        loss = dro.loss(per_sample, torch.tensor(groups))
+        assert dro.q.tolist() == pytest.approx(q, rel=1e-12)
+        assert float(loss.detach()) == pytest.approx(expected_loss, rel=1e-12)
+    # the gradient flows through the group means only: d loss / d l_i = q_g / n_g
+    loss.backward()
+    expect = [q[1] / 1, q[0] / 1, q[3] / 2, q[3] / 2]
+    assert per_sample.grad.tolist() == pytest.approx(expect, rel=1e-12)
+
+
+def test_groupdro_hook_state_roundtrip():
+    hook = GroupDROLoss(2, 0.1, 0.0, [10, 10])
+    inp = LossInput(logits=torch.tensor([[2.0, 0.0], [0.0, 1.0]]), y=torch.tensor([1, 1]),
+                    groups=torch.tensor([0, 1]), rows=torch.tensor([0, 1]))
+    hook(inp)
+    other = GroupDROLoss(2, 0.1, 0.0, [10, 10])
+    other.load_state_dict(hook.state_dict())
+    assert torch.equal(other.dro.q, hook.dro.q)
+    assert hook.dro.q[0] > hook.dro.q[1]  # the misclassified group gains weight
+
+
+def test_group_means_absent_group_is_zero():
+    m = group_means(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 0, 2]), 3)
+    assert m.tolist() == [2.0, 0.0, 5.0]
+
+
+# --- SupCon -------------------------------------------------------------------------------
+
+def test_supcon_equals_formula_by_loops():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(6, 5, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 1, 0, 2, 1, 0])  # label 2 has no positive: not an anchor
+    tau = 0.3
+    z = [f / torch.linalg.norm(f) for f in feats]
+    losses = []
+    for i in range(6):
+        pos = [p for p in range(6) if p != i and labels[p] == labels[i]]
+        if not pos:
+            continue
+        denom = sum(math.exp(float(z[i] @ z[a]) / tau) for a in range(6) if a != i)
+        li = -sum(math.log(math.exp(float(z[i] @ z[p]) / tau) / denom) for p in pos) / len(pos)
+        losses.append(li)
+    expected = sum(losses) / len(losses)
+    assert float(supcon_loss(feats, labels, tau)) == pytest.approx(expected, rel=1e-10)
+
+
+def test_supcon_without_positives_is_zero_and_differentiable():
+    feats = torch.randn(3, 4, requires_grad=True)
+    loss = supcon_loss(feats, torch.tensor([0, 1, 2]), 0.1)
+    loss.backward()
+    assert float(loss.detach()) == 0.0 and feats.grad is not None
+
+
+# --- metrics ------------------------------------------------------------------------------
+
+def test_wga_aga_on_hand_made_table():
+    # group: 0 0 0 0 1 1 2 2 2 (group 3 absent)
+    y = [0, 0, 0, 0, 0, 0, 1, 1, 1]
+    g = [0, 0, 0, 0, 1, 1, 2, 2, 2]
+    pred = [0, 0, 0, 1, 1, 0, 1, 1, 1]  # group accs 3/4, 1/2, 3/3
+    m = group_metrics(pred, y, g, 4)
+    assert m["group_acc"] == {"0": 0.75, "1": 0.5, "2": 1.0, "3": None}
+    assert m["wga"] == 0.5
+    assert m["aga"] == pytest.approx((0.75 + 0.5 + 1.0) / 3)
+    assert m["acc"] == pytest.approx(7 / 9)
+    assert m["n"] == {"0": 4, "1": 2, "2": 3, "3": 0}
+
+
+def _write_metrics(run, method, seed, wga, aga, accs):
+    rec = {"method": method, "seed": seed, "train_method": method, "best_epoch": 1,
+           "test": {"wga": wga, "aga": aga, "acc": aga, "group_acc": {str(i): a for i, a in enumerate(accs)}},
+           "val": {"wga": wga, "aga": aga, "acc": aga, "group_acc": {str(i): a for i, a in enumerate(accs)}}}
+    run.write_json(f"classifiers/{method}/{seed}/metrics.json", rec)
+
+
+def test_summarize_mean_std_over_seeds(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    _write_metrics(run, "erm", 0, 0.1, 0.5, [0.9, 0.1])
+    _write_metrics(run, "erm", 1, 0.3, 0.6, [0.9, 0.3])
+    _write_metrics(run, "groupdro", 0, 0.7, 0.8, [0.9, 0.7])
+    df = summarize(run, ["erm", "groupdro"], [0, 1], missing="skip")
+    erm = df.set_index("method").loc["erm"]
+    assert erm["n_seeds"] == 2
+    assert erm["wga_mean"] == pytest.approx(0.2)
+    assert erm["wga_std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
+    assert erm["group_1_mean"] == pytest.approx(0.2)
+    dro = df.set_index("method").loc["groupdro"]
+    assert dro["n_seeds"] == 1 and dro["wga_std"] == 0.0
+    assert "20.0 ± 14.1" in format_summary(df)
+    with pytest.raises(FileNotFoundError, match="groupdro/1/metrics.json"):
+        summarize(run, ["groupdro"], [0, 1])
+
+
+# --- sampling and augmentation ------------------------------------------------------------
+
+def test_group_balanced_weights_and_draw():
+    groups = np.array([0] * 90 + [1] * 10)
+    w, size = group_balanced_weights(groups)
+    assert size == 100
+    assert w[:90].sum() == pytest.approx(w[90:].sum())
+    draw = epoch_draw(100, w, 20000, generator(0, 0, 0))
+    frac_minority = float((draw >= 90).double().mean())
+    assert abs(frac_minority - 0.5) < 0.02
+    assert torch.equal(draw, epoch_draw(100, w, 20000, generator(0, 0, 0)))  # seeded
+    perm = epoch_draw(100, None, None, generator(1))
+    assert sorted(perm.tolist()) == list(range(100))
+
+
+def test_jtt_upweights_exactly_the_error_set():
+    class Ctx:
+        train = config_from_dict({"train": {"jtt_lambda": 20}}).train
+        sets = {"train": DataSet(pd.DataFrame({"id": list("abcde"), "y": [0] * 5}), [])}
+        method_state = {"error_rows": [1, 4]}
+
+    w, size = JTT().sample_weights(Phase("final", "train", 1, 0.1), Ctx)
+    assert w.tolist() == [1, 20, 1, 1, 20] and size == 43
+
+
+def test_augment_keeps_colour_and_repeats_with_seed():
+    x = torch.zeros(4, 3, 16, 16)
+    x[:, 0, 4:12, 4:12] = 0.9  # a red square: the colour is the bias attribute
+    x[:, 1, 4:12, 4:12] = 0.2
+    a = augment(x, generator(3))
+    b = augment(x, generator(3))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, x)
+    lit = a.sum(1) > 0
+    ratio = a[:, 1][lit] / a[:, 0][lit]  # green/red ratio: hue unchanged
+    assert torch.allclose(ratio, torch.full_like(ratio, 0.2 / 0.9), atol=1e-5)
+    assert a.shape == x.shape and float(a.max()) <= 1.0
+
+
+# --- models -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("size", [16, 28, 64])
+def test_small_cnn_accepts_sizes(size):
+    m = build_model("small_cnn", 3, seed=0)
+    logits, feats = m(torch.rand(2, 3, size, size), with_features=True)
+    assert logits.shape == (2, 3) and feats.shape == (2, m.feature_dim)
+
+
+def test_resnet18_random_init_and_roundtrip():
+    m = build_model("resnet18", 2, seed=0)
+    m.eval()
+    x = torch.rand(2, 3, 32, 32)
+    out = m(x)
+    assert out.shape == (2, 2) and m.feature_dim == 512
+    again = load_classifier(model_bytes(m, "resnet18"))
+    again.eval()
+    assert torch.equal(again(x), out)
+
+
+def test_seeded_init_and_head_reset():
+    a, b = build_model("small_cnn", 2, seed=5), build_model("small_cnn", 2, seed=5)
+    assert all(torch.equal(p, q) for p, q in zip(a.parameters(), b.parameters()))
+    enc = {k: v.clone() for k, v in a.encoder.state_dict().items()}
+    a.reset_head(generator(1))
+    assert not torch.equal(a.head.weight, b.head.weight)
+    assert all(torch.equal(v, a.encoder.state_dict()[k]) for k, v in enc.items())
+
+
+def test_imagenet_weights_missing_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty"))
+    with pytest.raises(ResourceError, match="train.pretrained=imagenet .*resnet18.*does not exist"):
+        check_pretrained("resnet18", "imagenet")
+    with pytest.raises(ConfigError, match="train.pretrained"):
+        config_from_dict({"train": {"model": "small_cnn", "pretrained": "imagenet"}})
+
+
+def test_imagenet_weights_load_from_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    import torchvision
+
+    ref = torchvision.models.resnet18(weights=None)
+    path = cached_weights_path("resnet18")
+    import os
+
+    os.makedirs(os.path.dirname(path))
+    torch.save(ref.state_dict(), path)  # stands in for the real file torchvision would have cached
+    m = build_model("resnet18", 2, pretrained="imagenet", seed=1)
+    assert torch.equal(m.encoder.conv1.weight, ref.conv1.weight)
+    assert m.head.out_features == 2
+
+
+# --- registry, stage-1 mix ----------------------------------------------------------------
+
+def test_registry_and_unknown_method():
+    assert {"erm", "reweight", "groupdro", "jtt", "two_stage"} <= set(registered())
+    with pytest.raises(ConfigError, match="ddb_recipe1"):
+        get_method("ddb_recipe1")
+    with pytest.raises(ConfigError, match="train.method"):
+        config_from_dict({"train": {"method": "ddb_recipe1"}})
+
+
+def _meta(prefix, n):
+    return pd.DataFrame({"id": [f"{prefix}{i:03d}" for i in range(n)], "y": 0, "a": 0, "group": 0,
+                         "source": prefix})
+
+
+@pytest.mark.parametrize("ratio,n_syn,n_real", [(0.0, 40, 0), (0.2, 40, 10), (0.5, 40, 40), (0.8, 12, 50),
+                                                (1.0, 0, 50)])
+def test_stage1_mix_ratio(ratio, n_syn, n_real):
+    syn = DataSet(_meta("s", 40), ["synthetic/x/shards/unit-00000.parquet"])
+    real = DataSet(_meta("r", 50), ["data/real/a.parquet"], "train")
+    mixed = mix_real_into(syn, real, ratio, seed=0)
+    counts = mixed.meta["source"].value_counts()
+    assert counts.get("s", 0) == n_syn and counts.get("r", 0) == n_real
+    assert mixed.meta["id"].is_unique
+    again = mix_real_into(syn, real, ratio, seed=0)
+    assert again.meta["id"].tolist() == mixed.meta["id"].tolist()

@@ -1,0 +1,62 @@
+"""Fine-tuning under faults: a killed training worker, and a killed run resumed with --resume.
+
+A job's worker is killed with SIGKILL from inside the training loop after a given step (the
+`RAYBIAS_FINETUNE_FAULT` hook, once, guarded by a marker file): Ray Train must restart it
+from the last checkpoint it registered, and the finished model must show every step once.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from test_finetune import fresh_run, ft_config, tiny_base  # noqa: F401  (fixture)
+
+
+def test_killed_worker_resumes_from_last_checkpoint(prepared_run, tmp_path, tiny_base, ray_session,
+                                                     monkeypatch):
+    from raybias.stages.finetune import FAULT_ENV, finetune_generator
+
+    run, _ = fresh_run(prepared_run, tmp_path)
+    cfg = ft_config(tmp_path, tiny_base, steps=10, checkpoint_every=5, max_failures=1, n_samples=0)
+    monkeypatch.setenv(FAULT_ENV, "g0:7")  # after step 7: the checkpoint of step 5 is the last one
+    manifest = finetune_generator(cfg, run, "lora", "fresh")
+
+    assert os.path.exists(run.local_path("generators/lora/_train/g0.fault-marker"))  # the kill happened
+    rec = run.read_json("generators/lora/g0/training.json")
+    assert rec["attempts"] == 2 and rec["resumed_from"] == [5]
+    assert rec["steps"] == 10 and len(rec["losses"]) == 10  # every step once, history kept from step 5
+    other = run.read_json("generators/lora/g3/training.json")
+    assert other["attempts"] == 1 and other["resumed_from"] == []
+    assert {m["name"]: m["steps"] for m in manifest["models"]} == {"g0": 10, "g1": 10, "g2": 10, "g3": 10}
+    assert run.stage_record("finetune/lora")["done"]
+
+
+def test_killed_run_resumes_without_retraining_finished_jobs(prepared_run, tmp_path, tiny_base, ray_session,
+                                                              monkeypatch):
+    from raybias.rundir import StageFailed
+    from raybias.stages.finetune import FAULT_ENV, finetune_generator
+
+    run, _ = fresh_run(prepared_run, tmp_path)
+    # No retries: the killed job fails the run, as a killed driver or node would leave it.
+    cfg = ft_config(tmp_path, tiny_base, methods=["dreambooth"], steps=10, checkpoint_every=5,
+                    max_failures=0, n_samples=0, prior_preservation=False)
+    monkeypatch.setenv(FAULT_ENV, "dreambooth/g3:7")
+    with pytest.raises(StageFailed, match=r"(?s)--resume.*dreambooth/g3: \w+Error"):
+        finetune_generator(cfg, run, "dreambooth", "fresh")
+    stage = run.stage_record("finetune/dreambooth")
+    assert not stage["done"] and stage["units"] == ["g0"]
+    assert not run.exists("generators/dreambooth/manifest.json")
+    assert not run.exists("generators/dreambooth/g3")
+    weights = run.local_path("generators/dreambooth/g0/unet/diffusion_pytorch_model.safetensors")
+    mtime = os.path.getmtime(weights)
+
+    manifest = finetune_generator(cfg, run, "dreambooth", "resume")  # the marker stops a second kill
+    assert os.path.getmtime(weights) == mtime  # g0 was not trained again
+    assert run.read_json("generators/dreambooth/g0/training.json")["attempts"] == 1
+    rec = run.read_json("generators/dreambooth/g3/training.json")
+    assert rec["resumed_from"] == [5] and rec["attempts"] == 2  # continued from its Ray Train checkpoint
+    assert rec["steps"] == 10 and len(rec["losses"]) == 10
+    assert run.stage_record("finetune/dreambooth")["done"]
+    assert sorted(m["name"] for m in manifest["models"]) == ["g0", "g1", "g2", "g3"]
