@@ -91,18 +91,19 @@ class BaseConfig:
     model: str = "builtin"
     revision: Optional[str] = None
     # Pretraining of the builtin backbone (`raybias base`).
-    corpus_size: int = 20000
-    steps: int = 5000
-    batch_size: int = 128
+    # Defaults: the recipe that made the shipped backbone (raybias/assets/backbone).
+    corpus_size: int = 12000
+    steps: int = 3000
+    batch_size: int = 64
     lr: float = 2e-3
     ema_decay: float = 0.995
     seed: int = 0
     cache_dir: Optional[str] = None  # where a rebuilt builtin backbone is kept
     arch: str = "small"  # builtin architecture: small (shipped) or tiny (tests)
-    vae_steps: int = 1500  # VAE reconstruction steps before the UNet
+    vae_steps: int = 300  # VAE reconstruction steps before the UNet
     train_text_encoder: bool = True  # False: keep the random text encoder frozen
     cond_drop: float = 0.1  # caption dropout, so classifier-free guidance works
-    oracle_epochs: int = 4
+    oracle_epochs: int = 3
     # Quality check printed by `raybias base`: oracle recognition of generations.
     check_per_pair: int = 8  # images per (colour, digit) prompt
     check_colors: List[str] = field(default_factory=lambda: ["red", "green"])

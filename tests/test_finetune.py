@@ -8,12 +8,10 @@ fine-tuned model's own samples, and that a finished stage is not trained again.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 
 import numpy as np
-import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -288,8 +286,8 @@ def test_lora_stage_outputs_load_in_stock_diffusers(prepared_run, tmp_path, tiny
     assert os.path.getmtime(os.path.join(folder, "pytorch_lora_weights.safetensors")) == mtime
 
 
-def test_dreambooth_and_clustered_with_prior_load_with_from_pretrained(prepared_run, tmp_path, tiny_base,
-                                                                       ray_session):
+def test_clustered_dreambooth_with_prior_loads_with_from_pretrained(prepared_run, tmp_path, tiny_base,
+                                                                   ray_session):
     import torch
     from diffusers import StableDiffusionPipeline
 
@@ -297,36 +295,31 @@ def test_dreambooth_and_clustered_with_prior_load_with_from_pretrained(prepared_
 
     run, info = fresh_run(prepared_run, tmp_path)
     write_clusters(run, info, split_group=0)
-    cfg = ft_config(tmp_path, tiny_base, methods=["dreambooth", "clustered_dreambooth"], steps=4,
-                    checkpoint_every=2, dreambooth_lr=1e-2, n_samples=2)
-    out = run_finetune(cfg, run, "fresh")
-    assert sorted(out) == ["clustered_dreambooth", "dreambooth"]
+    cfg = ft_config(tmp_path, tiny_base, methods=["clustered_dreambooth"], steps=4, checkpoint_every=2,
+                    dreambooth_lr=1e-2, n_samples=2)
+    out = run_finetune(cfg, run, "fresh")["clustered_dreambooth"]
+    assert out["identifier"] == "sks"
+    models = {m["name"]: m for m in out["models"]}
+    assert sorted(models) == ["g0-c0", "g0-c1", "g1-c0", "g1-c1", "g2-c0", "g3-c0"]
+    assert models["g0-c0"]["weight"] + models["g0-c1"]["weight"] == pytest.approx(1.0)
+    assert models["g0-c1"]["prompt_template"] == "a sks red {member}" and models["g0-c1"]["cluster"] == 1
+    assert models["g1-c1"]["borrowed_from"] == "g0-c1" and models["g1-c1"]["negative_prompt"] == "red"
+    assert models["g1-c1"]["prompt_template"] == "a green {member}"
+    for name in ("g0-c0", "g0-c1", "g3-c0"):
+        rec = run.read_json(f"generators/clustered_dreambooth/{name}/training.json")
+        assert rec["steps"] == 4 and rec["n_images"] == models[name]["n_images"] and rec["n_class_images"] == 4
+    # prior-preservation images: one cached set per group, shared by the group's clusters
+    assert len(run.listdir("generators/clustered_dreambooth/_class")) == 2
+    assert run.stage_record("finetune/clustered_dreambooth")["done"]
+    assert run.exists("generators/clustered_dreambooth/samples.png")
 
-    db = {m["name"]: m for m in out["dreambooth"]["models"]}
-    assert out["dreambooth"]["identifier"] == "sks"
-    assert db["g0"]["prompt_template"] == "a sks red {member}" and db["g0"]["kind"] == "dreambooth"
-    assert db["g1"]["prompt_template"] == "a green {member}" and db["g1"]["negative_prompt"] == "red"
-    rec = run.read_json("generators/dreambooth/g0/training.json")
-    assert rec["n_class_images"] == 4 and rec["steps"] == 4
-    assert any(n.endswith(".npz") for n in run.listdir("generators/dreambooth/_class"))
-
-    folder = run.local_path(db["g0"]["folder"])
+    folder = run.local_path(models["g0-c1"]["folder"])
     pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
     base = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
     changed = [not torch.equal(a, b) for a, b in zip(pipe.unet.parameters(), base.unet.parameters())]
     assert sum(changed) > len(changed) // 2  # the whole UNet trained
     for a, b in zip(pipe.text_encoder.parameters(), base.text_encoder.parameters()):
         assert torch.equal(a, b)  # the text encoder is the base's (linked or copied)
-    after = _fine_tuned_row(run, db["g0"], pipe, cfg.finetune)
-    assert np.abs(after - _preview(run, db["g0"]["folder"], 1)).max() <= 1
+    after = _fine_tuned_row(run, models["g0-c1"], pipe, cfg.finetune)
+    assert np.abs(after - _preview(run, models["g0-c1"]["folder"], 1)).max() <= 1
     assert not any(f.endswith((".bin", ".pt", ".pkl", ".ckpt")) for _, _, fs in os.walk(folder) for f in fs)
-
-    cl = {m["name"]: m for m in out["clustered_dreambooth"]["models"]}
-    assert sorted(cl) == ["g0-c0", "g0-c1", "g1-c0", "g1-c1", "g2-c0", "g3-c0"]
-    assert cl["g0-c0"]["weight"] + cl["g0-c1"]["weight"] == pytest.approx(1.0)
-    assert cl["g1-c1"]["borrowed_from"] == "g0-c1"
-    for name in ("g0-c0", "g0-c1", "g3-c0"):
-        r = run.read_json(f"generators/clustered_dreambooth/{name}/training.json")
-        assert r["steps"] == 4 and r["n_images"] == cl[name]["n_images"]
-    assert run.stage_record("finetune/clustered_dreambooth")["done"]
-    assert run.exists("generators/clustered_dreambooth/samples.png")

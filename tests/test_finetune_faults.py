@@ -59,4 +59,9 @@ def test_killed_run_resumes_without_retraining_finished_jobs(prepared_run, tmp_p
     assert rec["resumed_from"] == [5] and rec["attempts"] == 2  # continued from its Ray Train checkpoint
     assert rec["steps"] == 10 and len(rec["losses"]) == 10
     assert run.stage_record("finetune/dreambooth")["done"]
-    assert sorted(m["name"] for m in manifest["models"]) == ["g0", "g1", "g2", "g3"]
+    models = {m["name"]: m for m in manifest["models"]}
+    assert sorted(models) == ["g0", "g1", "g2", "g3"] and manifest["identifier"] == "sks"
+    assert models["g3"]["prompt_template"] == "a sks green {member}" and models["g3"]["kind"] == "dreambooth"
+    assert models["g2"]["borrowed_from"] == "g3" and models["g2"]["prompt_template"] == "a red {member}"
+    assert run.exists("generators/dreambooth/g3/unet/diffusion_pytorch_model.safetensors")
+    assert run.exists("generators/dreambooth/g3/model_index.json")

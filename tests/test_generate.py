@@ -354,12 +354,17 @@ def test_resume_after_killing_the_job_midway(prepared_run, tmp_path, tiny_base, 
     cfg = gen_config(run, tiny_base, unit_size=1, batch_size=1, steps=6)
     config_file = tmp_path / "gen.yaml"
     OmegaConf.save(cfg, config_file)
-    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1")
+    from raybias.ray_utils import SINGLE_NODE_ENV
+
+    # join the session's loopback-bound Ray (without SINGLE_NODE_ENV=0 a second driver rewrites
+    # 127.0.0.1 to the machine's outward address and never finds the GCS)
+    env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address, PYTHONUNBUFFERED="1",
+               **{SINGLE_NODE_ENV: "0"})
     shards = Path(run.path(shards_dir("vanilla")))
     log = open(tmp_path / "generate.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "raybias", "generate", str(config_file), "--run-dir", run.uri],
                             cwd=Path(__file__).resolve().parents[1], env=env, stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 240
+    deadline = time.time() + 420
     try:
         while time.time() < deadline and proc.poll() is None:
             if len(list(shards.glob("unit-*.parquet"))) >= 3:
@@ -423,8 +428,8 @@ def test_lora_models_switch_per_unit_and_borrowed_groups_carry_the_negative_prom
                      guidance=2.0, model_cache=1)
     generate_set(cfg, run, "lora", verbose=False)
     df, plan = _check_set(run, "lora", {0: 3, 1: 3, 2: 3, 3: 3})
-    neg = df.groupby("group")["negative_prompt"].agg(lambda s: set(s)).to_dict()
-    assert neg == {0: {None}, 1: {"red"}, 2: {"green"}, 3: {None}}
+    neg = {g: set(s.dropna()) for g, s in df.groupby("group")["negative_prompt"]}
+    assert neg == {0: set(), 1: {"red"}, 2: {"green"}, 3: set()}
     assert set(df.loc[df["group"] == 1, "prompt"].str.split().str[1]) == {"green"}
     # each image is exactly what stock diffusers makes with that adapter, prompt, negative and seed
     base = load_pipeline(tiny_base)

@@ -322,14 +322,15 @@ class StreamSet:
                 yield Batch(torch.from_numpy(rows[keep]), torch.from_numpy(np.ascontiguousarray(b["image"][keep])))
 
 
-def augment(x: torch.Tensor, gen: torch.Generator, brightness: float = 0.1) -> torch.Tensor:
-    """Random crop of the image zero-padded by size/8, then brightness scaled by U(1-b, 1+b).
+def augment(x: torch.Tensor, gen: torch.Generator, brightness: float = 0.1, pad_fraction: float = 1 / 16) -> torch.Tensor:
+    """Random crop of the image zero-padded by size * pad_fraction (at least 1 px), then
+    brightness scaled by U(1-b, 1+b).
 
     Both keep every pixel's hue, so the colour (the bias attribute) is untouched. `x` is
     float B x 3 x H x W in [0, 1]; the draws come from `gen` (CPU), so runs repeat exactly.
     """
     b, _, h, w = x.shape
-    p = max(1, h // 8)
+    p = max(1, int(round(h * pad_fraction)))
     padded = F.pad(x, (p, p, p, p))
     dy = torch.randint(0, 2 * p + 1, (b,), generator=gen)
     dx = torch.randint(0, 2 * p + 1, (b,), generator=gen)

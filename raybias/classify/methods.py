@@ -161,8 +161,7 @@ def group_balanced_weights(groups: np.ndarray) -> Tuple[np.ndarray, int]:
 
 
 _REGISTRY: Dict[str, Type[Method]] = {}
-# Modules that register more methods, imported on first lookup (workers too), e.g.
-# {"ddb_recipe1": "raybias.classify.ddb", "ddb_recipe2": "raybias.classify.ddb"}.
+# Modules that register more methods, imported on first lookup (so workers find them too).
 METHOD_MODULES: Dict[str, str] = {name: "raybias.classify.ddb"
                                   for name in ("ddb_amplifier", "ddb_recipe1", "ddb_recipe2")}
 

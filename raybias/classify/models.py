@@ -61,16 +61,21 @@ def _conv_block(c_in: int, c_out: int, stride: int) -> nn.Sequential:
                          nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-def small_cnn_encoder(width: int = 16) -> Tuple[nn.Module, int]:
-    """Three conv blocks (stride 1, 2, 2) and global average pooling: any input size >= 4."""
+def small_cnn_encoder(width: int = 16, feature_dim: int = 128) -> Tuple[nn.Module, int]:
+    """Three conv blocks (stride 1, 2, 2), pooled to a 4 x 4 grid (any input size), one
+    hidden layer. Pooling to a grid rather than to one vector keeps where strokes are:
+    with global pooling the model learnt digit shape far more slowly than colour
+    (colored_digits at s = 0.95: test WGA 0 after 20 epochs vs. about 0.6 with the grid)."""
     enc = nn.Sequential(
         _conv_block(3, width, 1),
         _conv_block(width, 2 * width, 2),
         _conv_block(2 * width, 4 * width, 2),
-        nn.AdaptiveAvgPool2d(1),
+        nn.AdaptiveAvgPool2d(4),
         nn.Flatten(),
+        nn.Linear(4 * width * 16, feature_dim),
+        nn.ReLU(inplace=True),
     )
-    return enc, 4 * width
+    return enc, feature_dim
 
 
 def imagenet_weights(model: str):

@@ -3,7 +3,7 @@ grid of each cluster's most typical images (rows = clusters), one panel per grou
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 

@@ -183,8 +183,8 @@ def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device
         if not is_pipeline_folder(model):
             raise ConfigError(f"base.model={model!r}: no {MODEL_INDEX} in this folder; it is not a "
                               "diffusers StableDiffusionPipeline folder")
-    kwargs = dict(revision=revision, torch_dtype=dtype, safety_checker=None,
-                  requires_safety_checker=False)
+    # dtype is applied after loading: the keyword's name differs across diffusers releases
+    kwargs = dict(revision=revision, safety_checker=None, requires_safety_checker=False)
     try:
         try:
             pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=True, **kwargs)
@@ -199,7 +199,7 @@ def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device
         raise ConfigError(f"base.model={model!r}" + (f" (revision {revision})" if revision else "")
                           + f" could not be loaded as a StableDiffusionPipeline: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
-    return pipe.to(device)
+    return pipe.to(device=device, dtype=dtype)
 
 
 def count_parameters(pipe) -> Dict[str, int]:

@@ -521,7 +521,7 @@ def class_images(pipe, job: JobSpec, ft: Dict[str, Any], run=None) -> List[np.nd
     if run is not None and run.exists(rel):
         with np.load(io.BytesIO(run.read_bytes(rel)), allow_pickle=False) as z:
             return list(z["images"])
-    images = sample(pipe, prompts, seeds, scheduler="ddim", batch_size=64, **settings)
+    images = sample(pipe, prompts, seeds, scheduler="ddim", batch_size=16, **settings)
     if run is not None:
         buf = io.BytesIO()
         np.savez(buf, images=np.stack(images))

@@ -33,12 +33,12 @@ META_FILE = "raybias_backbone.json"  # beside model_index.json: how it was made,
 @dataclass
 class PretrainSettings:
     arch: str = "small"
-    steps: int = 5000
-    batch_size: int = 128
+    steps: int = 3000
+    batch_size: int = 64
     lr: float = 2e-3
     ema_decay: float = 0.995
-    vae_steps: int = 1500
-    vae_lr: float = 1e-3
+    vae_steps: int = 300
+    vae_lr: float = 2e-3
     kl_weight: float = 1e-5
     cond_drop: float = 0.1
     train_text_encoder: bool = True

@@ -1,8 +1,10 @@
 """Stage `cluster`: K-means per group on the image embeddings -> `embed/clusters.*` and plots.
 
-For every group of the training split, the group's vectors are loaded once into Ray's object
-store (`VectorBlocks`) and clustered there (`raybias.clustering`): k-means++ on a sample of
+One Ray Data pass over `embed/vectors/` (in file order, so runs are reproducible) splits every
+block by group into float32 matrices kept in Ray's object store (`VectorBlocks.split_dataset`).
+Each group is then clustered there (`raybias.clustering`): k-means++ on a sample of
 cluster.sample_size rows, then distributed Lloyd iterations (cluster.max_iter, cluster.tol).
+A group no larger than the sample is already wholly on the driver and is clustered in-process.
 k is cluster.k, or chosen by silhouette when cluster.k is "auto"; a group with fewer than
 cluster.min_group_size images gets k = 1 and an empty group k = 0 (no clusters).
 

@@ -326,6 +326,20 @@ def _run_job(cfg, run: RunDir, job: JobSpec, ft: Dict[str, Any], board) -> Dict[
     return record
 
 
+def _interleave_groups(work: List[Tuple[JobSpec, Dict[str, Any]]]) -> List[Tuple[JobSpec, Dict[str, Any]]]:
+    """Launch order: round-robin over (generator, group), so the clusters of one group do not
+    start together and the later ones find the group's prior-preservation images cached."""
+    queues: Dict[Tuple[str, int], List] = {}
+    for item in work:
+        queues.setdefault((item[0].generator, item[0].group), []).append(item)
+    out: List[Tuple[JobSpec, Dict[str, Any]]] = []
+    while any(queues.values()):
+        for q in queues.values():
+            if q:
+                out.append(q.pop(0))
+    return out
+
+
 def _run_all(cfg, run: RunDir, work: List[Tuple[JobSpec, Dict[str, Any]]],
              on_done) -> Dict[str, Exception]:
     """Run every job, as many at once as the cluster holds; `on_done(job, record)` as each finishes."""
@@ -383,7 +397,7 @@ def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None
     width = max(r.shape[1] for _, r in rows)
     height = rows[0][1].shape[0]
     fig, axes = plt.subplots(len(rows), 1, figsize=(max(3.0, width / height * 0.9), 0.9 * len(rows) + 0.4),
-                             squeeze=False)
+                             squeeze=False, constrained_layout=True)
     for ax, (label, img) in zip(axes[:, 0], rows):
         ax.imshow(img, interpolation="nearest")
         ax.set_xticks([])
@@ -450,6 +464,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
                 records[gen][job.name] = run.read_json(rel)  # finished earlier: not trained again
                 continue
             work.append((job, ft))
+    work = _interleave_groups(work)
     skipped = sum(len(r) for r in records.values())
     print(f"finetune: {len(work)} job(s) to train" + (f", {skipped} finished earlier" if skipped else "")
           + f" ({', '.join(g for g, _, _ in pending)}; base {base})", flush=True)
