@@ -2,9 +2,11 @@
 
 CPU (default), all in one run:
   1. speed: the same work units (sample, PNG-encode, write the shard) made by the
-     `SamplerActor` called in a plain loop in this process, then through the Ray Data
-     pipeline (`raybias.generation.runner.run_units`, one actor) — images/s of each and the
-     Ray overhead, steady state (after the first unit) and end to end (with actor start);
+     `SamplerActor` called in a plain loop in one process (no Ray; the thread settings Ray
+     gives an actor), then through the Ray Data pipeline (`raybias.generation.runner.run_units`,
+     one actor) — images/s of each and the Ray overhead, steady state (after the first unit)
+     and end to end (with actor start); rounds alternate and the best of each is kept, as
+     the machine may be shared;
   2. memory: `generate` of each size in --n (fresh process each, its own local Ray),
      tracking the driver's peak RSS and the sampler actors' peak RSS — flat when streaming.
 
@@ -127,50 +129,85 @@ def rates(stamps, sizes, started):
     return end_to_end, steady
 
 
-def speed(args, base: str, tmp: str) -> None:
-    import torch
-
-    from raybias.generation.runner import run_units
+def bare_child(args) -> None:
+    """The bare loop, in a fresh process with the thread settings Ray gives an actor: the
+    `SamplerActor` code called unit after unit, no Ray. Prints a RESULT line."""
     from raybias.generation.sampler import SamplerActor
-    from raybias.ray_utils import init_ray
 
-    n = args.speed_images
-    print(f"\n1. speed: {n} images, {args.speed_arch} backbone (random weights), {args.speed_steps} DDIM steps, "
-          f"units of {args.unit_size}, batches of {args.batch_size}, {args.threads} torch thread(s) each side")
-    # bare loop: the actor's own code, called in this process
-    bare_run = make_run(os.path.join(tmp, "bare"), n // 4)
-    cfg = bench_config(bare_run, base, n, args.speed_steps, args.unit_size, args.batch_size, args.threads)
-    plan = plan_for(cfg, bare_run)
-    started = time.perf_counter()
-    actor = SamplerActor(bare_run.spec(), "vanilla", base, None, plan["models"], plan["sampling"])
+    run = make_run(os.path.join(args.tmp, f"bare-{args.bare_child}"), args.speed_images // 4)
+    cfg = bench_config(run, args.base, args.speed_images, args.speed_steps, args.unit_size, args.batch_size,
+                       args.threads)
+    plan = plan_for(cfg, run)
+    started = time.time()  # imports done; model load and first-unit warm-up included from here
+    actor = SamplerActor(run.spec(), "vanilla", args.base, None, plan["models"], plan["sampling"])
     stamps, sizes = [], []
     for unit in plan["units"]:
         actor({"spec": np.array([json.dumps(unit)], dtype=object)})
-        stamps.append(time.perf_counter())
+        stamps.append(time.time())
         sizes.append(len(unit["ids"]))
-    bare = rates(stamps, sizes, started)
-    del actor
-    torch.set_num_threads(os.cpu_count() or 1)
+    print("RESULT " + json.dumps({"started": started, "stamps": stamps, "sizes": sizes, "end": time.time()}), flush=True)
 
-    ray_run = make_run(os.path.join(tmp, "ray"), n // 4)
-    cfg = bench_config(ray_run, base, n, args.speed_steps, args.unit_size, args.batch_size, args.threads)
-    plan = plan_for(cfg, ray_run)
+
+def run_bare(args, base: str, tmp: str, round_: int):
+    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
+    cmd = [sys.executable, os.path.abspath(__file__), "--bare-child", str(round_), "--base", base, "--tmp", tmp,
+           "--speed-images", str(args.speed_images), "--speed-steps", str(args.speed_steps),
+           "--unit-size", str(args.unit_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
+    if out.returncode != 0 or not lines:
+        print(out.stdout[-2000:], out.stderr[-3000:])
+        raise SystemExit("bare loop failed")
+    r = json.loads(lines[-1][7:])
+    return r["started"], r["stamps"], r["sizes"], r["end"]
+
+
+def run_ray(args, base: str, tmp: str, round_: int):
+    from raybias.generation.runner import run_units
+    from raybias.ray_utils import init_ray
+
+    run = make_run(os.path.join(tmp, f"ray-{round_}"), args.speed_images // 4)
+    cfg = bench_config(run, base, args.speed_images, args.speed_steps, args.unit_size, args.batch_size, args.threads)
+    plan = plan_for(cfg, run)
     init_ray(cfg, quiet=True)
     stamps, sizes = [], []
-    started = time.perf_counter()
 
     def on_unit(row):
-        stamps.append(time.perf_counter())
+        # when the actor finished the unit: rows reach the driver in bursts, so the driver's
+        # own arrival times would overstate the steady rate
+        stamps.append(float(row["finished_at"]))
         sizes.append(int(row["n_images"]))
 
-    run_units(ray_run, plan, plan["units"], base_model=base, base_revision=None, concurrency=1, num_gpus=0,
+    started = time.time()
+    run_units(run, plan, plan["units"], base_model=base, base_revision=None, concurrency=1, num_gpus=0,
               num_cpus=args.threads, on_unit=on_unit, progress=False)
-    through_ray = rates(stamps, sizes, started)
-    print(f"{'':<34}{'end to end':>12}{'steady':>10}   (images/s)")
-    print(f"{'bare SamplerActor loop':<34}{bare[0]:>12.2f}{bare[1]:>10.2f}")
-    print(f"{'Ray Data actor pool (1 actor)':<34}{through_ray[0]:>12.2f}{through_ray[1]:>10.2f}")
-    print(f"ratio Ray / bare: steady {through_ray[1] / bare[1]:.3f} (overhead {100 * (1 - through_ray[1] / bare[1]):+.1f} %), "
-          f"end to end {through_ray[0] / bare[0]:.3f} (actor start, model load and first-unit warm-up included)")
+    order = np.argsort(stamps)
+    return started, [stamps[i] for i in order], [sizes[i] for i in order], time.time()
+
+
+def rates(started, stamps, sizes, end):
+    """(end-to-end images/s: start to all results in hand; steady images/s: after the first unit)."""
+    steady = sum(sizes[1:]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return sum(sizes) / (end - started), steady
+
+
+def speed(args, base: str, tmp: str) -> None:
+    print(f"\n1. speed: {args.speed_images} images, {args.speed_arch} backbone (random weights), {args.speed_steps} "
+          f"DDIM steps, units of {args.unit_size}, batches of {args.batch_size}, {args.threads} torch thread(s) "
+          f"each side; {args.rounds} round(s) alternating, best of each kept")
+    results = {"bare": [], "ray": []}
+    for r in range(args.rounds):
+        results["bare"].append(rates(*run_bare(args, base, tmp, r)))
+        results["ray"].append(rates(*run_ray(args, base, tmp, r)))
+    print(f"{'':<34}{'end to end':>12}{'steady':>10}   (images/s; per round: steady)")
+    best = {}
+    for key, label in (("bare", "bare SamplerActor loop"), ("ray", "Ray Data actor pool (1 actor)")):
+        best[key] = (max(x[0] for x in results[key]), max(x[1] for x in results[key]))
+        rounds = ", ".join(f"{x[1]:.1f}" for x in results[key])
+        print(f"{label:<34}{best[key][0]:>12.2f}{best[key][1]:>10.2f}   ({rounds})")
+    steady = best["ray"][1] / best["bare"][1]
+    print(f"ratio Ray / bare: steady {steady:.3f} (Ray overhead {100 * (1 - steady):+.1f} %), end to end "
+          f"{best['ray'][0] / best['bare'][0]:.3f} (actor start, model load and first-unit warm-up included)")
 
 
 # --------------------------------------------------------------------------- 2. memory
@@ -337,7 +374,7 @@ def main() -> None:
     ap.add_argument("--speed-steps", type=int, default=5)
     ap.add_argument("--mem-arch", default="tiny", choices=("tiny", "small"))
     ap.add_argument("--mem-steps", type=int, default=1)
-    ap.add_argument("--unit-size", type=int, default=64)
+    ap.add_argument("--unit-size", type=int, default=32)
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the bare loop and of the actor")
     ap.add_argument("--skip", default="", help="comma list of parts to skip on CPU: speed, memory")
@@ -355,7 +392,9 @@ def main() -> None:
     ap.add_argument("--stock-images", type=int, default=16, help="GPU: images for the stock pipeline")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     # internal: one memory measurement in a fresh process
+    ap.add_argument("--rounds", type=int, default=2, help="speed: alternating bare/Ray rounds (best kept)")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--bare-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--tmp", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -363,6 +402,9 @@ def main() -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if args.memory_child is not None:
         memory_child(args)
+        return
+    if args.bare_child is not None:
+        bare_child(args)
         return
     if args.device == "cuda":
         gpu(args)

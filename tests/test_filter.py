@@ -18,6 +18,7 @@ from raybias.data.info import REAL, DatasetInfo
 from raybias.data.io import TableMissing, read_table
 from raybias.data.synthetic import read_synthetic
 from raybias.generation.scoring import centroids_from_sums, choose_kept, class_prompt_texts, keep_count
+from conftest import save_tiny_clip
 from test_generate import gen_config, make_small_run, save_tiny_base
 
 PER_GROUP = 8
@@ -54,23 +55,7 @@ def _random_oracle(folder) -> str:
     return save_oracle(model, str(folder))
 
 
-def _tiny_clip(folder) -> str:
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTextConfig, CLIPVisionConfig
-
-    from raybias.diffusion.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(model_max_length=16)
-    text = CLIPTextConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, max_position_embeddings=16, bos_token_id=tok.bos_token_id,
-                          eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                              image_size=16, patch_size=4)
-    torch.manual_seed(0)
-    model = CLIPModel(CLIPConfig(text_config=text.to_dict(), vision_config=vision.to_dict(), projection_dim=16))
-    model.save_pretrained(str(folder), safe_serialization=True)
-    tok.save_pretrained(str(folder))
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(str(folder))
-    return str(folder)
+_tiny_clip = save_tiny_clip  # the shared tiny random CLIP (tests/conftest.py)
 
 
 def _expected_scores(run, embedder, alpha, prompt_fn) -> pd.Series:

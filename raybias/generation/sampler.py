@@ -241,8 +241,8 @@ class SamplerActor:
         return [encode_png(np.asarray(im)) for im in images]
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
-        out: Dict[str, list] = {"unit": [], "n_images": [], "seconds": [], "attention": [], "device": [],
-                                "dtype": [], "model_loads": []}
+        out: Dict[str, list] = {"unit": [], "n_images": [], "seconds": [], "finished_at": [], "attention": [],
+                                "device": [], "dtype": [], "model_loads": []}
         for spec in batch["spec"]:
             unit = json.loads(spec)
             started = time.perf_counter()
@@ -251,6 +251,7 @@ class SamplerActor:
             out["unit"].append(int(unit["unit"]))
             out["n_images"].append(len(pngs))
             out["seconds"].append(time.perf_counter() - started)
+            out["finished_at"].append(time.time())  # wall clock: results reach the driver in bursts
             out["attention"].append(self.attention)
             out["device"].append(self.device)
             out["dtype"].append(str(self.dtype).replace("torch.", ""))
