@@ -241,14 +241,18 @@ def _fine_tuned_row(run, entry, pipe, ft):
     return np.concatenate(sample(pipe, prompts, seeds, scheduler="ddim", steps=ft.sample_steps), axis=1).astype(int)
 
 
-def test_lora_stage_outputs_load_in_stock_diffusers(prepared_run, tmp_path, tiny_base, ray_session):
+def test_lora_stage_survives_a_killed_worker_and_loads_in_stock_diffusers(prepared_run, tmp_path, tiny_base,
+                                                                          ray_session, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    from raybias.stages.finetune import run_finetune
+    from raybias.stages.finetune import FAULT_ENV, run_finetune
 
     run, info = fresh_run(prepared_run, tmp_path)
     # alpha != rank: the saved adapter metadata must carry the scaling to stock loaders
-    cfg = ft_config(tmp_path, tiny_base, methods=["erm", "lora", "vanilla"], lr=2e-2, lora_alpha=8.0)
+    cfg = ft_config(tmp_path, tiny_base, methods=["erm", "lora", "vanilla"], lr=2e-2, lora_alpha=8.0,
+                    steps=6, checkpoint_every=3, max_failures=1)
+    # g0's worker is killed (SIGKILL, once) after step 4: the checkpoint of step 3 is its last one
+    monkeypatch.setenv(FAULT_ENV, "g0:4")
     out = run_finetune(cfg, run, "fresh")
     assert list(out) == ["lora"]  # vanilla and erm need no fine-tuning
     manifest = run.read_json("generators/lora/manifest.json")
@@ -261,9 +265,14 @@ def test_lora_stage_outputs_load_in_stock_diffusers(prepared_run, tmp_path, tiny
     for m in models.values():
         assert keys <= set(m) and m["kind"] == "lora" and m["steps"] == 6 and np.isfinite(m["final_loss"])
     assert models["g1"]["borrowed_from"] == "g0" and models["g1"]["final_loss"] == models["g0"]["final_loss"]
+    assert os.path.exists(run.local_path("generators/lora/_train/g0.fault-marker"))  # the kill happened
     rec = run.read_json("generators/lora/g0/training.json")
-    assert rec["steps"] == 6 and len(rec["losses"]) == 6 and rec["attempts"] == 1
+    # Ray Train restarted the worker from step 3: every step done once, the history kept
+    assert rec["attempts"] == 2 and rec["resumed_from"] == [3]
+    assert rec["steps"] == 6 and len(rec["losses"]) == 6 and all(np.isfinite(rec["losses"]))
     assert rec["n_images"] == info.train_count(0)
+    other = run.read_json("generators/lora/g3/training.json")
+    assert other["attempts"] == 1 and other["resumed_from"] == []
     assert run.exists("generators/lora/g0/pytorch_lora_weights.safetensors")
     assert run.exists("generators/lora/samples.png")
     stage = run.stage_record("finetune/lora")
