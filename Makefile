@@ -22,7 +22,7 @@ run: install
 	$(VENV)/bin/raybias run $(CONFIG) $(ARGS)
 
 test: install
-	$(PY) -m pytest -q -ra $(ARGS)
+	$(PY) -m pytest -q -ra --durations=25 $(ARGS)
 
 bench: install
 	$(PY) benchmarks/run_all.py

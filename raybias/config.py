@@ -100,7 +100,7 @@ class BaseConfig:
     seed: int = 0
     cache_dir: Optional[str] = None  # where a rebuilt builtin backbone is kept
     arch: str = "small"  # builtin architecture: small (shipped) or tiny (tests)
-    vae_steps: int = 300  # VAE reconstruction steps before the UNet
+    vae_steps: int = 1000  # VAE reconstruction steps before the UNet (colour is learned late)
     train_text_encoder: bool = True  # False: keep the random text encoder frozen
     cond_drop: float = 0.1  # caption dropout, so classifier-free guidance works
     oracle_epochs: int = 3

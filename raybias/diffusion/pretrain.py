@@ -37,7 +37,7 @@ class PretrainSettings:
     batch_size: int = 64
     lr: float = 2e-3
     ema_decay: float = 0.995
-    vae_steps: int = 300
+    vae_steps: int = 1000
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
     cond_drop: float = 0.1
@@ -52,6 +52,7 @@ class PretrainResult:
     seconds: Dict[str, float] = field(default_factory=dict)
     losses: Dict[str, List[float]] = field(default_factory=dict)
     scaling_factor: float = 1.0
+    vae_mse: float = float("nan")  # reconstruction MSE (on [-1, 1]) of the last corpus images
 
 
 def _cosine(step: int, total: int, warmup: int) -> float:
@@ -144,6 +145,11 @@ def pretrain(corpus: Corpus, settings: PretrainSettings, image_size: Optional[in
     t0 = time.time()
     result.losses["vae"] = train_vae(pipe.vae, images, s, gen, progress)
     result.seconds["vae"] = time.time() - t0
+
+    with torch.no_grad():  # held-out-free sanity figure: reconstruction error of the last images
+        probe = images[-256:]
+        recon = pipe.vae.decode(pipe.vae.encode(probe).latent_dist.mean).sample.clamp(-1, 1)
+        result.vae_mse = float(F.mse_loss(recon, probe))
 
     t0 = time.time()
     mean, std = encode_corpus(pipe.vae, images)
@@ -309,7 +315,7 @@ def save_backbone(result: PretrainResult, folder: str, corpus: Corpus, settings:
                   quality: Optional[Dict] = None) -> str:
     save_pipeline(result.pipe, folder)
     meta = {"settings": settings.__dict__, "corpus_size": len(corpus), "palette": list(corpus.palette),
-            "scaling_factor": result.scaling_factor, "seconds": result.seconds,
+            "scaling_factor": result.scaling_factor, "vae_mse": result.vae_mse, "seconds": result.seconds,
             "final_loss": {k: float(np.mean(v[-50:])) if v else None for k, v in result.losses.items()}}
     if quality:
         meta["quality"] = {k: v for k, v in quality.items() if not k.startswith("_")}
