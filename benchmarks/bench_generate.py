@@ -170,19 +170,23 @@ def run_ray(args, base: str, tmp: str, round_: int):
     cfg = bench_config(run, base, args.speed_images, args.speed_steps, args.unit_size, args.batch_size, args.threads)
     plan = plan_for(cfg, run)
     init_ray(cfg, quiet=True)
-    stamps, sizes = [], []
+    stamps, sizes, busy = [], [], []
 
     def on_unit(row):
         # when the actor finished the unit: rows reach the driver in bursts, so the driver's
         # own arrival times would overstate the steady rate
         stamps.append(float(row["finished_at"]))
         sizes.append(int(row["n_images"]))
+        busy.append(float(row["seconds"]))
 
     started = time.time()
     run_units(run, plan, plan["units"], base_model=base, base_revision=None, concurrency=1, num_gpus=0,
               num_cpus=args.threads, on_unit=on_unit, progress=False)
     order = np.argsort(stamps)
-    return started, [stamps[i] for i in order], [sizes[i] for i in order], time.time()
+    stamps, sizes, busy = ([x[i] for i in order] for x in (stamps, sizes, busy))
+    # share of the steady span the actor spent inside units (1.0: Ray left it no idle gaps)
+    busy_share = sum(busy[1:]) / (stamps[-1] - stamps[0]) if len(stamps) > 1 else float("nan")
+    return (started, stamps, sizes, time.time()), busy_share
 
 
 def rates(started, stamps, sizes, end):
@@ -196,9 +200,12 @@ def speed(args, base: str, tmp: str) -> None:
           f"DDIM steps, units of {args.unit_size}, batches of {args.batch_size}, {args.threads} torch thread(s) "
           f"each side; {args.rounds} round(s) alternating, best of each kept")
     results = {"bare": [], "ray": []}
+    busy = []
     for r in range(args.rounds):
         results["bare"].append(rates(*run_bare(args, base, tmp, r)))
-        results["ray"].append(rates(*run_ray(args, base, tmp, r)))
+        timing, share = run_ray(args, base, tmp, r)
+        results["ray"].append(rates(*timing))
+        busy.append(share)
     print(f"{'':<34}{'end to end':>12}{'steady':>10}   (images/s; per round: steady)")
     best = {}
     for key, label in (("bare", "bare SamplerActor loop"), ("ray", "Ray Data actor pool (1 actor)")):
@@ -208,6 +215,8 @@ def speed(args, base: str, tmp: str) -> None:
     steady = best["ray"][1] / best["bare"][1]
     print(f"ratio Ray / bare: steady {steady:.3f} (Ray overhead {100 * (1 - steady):+.1f} %), end to end "
           f"{best['ray'][0] / best['bare'][0]:.3f} (actor start, model load and first-unit warm-up included)")
+    print(f"sampler actor busy inside units between the first and last unit: "
+          + ", ".join(f"{100 * b:.1f} %" for b in busy) + " per round (the rest: Ray's gaps between units)")
 
 
 # --------------------------------------------------------------------------- 2. memory
@@ -303,14 +312,20 @@ def gpu(args) -> None:
     from raybias.diffusion.backbone import build_pipeline, load_pipeline
     from raybias.diffusion.sampling import sample, set_attention
 
-    if not torch.cuda.is_available():
+    dev = args.compare_on  # "cuda"; "cpu" only to smoke-test this comparison on a machine without a GPU
+    if dev == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: no CUDA device visible")
+
+    def sync() -> None:
+        if dev == "cuda":
+            torch.cuda.synchronize()
+
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.model:
-        pipe = load_pipeline(args.model, device="cuda", dtype=dtype)
+        pipe = load_pipeline(args.model, device=dev, dtype=dtype)
         what = args.model
     else:
-        pipe = build_pipeline(args.arch, seed=0).to("cuda", dtype)
+        pipe = build_pipeline(args.arch, seed=0).to(dev, dtype)
         what = f"{args.arch} (random weights)"
     pipe.set_progress_bar_config(disable=True)
     flop = sd15_tflop_per_image(args.steps, args.guidance, args.size) * 1e12
@@ -325,12 +340,12 @@ def gpu(args) -> None:
                                              requires_safety_checker=False)
         stock_pipe.set_progress_bar_config(disable=True)
         call = dict(num_inference_steps=args.steps, guidance_scale=args.guidance, height=args.size, width=args.size)
-        stock_pipe(prompts[0], generator=torch.Generator("cuda").manual_seed(0), **call)
-        torch.cuda.synchronize()
+        stock_pipe(prompts[0], generator=torch.Generator(dev).manual_seed(0), **call)
+        sync()
         t = time.perf_counter()
         for i in range(n):
-            stock_pipe(prompts[i % 4], generator=torch.Generator("cuda").manual_seed(i), **call)
-        torch.cuda.synchronize()
+            stock_pipe(prompts[i % 4], generator=torch.Generator(dev).manual_seed(i), **call)
+        sync()
         return n / (time.perf_counter() - t)
 
     def ours(n: int) -> tuple:
@@ -342,15 +357,17 @@ def gpu(args) -> None:
             pipe.unet.compile()
         settings = dict(steps=args.steps, guidance=args.guidance, batch_size=args.batch_size, size=args.size)
         sample(pipe, prompts[:1] * args.batch_size, list(range(args.batch_size)), **settings)  # warm-up
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
+        sync()
+        if dev == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         t = time.perf_counter()
         images = sample(pipe, [prompts[i % 4] for i in range(n)], list(range(n)), **settings)
         pngs = [encode_png(im) for im in images]
-        torch.cuda.synchronize()
-        return n / (time.perf_counter() - t), backend, torch.cuda.max_memory_allocated() / 2 ** 30, len(pngs)
+        sync()
+        peak = torch.cuda.max_memory_allocated() / 2 ** 30 if dev == "cuda" else float("nan")
+        return n / (time.perf_counter() - t), backend, peak, len(pngs)
 
-    print(machine("cuda"))
+    print(machine(dev))
     print(f"model {what}, {args.size} px, {args.steps} DDIM steps, guidance {args.guidance}, {args.dtype}; "
           f"{flop / 1e12:.1f} TFLOP per image (SD-1.5 count), peak {args.peak_tflops:g} TFLOP/s")
     base_rate = stock(args.stock_images)
@@ -369,7 +386,7 @@ def main() -> None:
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--n", default="500,2000", help="memory part: comma-separated set sizes (e.g. 1000,20000)")
-    ap.add_argument("--speed-images", type=int, default=192)
+    ap.add_argument("--speed-images", type=int, default=384)
     ap.add_argument("--speed-arch", default="small", choices=("tiny", "small"))
     ap.add_argument("--speed-steps", type=int, default=5)
     ap.add_argument("--mem-arch", default="tiny", choices=("tiny", "small"))
@@ -392,7 +409,8 @@ def main() -> None:
     ap.add_argument("--stock-images", type=int, default=16, help="GPU: images for the stock pipeline")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     # internal: one memory measurement in a fresh process
-    ap.add_argument("--rounds", type=int, default=2, help="speed: alternating bare/Ray rounds (best kept)")
+    ap.add_argument("--compare-on", default="cuda", help=argparse.SUPPRESS)  # cpu: smoke-test the GPU comparison
+    ap.add_argument("--rounds", type=int, default=3, help="speed: alternating bare/Ray rounds (best kept)")
     ap.add_argument("--memory-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--bare-child", type=int, default=None, help=argparse.SUPPRESS)
     ap.add_argument("--base", default=None, help=argparse.SUPPRESS)
@@ -406,7 +424,7 @@ def main() -> None:
     if args.bare_child is not None:
         bare_child(args)
         return
-    if args.device == "cuda":
+    if args.device == "cuda" or args.compare_on == "cpu":
         gpu(args)
         return
     skip = set(filter(None, args.skip.split(",")))

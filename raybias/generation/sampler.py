@@ -211,7 +211,10 @@ class SamplerActor:
         self.attention = "sdpa"
         self._prepare(self.pipe)
         self.load_seconds = time.perf_counter() - started
-        self.switcher = ModelSwitcher(self.pipe, self.run, int(self.sampling.get("model_cache", 2)), self._prepare)
+        # model folders of a remote run directory are copied down once per actor
+        cache_root = None if self.run.is_local else tempfile.mkdtemp(prefix="raybias-models-")
+        self.switcher = ModelSwitcher(self.pipe, self.run, int(self.sampling.get("model_cache", 2)), self._prepare,
+                                      cache_root)
 
     def _prepare(self, pipe) -> None:
         """Device, dtype, memory format, attention and compilation for whatever the pipeline holds."""
@@ -219,7 +222,9 @@ class SamplerActor:
 
         from raybias.diffusion.sampling import set_attention
 
-        pipe.to(self.device, self.dtype)
+        for module in (pipe.unet, pipe.vae, pipe.text_encoder):  # only what a swap or adapter brought in moves
+            if any(p.dtype != self.dtype or p.device.type != self.device for p in module.parameters()):
+                module.to(self.device, self.dtype)
         if self.sampling.get("channels_last") and self.device == "cuda":
             pipe.unet.to(memory_format=torch.channels_last)
             pipe.vae.to(memory_format=torch.channels_last)
@@ -241,7 +246,7 @@ class SamplerActor:
         return [encode_png(np.asarray(im)) for im in images]
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
-        out: Dict[str, list] = {"unit": [], "n_images": [], "seconds": [], "finished_at": [], "attention": [],
+        out: Dict[str, list] = {"unit": [], "n_images": [], "seconds": [], "finished_at": [], "pid": [], "attention": [],
                                 "device": [], "dtype": [], "model_loads": []}
         for spec in batch["spec"]:
             unit = json.loads(spec)
@@ -252,6 +257,7 @@ class SamplerActor:
             out["n_images"].append(len(pngs))
             out["seconds"].append(time.perf_counter() - started)
             out["finished_at"].append(time.time())  # wall clock: results reach the driver in bursts
+            out["pid"].append(os.getpid())
             out["attention"].append(self.attention)
             out["device"].append(self.device)
             out["dtype"].append(str(self.dtype).replace("torch.", ""))
