@@ -409,6 +409,10 @@ def severity_value(severity: Any) -> Optional[float]:
 
 def validate(cfg: DictConfig) -> None:
     """Range and name checks that types alone cannot express."""
+    # YAML 1.1 reads a bare `no` as false, which the str field then holds as "False";
+    # `mixed_precision: no` is how accelerate's own configs spell it, so take it as meant.
+    if str(cfg.finetune.mixed_precision).lower() == "false":
+        cfg.finetune.mixed_precision = "no"
     d = cfg.data
     _choice("data.source", d.source, SOURCES)
     severity_value(d.severity)

@@ -36,7 +36,13 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             object_store_memory=int(store_mb) * 2**20,
-            include_dashboard=False,
+            # The dashboard serves Ray's State API, which Ray Train's placement-group cleaner
+            # needs: without it a trainer ended from outside (a Tune trial finishing) leaks its
+            # workers' CPUs and later trainers wait forever. It listens on 127.0.0.1 only.
+            include_dashboard=True,
+            dashboard_host="127.0.0.1",
+            dashboard_port=0 if os.environ.get("RAYBIAS_DASHBOARD_PORT") is None
+            else int(os.environ["RAYBIAS_DASHBOARD_PORT"]),
             _node_ip_address="127.0.0.1",
             log_to_driver=not quiet,
             configure_logging=True,

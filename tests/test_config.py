@@ -17,7 +17,8 @@ def test_yaml_and_overrides_are_merged_over_the_defaults():
                                    "data.source=csv", "data.root=/data/mine", "data.aligned=[1,0]"])
     assert cfg.data.severity == 0.95 and cfg.train.lr == 0.01 and list(cfg.seeds) == [4, 5]
     assert cfg.data.source == "csv" and cfg.data.root == "/data/mine" and list(cfg.data.aligned) == [1, 0]
-    assert cfg.methods == ["erm", "reweight", "groupdro", "jtt"]  # from the YAML
+    assert cfg.methods == ["erm", "reweight", "groupdro", "jtt", "vanilla", "lora", "dreambooth",
+                           "clustered_dreambooth", "ddb_recipe1", "ddb_recipe2"]  # from the YAML
     assert cfg.data.image_size == 16 and cfg.data.image_format == "png"  # YAML, then defaults
     assert load_config(QUICKSTART, ["data.severity=original"]).data.severity == "original"
 
@@ -114,3 +115,12 @@ def test_config_from_dict_validates_too():
         config_from_dict({"data": {"severity": 2}})
     with pytest.raises(ConfigError, match="unknown config key 'data.colour'"):
         config_from_dict({"data": {"colour": "red"}})
+
+
+def test_yaml_no_for_mixed_precision_means_no(tmp_path):
+    """YAML 1.1 reads `no` as false; the config takes it as the string the field allows."""
+    path = tmp_path / "c.yaml"
+    path.write_text("finetune:\n  mixed_precision: no\n")
+    assert load_config(str(path)).finetune.mixed_precision == "no"
+    assert load_config(str(path), ["finetune.mixed_precision=no"]).finetune.mixed_precision == "no"
+    assert load_config(str(path), ["finetune.mixed_precision=bf16"]).finetune.mixed_precision == "bf16"

@@ -168,8 +168,19 @@ def _check_prepare(run_dir: Path, logs: str) -> None:
     assert "prepared colored_digits (severity 0.95)" in logs  # the job's own output, streamed back
 
 
-# The lead adds ("run", ["methods=[erm]", ...], _check_run) once `raybias run` is whole.
-ENTRIES = [("prepare", ["data.severity=0.95"], _check_prepare)]
+def _check_run(run_dir: Path, logs: str) -> None:
+    from raybias.rundir import RunDir
+
+    run = RunDir(str(run_dir))
+    assert run.is_done("prepare")
+    metrics = run.read_json("classifiers/erm/0/metrics.json")
+    assert 0.0 <= metrics["test"]["wga"] <= metrics["test"]["aga"] <= 1.0
+    assert run.exists("report/report.md")
+    assert "raybias run finished" in logs
+
+
+ENTRIES = [("prepare", ["data.severity=0.95"], _check_prepare),
+           ("run", ["data.severity=0.95", "methods=[erm]", "seeds=[0]", "train.epochs=1"], _check_run)]
 
 
 @pytest.mark.parametrize("entry, overrides, check", ENTRIES, ids=[e[0] for e in ENTRIES])

@@ -419,4 +419,5 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         state.result = {"best_epoch": info["epoch"], "best_phase": info["phase"], "val": val, "test": test,
                         "data_seconds": data_seconds}
         state.artifacts["model.safetensors"] = model_bytes(model, t.model)
-    report({"done": 1, "test_wga": state.result["test"]["wga"], "val_wga": state.result["val"]["wga"]}, "final")
+    # not "done": Tune reads that key as "stop this trial" and kills it before metrics.json is written
+    report({"final": 1, "test_wga": state.result["test"]["wga"], "val_wga": state.result["val"]["wga"]}, "final")

@@ -101,7 +101,7 @@ def _trial(config: Dict[str, Any]) -> None:
     metrics = train_classifier(sub, run, t["method"], t["seed"], mode="resume", name=name,
                                callbacks=[TuneReportCallback()])
     tune.report({"val_wga": metrics["val"]["wga"], "test_wga": metrics["test"]["wga"],
-                 "test_aga": metrics["test"]["aga"], "test_acc": metrics["test"]["acc"], "done": True})
+                 "test_aga": metrics["test"]["aga"], "test_acc": metrics["test"]["acc"]})
 
 
 def collect_results(cfg, sweep_root: str) -> pd.DataFrame:
@@ -147,8 +147,9 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
         "sweep_root": sweep_root,
         "ratios": list(sw.synthetic_ratios),
     }
-    # The trial function itself only waits on its TorchTrainer, whose workers hold the CPUs/GPUs.
-    trainable = tune.with_resources(_trial, {"cpu": 0})
+    # The trial function itself only waits on its TorchTrainer, whose workers hold the CPUs/GPUs;
+    # Tune refuses an all-zero request, so the trial asks for a sliver of a CPU.
+    trainable = tune.with_resources(_trial, {"cpu": 0.01})
     # Tune keeps its experiment state beside the results (locally, or on the run's object store)
     storage = sweep_dir.path("tune") if run.is_local else f"{sweep_dir.uri}/tune"
     exp_path = f"{storage}/{sw.name}"

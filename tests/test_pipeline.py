@@ -1,4 +1,4 @@
-"""NOT YET COLLECTED (pending, see issue 7): end to end: `raybias run` through every stage and method, resume after a kill, a sweep,
+"""End to end: `raybias run` through every stage and method, resume after a kill, a sweep,
 and the real-data configs on fixture data with tiny random-weight models."""
 
 from __future__ import annotations
