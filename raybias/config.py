@@ -164,7 +164,7 @@ class FinetuneConfig:
 
 @dataclass
 class GenerateConfig:
-    balance: str = "max_group"
+    balance: str = "ffr"  # group-balanced, as stage 1 trains on the synthetic set alone
     per_group: int = 500  # for balance=per_group
     scheduler: str = "ddim"
     steps: int = 25
