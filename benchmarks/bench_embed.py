@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
@@ -26,24 +25,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 from raybias.embed import EmbedBatches  # noqa: E402
-
-
-def machine() -> str:
-    import ray
-    import sklearn
-    import torch
-
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"machine: {cpu}, {os.cpu_count()} cores, load average {load:.1f} (shared machine: figures may be noisy)\n"
-            f"versions: python {platform.python_version()}, numpy {np.__version__}, torch {torch.__version__}, "
-            f"ray {ray.__version__}, scikit-learn {sklearn.__version__}")
 
 
 def make_images(n: int, size: int = 16, seed: int = 0):
@@ -189,7 +172,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--skip-quality", action="store_true")
     args = p.parse_args()
-    print(machine())
+    print(machine(extra=("numpy", "sklearn")))
+    print("(shared machine: figures may be noisy)")
     bench_speed(args.n, args.batch_size)
     if not args.skip_quality:
         bench_quality()

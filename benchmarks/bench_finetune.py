@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -28,25 +27,10 @@ import time
 import numpy as np
 import torch
 
+from machine import machine  # benchmarks/machine.py
+
 SD15_UNET_GFLOP = 677.0
 PEAK_TFLOPS = {"bf16": 989.0, "fp16": 989.0, "fp32": 494.0}  # H100 SXM dense (fp32 via TF32)
-
-
-def machine() -> str:
-    import ray
-
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    gpu = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
-    return (f"CPU {cpu}, {os.cpu_count()} cores; GPU {gpu}; torch {torch.__version__}, ray {ray.__version__}, "
-            f"torch threads {torch.get_num_threads()}")
 
 
 def unet_gflop_per_image(pipe, device) -> float:
@@ -238,7 +222,7 @@ def main(argv=None) -> int:
     if args.device == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    print(machine())
+    print(machine(args.device))
     print(f"arch {args.arch}, batch {args.batch}, dtype {args.dtype}, {args.steps} timed steps after "
           f"{args.warmup} warm-up, device {args.device}")
     print(f"{'method':<12}{'raybias steps/s':>17}{'plain steps/s':>15}{'ratio':>8}{'img/s (raybias)':>17}"

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -38,32 +37,12 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
+
 # SD-1.5 compute (REFERENCES.md, measured with torch's flop counter): UNet per step per image at
 # 64x64 latents, VAE decode per 512 px image.
 UNET_GFLOP_512 = 677.0
 VAE_TFLOP_512 = 2.48
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def machine(device: str = "cpu") -> str:
-    import ray
-    import torch
-
-    gpu = ""
-    if device == "cuda" and torch.cuda.is_available():
-        gpu = f", GPU {torch.cuda.get_device_name(0)}"
-    return (f"machine: {cpu_model()}, {os.cpu_count()} cores{gpu}; torch {torch.__version__}, ray {ray.__version__}, "
-            f"python {platform.python_version()}")
 
 
 def sd15_tflop_per_image(steps: int, guidance: float, size: int) -> float:

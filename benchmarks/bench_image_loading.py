@@ -14,23 +14,13 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import tempfile
 import time
 
 import numpy as np
 from PIL import Image
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import machine  # benchmarks/machine.py
 
 
 def write_files(folder: str, n: int) -> list:
@@ -70,9 +60,6 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0)
     args = ap.parse_args()
 
-    import ray
-    import torch
-
     from raybias.data.images import default_workers, load_files
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -94,8 +81,7 @@ def main() -> None:
         t_jpeg = time.perf_counter() - t
     assert len(base) == len(ours) == len(ours1) == args.n
     workers = args.workers or default_workers()
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, "
-          f"torch {torch.__version__}, ray {ray.__version__}, Pillow {Image.__version__}")
+    print(machine(extra=("PIL",)))
     print(f"{args.n} files -> {args.size}px PNG")
     print(f"  baseline (sequential, full decode):   {t_base:7.2f}s  {args.n / t_base:8.0f} img/s")
     print(f"  raybias load_files, 1 thread:         {t_ours1:7.2f}s  {args.n / t_ours1:8.0f} img/s")

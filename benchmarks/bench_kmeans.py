@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from bench_embed import machine  # noqa: E402
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def peak_rss_mb() -> float:
@@ -71,7 +71,8 @@ def main() -> None:
     from raybias.clustering.kmeans import VectorBlocks, kmeans_dataset
     from raybias.ray_utils import ray_data_quiet
 
-    print(machine())
+    print(machine(extra=("numpy", "sklearn")))
+    print("(shared machine: figures may be noisy)")
     data_gb = args.n * args.dim * 4 / 2**30
     store = args.object_store_gb or max(1.0, 2.5 * data_gb)
     cores = os.cpu_count() or 1

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import socket
 import tempfile
 import time
@@ -32,16 +31,7 @@ os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
 
 import pyarrow.fs as pafs  # noqa: E402
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def write_renamed(fs, target: str, data: bytes) -> None:
@@ -88,12 +78,7 @@ def main() -> None:
     small = [(b'{"stages": {"generate/lora": {"units": [' + b'"unit-00001", ' * 120 + b'""]}}}')] * args.small
     large = [rng.integers(0, 256, int(args.large_mb * 2**20), dtype="uint8").tobytes() for _ in range(args.large)]
 
-    import pyarrow
-    import ray
-    import torch
-
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores; python {platform.python_version()}, "
-          f"torch {torch.__version__}, ray {ray.__version__}, pyarrow {pyarrow.__version__}")
+    print(machine(extra=("pyarrow",)))
     print("(shared machine: other work may be running, figures can be noisy)\n")
     print(f"{'store':<6} {'files':<22} {'rename: s':>10} {'direct: s':>10} {'per file (ms)':>20} {'rename/direct':>14}")
     for store, (fs, root) in stores.items():

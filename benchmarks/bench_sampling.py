@@ -12,29 +12,15 @@ fine-tuning and pretraining pay per step).
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import time
 
 import numpy as np
 import torch
 
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import machine  # benchmarks/machine.py
 
 
 def main() -> None:
-    import diffusers
-    import ray
-
     from raybias.diffusion.backbone import builtin_folder, count_parameters, load_pipeline
     from raybias.diffusion.pretrain import read_meta
     from raybias.diffusion.sampling import sample, set_attention
@@ -55,10 +41,9 @@ def main() -> None:
     prompts = [f"a {colors[i % 4]} {digits[(i // 4) % 4]}" for i in range(args.images)]
     seeds = list(range(args.images))
 
-    print(f"machine: {cpu_model()}, {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} "
-          "(shared with other work: figures are noisy)")
-    print(f"torch {torch.__version__}, diffusers {diffusers.__version__}, ray {ray.__version__}, device {device}, "
-          f"attention {attention}")
+    print(machine(device))
+    print("(shared with other work: figures are noisy)")
+    print(f"device {device}, attention {attention}")
     params = count_parameters(pipe)
     print(f"backbone {args.model}: " + ", ".join(f"{k} {v / 1e6:.2f}M" for k, v in params.items())
           + f"; DDIM {args.steps} steps, guidance {args.guidance:g}")

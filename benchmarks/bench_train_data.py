@@ -16,27 +16,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-
-def machine() -> str:
-    import ray
-    import torch
-
-    cpu = platform.processor() or ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"CPU {cpu}, {os.cpu_count()} cores (load average {load:.1f}), torch {torch.__version__}, "
-            f"ray {ray.__version__}, python {platform.python_version()}")
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
 def main() -> None:
