@@ -120,7 +120,8 @@ def gen_config(run: RunDir, base: str, methods=("vanilla",), **generate):
 
     return config_from_dict({"run_dir": run.uri, "methods": list(methods), "base": {"model": base},
                              "ray": {"num_cpus": 2, "object_store_mb": 400},
-                             "generate": {**FAST, **generate}})
+                             # these tests were sized for max_group (the top-up mode), not the ffr default
+                             "generate": {"balance": "max_group", **FAST, **generate}})
 
 
 def png_of_stock_sample(pipe, prompt, seed, negative=None, steps=2, guidance=1.0) -> bytes:
