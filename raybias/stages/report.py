@@ -70,7 +70,9 @@ def summarize(df: pd.DataFrame, keys=("method",), order: Optional[List[str]] = N
 
 
 def _pm(mean: float, std: float) -> str:
-    std = 0.0 if std is None or np.isnan(std) else std
+    """Mean ± std in %; one seed has no spread to show (pandas gives NaN), so just the mean."""
+    if std is None or np.isnan(std):
+        return f"{100 * mean:.1f}"
     return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
