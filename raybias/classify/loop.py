@@ -405,6 +405,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             report({k: v for k, v in entry.items() if not isinstance(v, list)}, f"p{pi}-e{epoch + 1:04d}")
             epochs_done_here += 1
             if fail_after is not None and ckpt is None and epochs_done_here >= fail_after:
+                # Test hook. The controller polls workers; give it time to register the checkpoint
+                # just reported, or a loaded machine restarts the group without it and fails again.
+                time.sleep(3)
                 raise RuntimeError(f"injected failure after {epochs_done_here} epoch(s) (fail_after_epochs)")
         method.end_phase(phase, ctx)
         state.phase, state.epoch, state.step = pi + 1, 0, 0
