@@ -33,7 +33,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from raybias.classify.methods import (GroupDROLoss, LossHook, LossInput, Method, Phase, group_balanced_weights,
+from raybias.classify.methods import (GroupDROMethod, LossHook, LossInput, Method, Phase,
                                       register)
 
 AMPLIFIER_DIR = "generators/ddb/amplifier"
@@ -128,16 +128,9 @@ class DDBRecipe(Method):
 
 
 @register("ddb_recipe1")
-class Recipe1(DDBRecipe):
-    """Two-step: Group-DRO (group-balanced sampling) on the amplifier's pseudo groups."""
-
-    def sample_weights(self, phase, ctx):
-        return group_balanced_weights(ctx.train_groups)
-
-    def loss_hook(self, phase, ctx):
-        t = ctx.train
-        return GroupDROLoss(ctx.n_train_groups, t.groupdro_eta, t.groupdro_c,
-                            np.bincount(ctx.train_groups, minlength=ctx.n_train_groups))
+class Recipe1(DDBRecipe, GroupDROMethod):
+    """Two-step: Group-DRO (its sampler and loss, unchanged) on the amplifier's pseudo groups,
+    which DDBRecipe.train_groups puts where Group-DRO reads the true ones."""
 
 
 class LfFWeightedCE(LossHook):
