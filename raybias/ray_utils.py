@@ -41,8 +41,7 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
             # workers' CPUs and later trainers wait forever. It listens on 127.0.0.1 only.
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=0 if os.environ.get("RAYBIAS_DASHBOARD_PORT") is None
-            else int(os.environ["RAYBIAS_DASHBOARD_PORT"]),
+            dashboard_port=0,  # any free port: tests and a user's own Ray may hold 8265
             _node_ip_address="127.0.0.1",
             log_to_driver=not quiet,
             configure_logging=True,
