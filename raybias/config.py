@@ -249,6 +249,11 @@ class DDBConfig:
     seed: int = 0  # of the diffusion model, the generated set and the amplifier
     lff_q: float = 0.7
     lff_ema: float = 0.7
+    # Recipe II: least LfF weight of a training image. The amplifier is fixed and very sure of
+    # the real bias-aligned images (CE ~1e-5), so W = L_B/(L_B+L_D) is ~0 on all of them and
+    # the debiased model would fit the few pseudo-conflicting images alone (the reversed
+    # shortcut). 0 = plain LfF.
+    lff_min_weight: float = 0.01
 
 
 @dataclass
@@ -606,6 +611,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("ddb.guidance", dd.guidance, 0)
     _between("ddb.lff_q", dd.lff_q, 0, 1, low_open=True)
     _between("ddb.lff_ema", dd.lff_ema, 0, 1)
+    _between("ddb.lff_min_weight", dd.lff_min_weight, 0, 1)
 
     sw = cfg.sweep
     if not sw.severities:

@@ -58,6 +58,19 @@ def test_lff_weights_favour_what_the_amplifier_gets_wrong():
     assert torch.equal(other.ema_d, hook.ema_d)
 
 
+def test_lff_weight_floor_keeps_images_the_amplifier_is_sure_of():
+    # a fixed, perfectly sure amplifier: L_B ~ 0 on the aligned rows 0 and 2
+    amp_ce = np.array([1e-7, 5.0, 1e-7, 5.0])
+    y = np.array([0, 0, 1, 1])
+    logits = torch.zeros(4, 2)
+    inp = LossInput(logits=logits, y=torch.as_tensor(y), groups=torch.as_tensor(y), rows=torch.arange(4))
+    ce = float(np.log(2))
+    plain = LfFWeightedCE(amp_ce, y, 2, 0.7)
+    assert float(plain(inp)) == pytest.approx(ce * (0.5 + 0.5) / 4, rel=1e-4)  # aligned rows weigh ~0
+    floored = LfFWeightedCE(amp_ce, y, 2, 0.7, min_weight=0.1)
+    assert float(floored(inp)) == pytest.approx(ce * (0.1 + 0.5 + 0.1 + 0.5) / 4, rel=1e-4)
+
+
 def _fake_run_with_outputs(tmp_path, meta_train, meta_val, pred_train, pred_val):
     import pyarrow as pa
     import pyarrow.parquet as pq

@@ -11,7 +11,12 @@
 - `ddb_recipe2` (end-to-end): LfF reweighting with the amplifier as the fixed biased model:
   per-sample W = L_B / (L_B + L_D), L_B the amplifier's CE on the real image, L_D an
   exponential moving average (ddb.lff_ema) of the debiased model's CE, each divided by the
-  maximum over the sample's class.
+  maximum over the sample's class; W is floored at ddb.lff_min_weight. Why the floor: LfF's
+  biased model learns alongside the debiased one and is never perfectly sure, but the
+  amplifier is fixed and (trained on bias-aligned images only) is sure of every real aligned
+  image (CE ~1e-5 at severity 0.99), so W ~0 on all of them; the debiased model then fits the
+  handful of pseudo-conflicting images alone and learns the reversed shortcut (test WGA 0,
+  AGA 50 at 0.99 without the floor; 0.01 is about the conflicting share at that severity).
 
 Bias labels: none of these reads the training set's `a` or `group`. Model selection is a
 choice, `train.ddb_select_with_bias_labels`: true selects by validation WGA over the true
@@ -114,6 +119,7 @@ class DDBRecipe(Method):
             "pseudo_groups": [int(g) for g in pseudo_groups(y, train["pred"].to_numpy())],
             "amp_ce": [float(v) for v in train["ce"].to_numpy()],
             "lff_ema": float(cfg.ddb.lff_ema),
+            "lff_min_weight": float(cfg.ddb.lff_min_weight),
         }
         if not bool(cfg.train.ddb_select_with_bias_labels):
             val_meta = sets["val"].meta.copy()
@@ -142,7 +148,9 @@ class LfFWeightedCE(LossHook):
     continues exactly.
     """
 
-    def __init__(self, amp_ce: np.ndarray, y: np.ndarray, n_classes: int, ema: float):
+    def __init__(self, amp_ce: np.ndarray, y: np.ndarray, n_classes: int, ema: float,
+                 min_weight: float = 0.0):
+        self.min_weight = float(min_weight)
         self.amp_ce = torch.as_tensor(amp_ce, dtype=torch.float32)
         self.y = torch.as_tensor(y, dtype=torch.int64)
         self.n_classes = int(n_classes)
@@ -160,7 +168,7 @@ class LfFWeightedCE(LossHook):
         max_d = torch.zeros(self.n_classes).scatter_reduce(0, self.y, self.ema_d, "amax", include_self=True)
         lb = self.amp_ce[rows] / self.max_b[y].clamp_min(1e-8)
         ld = self.ema_d[rows] / max_d[y].clamp_min(1e-8)
-        w = (lb / (lb + ld + 1e-8)).to(ce.device)
+        w = (lb / (lb + ld + 1e-8)).clamp_min(self.min_weight).to(ce.device)
         self.last_mean_w = float(w.mean())
         return (w * ce).mean()
 
@@ -182,7 +190,7 @@ class Recipe2(DDBRecipe):
     def loss_hook(self, phase, ctx):
         y = ctx.sets[phase.data].meta["y"].to_numpy(np.int64)
         return LfFWeightedCE(np.asarray(ctx.method_state["amp_ce"]), y, ctx.job.n_classes,
-                             ctx.method_state["lff_ema"])
+                             ctx.method_state["lff_ema"], ctx.method_state.get("lff_min_weight", 0.0))
 
 
 # --- the amplifier's outputs on the real images (a Ray task, not the driver) ---------------
