@@ -1,7 +1,10 @@
 """Classifier training throughput: Parquet streamed through Ray Data vs. in-memory tensors.
 
 Trains the same ERM classifier twice, one after the other in one process and one Ray
-session, on colored_digits (severity `original`: every digit in every colour) — once with
+session, on colored_digits (severity `original`: every digit in every colour; its 2,514
+training images repeated `--repeat` times under new ids, so that an epoch is long enough for
+Ray Data's per-epoch start (a new streaming execution each epoch, ~0.5 s) not to be the
+whole story; `--repeat 1` shows that case) — once with
 `train.in_memory=true` (each worker decodes the set into a tensor once) and once streaming
 the Parquet shards through Ray Data (`ray.train.get_dataset_shard`, decode in Ray Data
 tasks). Prints images/s of the training loop (the time spent in the batch loop, which
@@ -9,7 +12,7 @@ includes waiting for data; epoch 1 left out as warm-up) for both, their ratio, w
 path costs, and the per-run overhead of a Ray Train trainer (wall time of `fit()` minus
 the time the worker spent training).
 
-    .venv/bin/python benchmarks/bench_train_data.py [--epochs 8] [--size 16]
+    .venv/bin/python benchmarks/bench_train_data.py [--epochs 8] [--size 16] [--repeat 8]
 """
 
 from __future__ import annotations
@@ -25,12 +28,27 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 
+def repeat_training_rows(run, repeat: int) -> None:
+    """Rewrite data/real with every training row `repeat` times (ids "<id>~<copy>")."""
+    import pandas as pd
+
+    from raybias.data.info import REAL
+    from raybias.data.io import read_table, write_table
+
+    table = read_table(run, REAL)
+    train = table[table["split"] == "train"]
+    copies = [train.assign(id=train["id"].astype(str) + f"~{r}") for r in range(1, repeat)]
+    run.delete(REAL)
+    write_table(run, REAL, pd.concat([table, *copies], ignore_index=True))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--size", type=int, default=16, help="image size")
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
+    ap.add_argument("--repeat", type=int, default=8, help="copies of each training image (new ids)")
     args = ap.parse_args()
 
     from raybias.classify.runner import train_classifier
@@ -47,6 +65,8 @@ def main() -> None:
     init_ray(cfg, quiet=True)
     run = RunDir(cfg.run_dir)
     run_prepare(cfg, run, verbose=False)
+    if args.repeat > 1:
+        repeat_training_rows(run, args.repeat)
 
     rows = {}
     for label, in_memory in (("in-memory tensors", True), ("Ray Data streaming", False)):

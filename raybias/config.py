@@ -151,6 +151,10 @@ class FinetuneConfig:
     num_gpus_per_job: float = 0.0
     num_cpus_per_job: float = 1.0
     max_concurrent_jobs: int = 0  # trainers running at once; 0: as many as the cluster holds
+    # Jobs one Ray Train trainer trains in turn. 1: a trainer per job (a GPU cluster runs them
+    # side by side); more: Ray Train's start-up, the imports and the base model's loading are
+    # paid once per pack, which is most of a small job's time on CPU (the quickstart).
+    jobs_per_trainer: int = 1
     max_failures: int = 2
     seed: int = 0
     weight_decay: float = 1e-2  # AdamW
@@ -540,6 +544,7 @@ def validate(cfg: DictConfig) -> None:
     if not f.identifier.strip() or " " in f.identifier:
         _fail("finetune.identifier", f.identifier, "one word (e.g. sks)")
     _at_least("finetune.max_concurrent_jobs", f.max_concurrent_jobs, 0)
+    _at_least("finetune.jobs_per_trainer", f.jobs_per_trainer, 1)
     for key in ("sample_steps", "progress_every"):
         _at_least(f"finetune.{key}", f[key], 1)
     _at_least("finetune.n_samples", f.n_samples, 0)
@@ -629,6 +634,17 @@ def validate(cfg: DictConfig) -> None:
     _at_least("sweep.gpus_per_trial", sw.gpus_per_trial, 0)
 
 
+# Keys that decide how work runs (resources, concurrency, retries, progress), not what it makes:
+# changing one does not make a finished stage's output stale (see RunDir.matches).
+EXECUTION_KEYS = frozenset({
+    "finetune.num_cpus_per_job", "finetune.max_concurrent_jobs", "finetune.max_failures",
+    "finetune.progress_every", "finetune.jobs_per_trainer",
+    "generate.concurrency", "generate.num_cpus", "generate.model_cache",
+    "embed.concurrency", "embed.batch_size",
+    "train.max_concurrent", "train.max_failures", "train.cpus_per_worker",
+})
+
+
 def config_hash(cfg: DictConfig, sections: Sequence[str]) -> str:
     """Stable hash of the named config sections (e.g. ("data", "train"))."""
     parts = {s: OmegaConf.to_container(OmegaConf.select(cfg, s), resolve=True) for s in sections}
@@ -650,6 +666,13 @@ def section_values(cfg: DictConfig, sections: Sequence[str]) -> Dict[str, Any]:
     for s in sections:
         walk(s, OmegaConf.to_container(OmegaConf.select(cfg, s), resolve=True))
     return out
+
+
+def same_values(old: Dict[str, Any], new: Dict[str, Any], exclude: Sequence[str] = ()) -> bool:
+    """Do two `section_values` maps describe the same work, ignoring EXECUTION_KEYS and `exclude`?"""
+    skip = EXECUTION_KEYS.union(exclude)
+    keys = (set(old) | set(new)) - skip
+    return all(k in old and k in new and old[k] == new[k] for k in keys)
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
-from raybias.config import config_hash, section_values
+from raybias.config import EXECUTION_KEYS, config_hash, same_values, section_values
 
 MODES = ("fresh", "resume", "auto")
 
@@ -193,11 +193,27 @@ class RunDir:
         rec = self.stage_record(key)
         return bool(rec and rec.get("done"))
 
-    def begin_stage(self, key: str, cfg, sections: Sequence[str], mode: str = "fresh") -> StageState:
+    @staticmethod
+    def matches(rec: Optional[Dict[str, Any]], cfg, sections: Sequence[str], exclude: Sequence[str] = ()) -> bool:
+        """Was the stage record `rec` made with what `cfg` says now?
+
+        The same hash of `sections`, or the same values apart from keys that only decide how
+        the work runs (config.EXECUTION_KEYS) and the stage's own `exclude` (keys of a section
+        it does not read), so a new CPU count, or a key added to a section later, does not
+        make finished work stale.
+        """
+        if rec is None:
+            return False
+        if rec.get("hash") == config_hash(cfg, sections):
+            return True
+        return "values" in rec and same_values(rec["values"], section_values(cfg, sections), exclude)
+
+    def begin_stage(self, key: str, cfg, sections: Sequence[str], mode: str = "fresh",
+                    exclude: Sequence[str] = ()) -> StageState:
         """Record the start of stage `key`; say whether it can be skipped.
 
         Raises ResumeRefused for mode="resume" when the stage was made with other values
-        of `sections` than `cfg` has now.
+        of `sections` than `cfg` has now (see `matches`).
         """
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
@@ -207,10 +223,11 @@ class RunDir:
         m["config_hash"] = config_hash(cfg, ("data", "base", "embed", "cluster", "finetune",
                                              "generate", "filter", "train", "ddb"))
         rec = m["stages"].get(key)
-        if rec is not None and rec.get("hash") != h:
+        if rec is not None and not self.matches(rec, cfg, sections, exclude):
             if mode == "resume":
                 old = rec.get("values", {})
-                diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in values.items() if old.get(k) != v]
+                diffs = [f"{k}: {old.get(k)!r} -> {v!r}" for k, v in values.items()
+                         if old.get(k) != v and k not in EXECUTION_KEYS and k not in exclude]
                 diffs += [f"{k}: {v!r} -> (removed)" for k, v in old.items() if k not in values]
                 raise ResumeRefused(
                     f"cannot --resume stage '{key}' in {self.uri}: it was made with a different config "

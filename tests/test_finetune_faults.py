@@ -48,3 +48,42 @@ def test_killed_run_resumes_without_retraining_finished_jobs(prepared_run, tmp_p
     assert models["g2"]["borrowed_from"] == "g3" and models["g2"]["prompt_template"] == "a red {member}"
     assert run.exists("generators/dreambooth/g3/unet/diffusion_pytorch_model.safetensors")
     assert run.exists("generators/dreambooth/g3/model_index.json")
+
+
+def test_packed_jobs_match_lone_jobs_and_a_restarted_pack_skips_what_it_published(prepared_run, tmp_path,
+                                                                                  tiny_base, ray_session,
+                                                                                  monkeypatch):
+    """finetune.jobs_per_trainer: several jobs in one trainer, in turn, from one loaded base.
+
+    Packed, each job must train exactly as it would alone (a fresh copy of the base UNet per
+    job: nothing leaks from the job before), and a worker killed in the pack's second job must
+    skip the first (already published) and continue the second from its own checkpoint.
+    """
+    from raybias.stages.finetune import FAULT_ENV, finetune_generators
+
+    run, _ = fresh_run(prepared_run, tmp_path)
+    packed = ft_config(tmp_path, tiny_base, methods=["lora", "dreambooth"], steps=6, checkpoint_every=3,
+                       max_failures=1, n_samples=0, prior_preservation=False, jobs_per_trainer=2)
+    # 4 jobs (lora g0, g3; dreambooth g0, g3) in 2 packs; launch order interleaves the groups, so
+    # pack 0 is [lora g0, dreambooth g0] and pack 1 [lora g3, dreambooth g3]
+    monkeypatch.setenv(FAULT_ENV, "dreambooth/g3:4")
+    out = finetune_generators(packed, run, ["lora", "dreambooth"], "fresh")
+    assert sorted(os.listdir(run.local_path("generators/lora/_train"))) == ["pack-0-of-2", "pack-1-of-2"]
+    first = run.read_json("generators/lora/g3/training.json")
+    killed = run.read_json("generators/dreambooth/g3/training.json")
+    assert first["attempts"] == 1  # published before the kill: not trained again by the restart
+    assert killed["attempts"] == 2 and killed["resumed_from"] == [3] and len(killed["losses"]) == 6
+    assert os.path.exists(run.local_path("generators/dreambooth/_train/g3.fault-marker"))
+    assert all(run.stage_record(f"finetune/{g}")["done"] for g in ("lora", "dreambooth"))
+    assert {m["name"] for m in out["dreambooth"]["models"]} == {"g0", "g1", "g2", "g3"}
+
+    monkeypatch.delenv(FAULT_ENV)
+    alone_run, _ = fresh_run(prepared_run, tmp_path / "alone")
+    alone = ft_config(tmp_path / "alone", tiny_base, methods=["lora", "dreambooth"], steps=6, checkpoint_every=3,
+                      n_samples=0, prior_preservation=False)
+    finetune_generators(alone, alone_run, ["lora", "dreambooth"], "fresh")
+    for gen in ("lora", "dreambooth"):
+        for name in ("g0", "g3"):
+            a = run.read_json(f"generators/{gen}/{name}/training.json")["losses"]
+            b = alone_run.read_json(f"generators/{gen}/{name}/training.json")["losses"]
+            assert a == pytest.approx(b, rel=1e-5), f"{gen} {name}"

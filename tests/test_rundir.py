@@ -66,6 +66,35 @@ def test_resume_keeps_finished_units_and_fresh_drops_them(tmp_path):
     assert not st.skip and st.done_units == []
 
 
+def test_execution_keys_and_unread_keys_do_not_make_finished_work_stale(tmp_path):
+    cfg = small_config(tmp_path)
+    run = RunDir(tmp_path / "run")
+    sections = ("data", "finetune")
+    run.begin_stage("finetune/lora", cfg, sections)
+    run.finish_stage("finetune/lora")
+    # resources / concurrency are how the work ran, not what it made
+    faster = small_config(tmp_path, finetune={"num_cpus_per_job": 0.5, "max_concurrent_jobs": 4})
+    assert run.begin_stage("finetune/lora", faster, sections, "resume").skip
+    # a run directory made before a key existed: its record lacks the key
+    m = manifest(tmp_path / "run")
+    m["stages"]["finetune/lora"]["hash"] = "0" * 16
+    del m["stages"]["finetune/lora"]["values"]["finetune.num_cpus_per_job"]
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(m))
+    assert run.begin_stage("finetune/lora", cfg, sections, "resume").skip
+    # a key the stage says it does not read (the DDB recipes' LfF keys for ddb/model)
+    run.begin_stage("ddb/model", cfg, ("data", "ddb"), exclude=("ddb.lff_min_weight",))
+    run.finish_stage("ddb/model")
+    floor = small_config(tmp_path, ddb={"lff_min_weight": 0.2})
+    assert run.begin_stage("ddb/model", floor, ("data", "ddb"), "resume", exclude=("ddb.lff_min_weight",)).skip
+    run.begin_stage("train/ddb_recipe2/0", cfg, ("data", "ddb"))  # which does read it
+    run.finish_stage("train/ddb_recipe2/0")
+    with pytest.raises(ResumeRefused, match=r"ddb.lff_min_weight: 0.01 -> 0.2"):
+        run.begin_stage("train/ddb_recipe2/0", floor, ("data", "ddb"), "resume")
+    # what the work makes still counts
+    with pytest.raises(ResumeRefused, match=r"finetune.steps"):
+        run.begin_stage("finetune/lora", small_config(tmp_path, finetune={"steps": 3}), sections, "resume")
+
+
 @pytest.mark.usefixtures("ray_session")
 def test_cli_resume_skips_refuses_and_fresh_redoes(tmp_path, capsys):
     run_dir = tmp_path / "run"

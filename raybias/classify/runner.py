@@ -221,7 +221,7 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
         st = run.begin_stage(key, mcfg, sections, mode)
     if st.skip:
         return json.loads(run.read_text(metrics_path(name, seed)))
-    resumable = (mode != "fresh" and prev is not None and prev.get("hash") == config_hash(mcfg, sections))
+    resumable = mode != "fresh" and run.matches(prev, mcfg, sections)
     if not resumable:
         run.delete(classifier_dir(name, seed))
     if t.use_gpu:
@@ -230,6 +230,10 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     info = info or DatasetInfo.load(run)
     job = build_job(cfg, run, method, seed, info, real)
     job.method = name
+    if resumable and prev.get("hash"):
+        # same work by RunDir.matches (e.g. only the CPU count changed): its checkpoint carries
+        # the hash it was started under
+        job.config_hash = prev["hash"]
     trainer = _trainer(job, run, t, fail_after_epochs, callbacks)
     start = time.time()
     try:

@@ -78,6 +78,11 @@ class JobSpec:
     # DeBias trains one class-conditional model whose prompts name each image's class only
     prompts: Optional[List[str]] = None
 
+    @property
+    def key(self) -> str:
+        """Unique across the generators trained together: "dreambooth/g1"."""
+        return f"{self.generator}/{self.name}"
+
     def to_dict(self) -> Dict[str, Any]:
         return asdict(self)
 
@@ -558,6 +563,7 @@ def _maybe_inject_fault(cfg: Dict[str, Any], step: int) -> None:
     fault = cfg.get("fault")
     if not fault or step != int(fault["step"]) or os.path.exists(fault["marker"]):
         return
+    os.makedirs(os.path.dirname(fault["marker"]), exist_ok=True)
     with open(fault["marker"], "w") as f:
         f.write(str(step))
     # Give the controller time to register the checkpoint reported before this step.
@@ -566,25 +572,69 @@ def _maybe_inject_fault(cfg: Dict[str, Any], step: int) -> None:
 
 
 def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
-    """Ray Train entry point of one job (1 worker): setup, resume, train, checkpoint, publish."""
+    """Ray Train entry point (1 worker): one job (`cfg["job"]`), or a pack of jobs trained in
+    turn (`cfg["pack"]`, finetune.jobs_per_trainer > 1) so that Ray Train's start-up, the imports
+    and the base model's loading are paid once per pack rather than once per job.
+
+    Per job: setup, resume, train, checkpoint, publish. In a pack, a job whose model is already
+    published is skipped (a restarted worker, or `--resume`), and the trainer's checkpoint is
+    used only by the job it names.
+    """
+    import ray.train
+
+    items = cfg.get("pack") or [{"job": cfg["job"], "finetune": cfg["finetune"], "fault": cfg.get("fault")}]
+    ckpt = ray.train.get_checkpoint()
+    ckpt_job = None
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            with open(os.path.join(d, "state.json")) as f:
+                ckpt_job = json.load(f).get("job")
+    bases: Dict[Tuple[str, Optional[str]], Tuple[Any, Any]] = {}
+    started = time.time()
+    launched = float(cfg.get("launched_at", started))  # the driver's fit(): start-up is the first job's
+    for item in items:
+        job = JobSpec.from_dict(item["job"])
+        ft = item["finetune"]
+        if len(items) > 1:
+            from raybias.rundir import RunDir
+
+            if RunDir(ft["run_spec"]).exists(f"{ft['generator_dir']}/{job.name}/{TRAINING_JSON}"):
+                continue
+        # a single job's checkpoint is its own (checkpoints older than `job` in state.json too)
+        mine = ckpt if ckpt is not None and (len(items) == 1 or ckpt_job == job.key) else None
+        _train_job({**cfg, **item, "launched_at": launched, "packed": len(items) > 1}, job, ft, mine, bases, started)
+        started = launched = time.time()
+
+
+def _base_pipeline(bases, ft: Dict[str, Any], device: str):
+    """The base pipeline with a fresh copy of its UNet (a pack's jobs each train their own)."""
+    import copy
+
+    from raybias.diffusion.backbone import load_pipeline
+
+    key = (ft["base"], ft.get("revision"))
+    if key not in bases:
+        pipe = load_pipeline(ft["base"], revision=ft.get("revision"), device=device)
+        pipe.set_progress_bar_config(disable=True)
+        bases[key] = (pipe, copy.deepcopy(pipe.unet).cpu())
+    pipe, pristine = bases[key]
+    pipe.unet = copy.deepcopy(pristine).to(device)
+    return pipe
+
+
+def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, bases, started: float) -> None:
     import ray.train
     from ray.train import Checkpoint
 
-    from raybias.diffusion.backbone import load_pipeline
     from raybias.rundir import RunDir
 
-    started = time.time()
-    job = JobSpec.from_dict(cfg["job"])
-    ft = cfg["finetune"]
     threads = max(1, int(cfg.get("threads", 1)))
     torch.set_num_threads(threads)
     device = "cuda" if cfg.get("use_gpu") and torch.cuda.is_available() else "cpu"
     run = RunDir(ft["run_spec"])
     board = cfg.get("board")
-    tag = f"[{job.generator} {job.name}]"
 
-    pipe = load_pipeline(ft["base"], revision=ft.get("revision"), device=device)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = _base_pipeline(bases, ft, device)
     steps = int(ft["steps"])
     previews: List[Tuple[str, np.ndarray]] = []
     n_prev = int(ft["n_samples"])
@@ -596,8 +646,7 @@ def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
     loop = FinetuneLoop(pipe, job, ft, device=device, class_images=cls_images)
     setup_s = time.time() - started
 
-    state = {"step": 0, "losses": [], "attempts": 0, "resumed_from": [], "train_seconds": 0.0}
-    ckpt = ray.train.get_checkpoint()
+    state = {"job": job.key, "step": 0, "losses": [], "attempts": 0, "resumed_from": [], "train_seconds": 0.0}
     if ckpt is not None:
         with ckpt.as_directory() as d:
             state = loop.load(d)
@@ -623,7 +672,9 @@ def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
                 loop.save(tmp, state)
                 ray.train.report({"step": done, "loss": float(np.mean(state["losses"][-every:]))},
                                  checkpoint=Checkpoint.from_directory(tmp),
-                                 checkpoint_dir_name=f"step-{done:06d}")
+                                 # in a pack, names must not repeat across its jobs
+                                 checkpoint_dir_name=(f"{job.generator}-{job.name}-" if cfg.get("packed") else "")
+                                 + f"step-{done:06d}")
         _maybe_inject_fault(cfg, done)
     state["train_seconds"] += time.time() - t0
 

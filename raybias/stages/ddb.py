@@ -45,6 +45,9 @@ PROMPT = "a {member}"
 MODEL_SECTIONS = ("data", "base", "ddb")
 GENERATE_SECTIONS = MODEL_SECTIONS + ("generate",)
 AMPLIFIER_SECTIONS = GENERATE_SECTIONS + ("train",)
+# Keys of the `ddb` section that only the recipes' classifier training reads: changing one
+# retrains the recipes, not the diffusion model, its set or the amplifier.
+RECIPE_KEYS = ("ddb.lff_ema", "ddb.lff_min_weight")
 
 
 def class_prompts(ids: List[str], ys: List[int], info: DatasetInfo, seed: int) -> List[str]:
@@ -75,8 +78,8 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
 
     key = "ddb/model"
     prev = run.stage_record(key)
-    same = prev is not None and prev.get("hash") == config_hash(cfg, MODEL_SECTIONS)
-    st = run.begin_stage(key, cfg, MODEL_SECTIONS, mode)
+    same = run.matches(prev, cfg, MODEL_SECTIONS, RECIPE_KEYS)
+    st = run.begin_stage(key, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS)
     if st.skip and run.exists(MANIFEST) and run.exists(MODEL_DIR, TRAINING_JSON):
         return run.read_json(MANIFEST)
     if mode == "fresh" or not same:
@@ -159,8 +162,8 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
 
     key = "ddb/generate"
     prev = run.stage_record(key)
-    same = prev is not None and prev.get("hash") == config_hash(cfg, GENERATE_SECTIONS)
-    st = run.begin_stage(key, cfg, GENERATE_SECTIONS, mode)
+    same = run.matches(prev, cfg, GENERATE_SECTIONS, RECIPE_KEYS)
+    st = run.begin_stage(key, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS)
     old = load_plan(run, GEN)
     plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
     if st.skip and old is not None and not missing_units(run, GEN, old):
@@ -202,7 +205,7 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     from raybias.classify.runner import classifier_dir, train_classifier
 
     key = "ddb/amplifier"
-    st = run.begin_stage(key, cfg, AMPLIFIER_SECTIONS, mode)
+    st = run.begin_stage(key, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS)
     if st.skip and run.exists(OUTPUTS) and run.exists(CONFLICT_JSON):
         return run.read_json(CONFLICT_JSON)
     amp = cfg.copy()

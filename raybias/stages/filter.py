@@ -23,7 +23,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raybias.config import GENERATORS, config_hash
+from raybias.config import GENERATORS
 from raybias.data.info import REAL, DatasetInfo
 from raybias.data.io import MARKER, TableMissing, shard_paths
 from raybias.data.synthetic import finished_units, shards_dir, synthetic_dir, unit_name
@@ -79,7 +79,7 @@ def real_centroids(cfg, run: RunDir, info: DatasetInfo, opts: Dict[str, Any]) ->
     training images with an actor pool (per shard: group sums and counts come back).
     """
     same = (opts["embedder"] == cfg.embed.embedder and run.exists("embed/vectors", MARKER)
-            and (run.stage_record("embed") or {}).get("hash") == config_hash(cfg, EMBED))
+            and run.matches(run.stage_record("embed"), cfg, EMBED))
     if same:
         batches = (pq.read_table(p, columns=["group", "vector"], filesystem=run.fs)
                    for p in shard_paths(run, "embed/vectors"))

@@ -30,7 +30,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from omegaconf import OmegaConf
 
-from raybias.config import ConfigError, config_hash
+from raybias.config import ConfigError
 from raybias.data.info import REAL, DatasetInfo
 from raybias.data.io import TableMissing, read_table
 from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, PREVIEW_JSON, TRAINING_JSON, JobSpec,
@@ -297,6 +297,16 @@ def _base_model(cfg, run: RunDir) -> Tuple[str, Optional[str]]:
 
 def _run_job(cfg, run: RunDir, job: JobSpec, ft: Dict[str, Any], board) -> Dict[str, Any]:
     """Train one job on Ray Train; returns its training record (training.json)."""
+    return _run_unit(cfg, run, [(job, ft)], board)[job.key]
+
+
+def pack_name(index: int, n_packs: int) -> str:
+    return f"pack-{index}-of-{n_packs}"
+
+
+def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], board,
+              name: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+    """Train one job, or a pack of jobs in turn, in one Ray Train trainer; returns {job.key: record}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -305,25 +315,45 @@ def _run_job(cfg, run: RunDir, job: JobSpec, ft: Dict[str, Any], board) -> Dict[
     resources = {"CPU": float(f.num_cpus_per_job)}
     if use_gpu:
         resources["GPU"] = float(f.num_gpus_per_job)
-    loop_cfg = {"job": job.to_dict(), "finetune": ft, "board": board, "use_gpu": use_gpu,
-                "threads": max(1, int(f.num_cpus_per_job)), "fault": _fault_for(job.generator, job.name, run)}
-    storage = run.path(generator_dir(job.generator), "_train")
+    first, first_ft = unit[0]
+    loop_cfg: Dict[str, Any] = {"board": board, "use_gpu": use_gpu, "threads": max(1, int(f.num_cpus_per_job))}
+    items = [{"job": job.to_dict(), "finetune": ft, "fault": _fault_for(job.generator, job.name, run)}
+             for job, ft in unit]
+    if len(unit) == 1:
+        loop_cfg.update(items[0])
+    else:
+        loop_cfg["pack"] = items
+    storage = run.path(generator_dir(first.generator), "_train")
     start = loop_cfg["launched_at"] = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=job.name, storage_path=storage, storage_filesystem=None if run.is_local else run.fs,
+            name=name or first.name, storage_path=storage, storage_filesystem=None if run.is_local else run.fs,
             failure_config=FailureConfig(max_failures=int(f.max_failures)),
             checkpoint_config=CheckpointConfig(num_to_keep=1)))
-    trainer.fit()  # raises when the job failed more than max_failures times
+    trainer.fit()  # raises when the trainer failed more than max_failures times
     wall = time.time() - start
-    rel = f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
-    if not run.exists(rel):
-        raise StageFailed(f"{job.generator} {job.name}: training finished but {run.path(rel)} was not written")
-    record = run.read_json(rel)
-    record["wall_seconds"] = round(wall, 3)
-    return record
+    records = {}
+    for job, _ in unit:
+        rel = f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
+        if not run.exists(rel):
+            raise StageFailed(f"{job.generator} {job.name}: training finished but {run.path(rel)} was not written")
+        record = run.read_json(rel)
+        # a packed job: the trainer's wall time is shared; its own is setup + training + previews
+        record["wall_seconds"] = round(wall if len(unit) == 1 else sum(
+            float(record.get(k, 0.0)) for k in ("startup_seconds", "setup_seconds", "train_seconds",
+                                                "preview_seconds")), 3)
+        records[job.key] = record
+    return records
+
+
+def make_packs(work: List[Tuple[JobSpec, Dict[str, Any]]], jobs_per_trainer: int) -> List[List]:
+    """Deal the jobs (in launch order) into ceil(n / jobs_per_trainer) packs, round-robin, so the
+    packs are alike in size and mix groups. Made from the whole plan, finished jobs included,
+    so a resumed run rebuilds the same packs and finds each pack's trainer checkpoint."""
+    n_packs = max(1, math.ceil(len(work) / max(1, jobs_per_trainer)))
+    return [work[i::n_packs] for i in range(n_packs)]
 
 
 def _interleave_groups(work: List[Tuple[JobSpec, Dict[str, Any]]]) -> List[Tuple[JobSpec, Dict[str, Any]]]:
@@ -340,26 +370,35 @@ def _interleave_groups(work: List[Tuple[JobSpec, Dict[str, Any]]]) -> List[Tuple
     return out
 
 
-def _run_all(cfg, run: RunDir, work: List[Tuple[JobSpec, Dict[str, Any]]],
-             on_done) -> Dict[str, Exception]:
-    """Run every job, as many at once as the cluster holds; `on_done(job, record)` as each finishes."""
+def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[str, Any]]]]],
+             on_done, total_steps: int) -> Dict[str, Exception]:
+    """Run every unit (a trainer name and its one job or pack of jobs), as many at once as the
+    cluster holds; `on_done(job, record)` for each job as its unit finishes."""
     import ray
 
     errors: Dict[str, Exception] = {}
-    if not work:
+    if not units:
         return errors
     board = _progress_board_class().remote()
-    monitor = ProgressMonitor(board, sum(int(cfg.finetune.steps) for _ in work)).start()
-    pool = ThreadPoolExecutor(max_workers=min(len(work), _capacity(cfg.finetune)),
+    monitor = ProgressMonitor(board, total_steps).start()
+    pool = ThreadPoolExecutor(max_workers=min(len(units), _capacity(cfg.finetune)),
                               thread_name_prefix="raybias-finetune")
     try:
-        futures = {pool.submit(_run_job, cfg, run, job, ft, board): job for job, ft in work}
+        futures = {pool.submit(_run_unit, cfg, run, unit, board, name): (name, unit) for name, unit in units}
         for fut in as_completed(futures):
-            job = futures[fut]
+            name, unit = futures[fut]
             try:
-                on_done(job, fut.result())
-            except Exception as exc:  # one job failing must not stop the others
-                errors[f"{job.generator}/{job.name}"] = exc
+                records = fut.result()
+                for job, _ in unit:
+                    on_done(job, records[job.key])
+            except Exception as exc:  # one trainer failing must not stop the others
+                # a pack's jobs published before the failure are kept; the others failed
+                for job, _ in unit:
+                    rel = f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
+                    if len(unit) > 1 and run.exists(rel):
+                        on_done(job, run.read_json(rel))
+                    else:
+                        errors[job.key] = exc
     except BaseException:
         # Ctrl-C: start nothing more; running trainers end with the driver, and --resume
         # continues them from their checkpoints.
@@ -434,7 +473,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         key = f"finetune/{gen}"
         sections = finetune_sections(gen)
         prev = run.stage_record(key)
-        same_config = bool(prev) and prev.get("hash") == config_hash(cfg, sections)
+        same_config = run.matches(prev, cfg, sections)
         st = run.begin_stage(key, cfg, sections, mode)
         if st.skip and run.exists(manifest_path(gen)):
             out[gen] = run.read_json(manifest_path(gen))
@@ -454,19 +493,29 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
 
     base, base_folder = _base_model(cfg, run)
     records: Dict[str, Dict[str, Dict[str, Any]]] = {gen: {} for gen, _, _ in pending}
-    work: List[Tuple[JobSpec, Dict[str, Any]]] = []
+    every_job: List[Tuple[JobSpec, Dict[str, Any]]] = []
+    finished = set()
     done_units = {gen: set(run.stage_record(key).get("units", [])) for gen, _, key in pending}
     for gen, plan, key in pending:
         ft = _finetune_dict(cfg, run, gen, base, base_folder)
         for job in plan.jobs:
+            every_job.append((job, ft))
             rel = f"{generator_dir(gen)}/{job.name}/{TRAINING_JSON}"
             if job.name in done_units[gen] and run.exists(rel):
                 records[gen][job.name] = run.read_json(rel)  # finished earlier: not trained again
-                continue
-            work.append((job, ft))
-    work = _interleave_groups(work)
+                finished.add((gen, job.name))
+    every_job = _interleave_groups(every_job)
+    todo = [(job, ft) for job, ft in every_job if (job.generator, job.name) not in finished]
+    per_trainer = int(cfg.finetune.jobs_per_trainer)
+    if per_trainer > 1:
+        packs = make_packs(every_job, per_trainer)
+        units = [(pack_name(i, len(packs)), pack) for i, pack in enumerate(packs)
+                 if any((j.generator, j.name) not in finished for j, _ in pack)]
+    else:
+        units = [(job.name, [(job, ft)]) for job, ft in todo]
     skipped = sum(len(r) for r in records.values())
-    print(f"finetune: {len(work)} job(s) to train" + (f", {skipped} finished earlier" if skipped else "")
+    print(f"finetune: {len(todo)} job(s) to train" + (f", {skipped} finished earlier" if skipped else "")
+          + (f", in {len(units)} trainer(s)" if per_trainer > 1 else "")
           + f" ({', '.join(g for g, _, _ in pending)}; base {base})", flush=True)
 
     lock = threading.Lock()
@@ -477,7 +526,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
             run.mark_units(f"finetune/{job.generator}", [job.name])
 
     started = time.time()
-    errors = _run_all(cfg, run, work, on_done)
+    errors = _run_all(cfg, run, units, on_done, total_steps=int(cfg.finetune.steps) * len(todo))
     failed_gens = {name.split("/", 1)[0] for name in errors}
     for gen, plan, key in pending:
         if gen in failed_gens:

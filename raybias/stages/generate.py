@@ -47,7 +47,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     key = stage_key(generator)
     sections = tuple(sections or generate_sections(generator))
     previous = run.stage_record(key)
-    same_config = previous is not None and previous.get("hash") == config_hash(cfg, sections)
+    same_config = run.matches(previous, cfg, sections)
     st = run.begin_stage(key, cfg, sections, mode)
     plan = load_plan(run, generator)
     if st.skip:
