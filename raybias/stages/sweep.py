@@ -159,8 +159,9 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
                                   max_t=max(cfg.train.epochs, cfg.train.stage1.epochs + cfg.train.epochs),
                                   grace_period=max(1, cfg.train.epochs // 4))
     if tune.Tuner.can_restore(exp_path) and mode != "fresh":
-        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, restart_errored=False,
-                                   param_space=param_space)
+        # No param_space: the experiment keeps the one it started with (Tune would refuse a
+        # config that gained a key since, e.g. after an upgrade), and it holds no object refs.
+        tuner = tune.Tuner.restore(exp_path, trainable=trainable, resume_errored=True, restart_errored=False)
     else:
         tuner = tune.Tuner(
             trainable, param_space=param_space,
