@@ -234,6 +234,11 @@ class TrainConfig:
     use_gpu: bool = False  # one GPU per worker
     cpus_per_worker: float = 1.0  # also each worker's torch threads
     in_memory: bool = True  # decode the (small) dataset into memory instead of streaming
+    # Streaming (in_memory=false): a training set whose decoded images take at most this many
+    # MB is read and decoded once, into Ray's object store, and every epoch streams the decoded
+    # blocks (no Parquet read or image decode per epoch); a larger one is read and decoded each
+    # epoch. 0: always decode per epoch.
+    stream_cache_mb: int = 1024
     max_failures: int = 1  # Ray Train restarts a failed worker group from its last checkpoint
     # classifiers trained at once by `train_methods`; None: as many as the cluster's CPUs/GPUs fit
     max_concurrent: Optional[int] = None
@@ -592,6 +597,7 @@ def validate(cfg: DictConfig) -> None:
     _at_least("train.groupdro_c", t.groupdro_c, 0)
     _at_least("train.jtt_epochs", t.jtt_epochs, 1)
     _at_least("train.jtt_lambda", t.jtt_lambda, 1)
+    _at_least("train.stream_cache_mb", t.stream_cache_mb, 0)
     _choice("train.generator", t.generator, GENERATORS)
     _between("train.synthetic_ratio", t.synthetic_ratio, 0, 1)
     _at_least("train.stage1.epochs", t.stage1.epochs, 1)

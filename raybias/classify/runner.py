@@ -93,6 +93,29 @@ def build_job(cfg, run: RunDir, method: str, seed: int, info: DatasetInfo,
     )
 
 
+def cached_if_small(data, n_rows: int, image_size: int, cache_mb: int):
+    """The decoded stream `data`, materialised once in the object store when it is small.
+
+    Per epoch, reading Parquet and decoding PNGs in Ray Data costs more than a small model's
+    step (bench_train_data.py); decoded 16-px images are 768 bytes each. A set is cached when
+    its decoded size is within `cache_mb` and half the object store, in the order it streams
+    (so the cached and the per-epoch paths train identically).
+    """
+    import ray
+
+    decoded_mb = n_rows * 3 * image_size * image_size / 2**20
+    store_mb = ray.cluster_resources().get("object_store_memory", 0) / 2**20
+    if cache_mb <= 0 or decoded_mb > cache_mb or decoded_mb > store_mb / 2:
+        return data
+    ctx = ray.data.DataContext.get_current()
+    keep = ctx.execution_options.preserve_order
+    ctx.execution_options.preserve_order = True
+    try:
+        return data.materialize()
+    finally:
+        ctx.execution_options.preserve_order = keep
+
+
 def _trainer(job: TrainJob, run: RunDir, t, fail_after_epochs: Optional[int], callbacks=None):
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
@@ -113,7 +136,8 @@ def _trainer(job: TrainJob, run: RunDir, t, fail_after_epochs: Optional[int], ca
 
         # Training sets stream through Ray Data, split among workers, in a fixed order
         # (reproducible); workers read evaluation sets from the Parquet files themselves.
-        datasets = {name: stream_dataset(run, ds, job.image_size)
+        datasets = {name: cached_if_small(stream_dataset(run, ds, job.image_size), len(ds), job.image_size,
+                                          int(t.stream_cache_mb))
                     for name, ds in job.sets.items() if name in TRAIN_SETS}
         dataset_config = DataConfig(datasets_to_split="all",
                                     execution_options=ExecutionOptions(preserve_order=True))
