@@ -6,6 +6,8 @@ directory; a failed worker restarts from its last checkpoint (`FailureConfig`), 
 run continues with `--resume`: finished jobs are work units in the manifest and are not
 trained again, unfinished ones resume from their Ray Train checkpoint. The jobs of every
 generator being fine-tuned are launched together, as many at once as the cluster holds.
+With finetune.jobs_per_trainer > 1 a trainer trains a pack of jobs in turn (`make_packs`),
+paying Ray Train's start-up and the base model's loading once per pack.
 
 Writes, per generator:
   generators/<gen>/<g>[-c<k>]/      the model (LoRA weights or a DreamBooth pipeline folder),
