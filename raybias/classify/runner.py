@@ -99,8 +99,8 @@ def cached_if_small(data, n_rows: int, image_size: int, cache_mb: int):
     Per epoch, reading Parquet and decoding PNGs in Ray Data costs more than a small model's
     step (bench_train_data.py); decoded 16-px images are 768 bytes each. A set is cached when
     its decoded size is within `cache_mb` and half the object store. It is materialised with
-    preserve_order, so a run is reproducible; its batches need not fall as the per-epoch path's
-    do, which is why train.stream_cache_mb is not an execution-only key.
+    preserve_order (blocks in stream order), but its batches need not fall as the per-epoch
+    path's do, which is why train.stream_cache_mb is not an execution-only key.
     """
     import ray
 
