@@ -589,40 +589,54 @@ def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
         with ckpt.as_directory() as d:
             with open(os.path.join(d, "state.json")) as f:
                 ckpt_job = json.load(f).get("job")
+    if len(items) > 1:  # a restarted pack: what it already published is done
+        from raybias.rundir import RunDir
+
+        items = [item for item in items if not RunDir(item["finetune"]["run_spec"]).exists(
+            f"{item['finetune']['generator_dir']}/{item['job']['name']}/{TRAINING_JSON}")]
     bases: Dict[Tuple[str, Optional[str]], Tuple[Any, Any]] = {}
     started = time.time()
     launched = float(cfg.get("launched_at", started))  # the driver's fit(): start-up is the first job's
-    for item in items:
+    device = "cuda" if cfg.get("use_gpu") and torch.cuda.is_available() else "cpu"
+    for i, item in enumerate(items):
         job = JobSpec.from_dict(item["job"])
         ft = item["finetune"]
-        if len(items) > 1:
-            from raybias.rundir import RunDir
-
-            if RunDir(ft["run_spec"]).exists(f"{ft['generator_dir']}/{job.name}/{TRAINING_JSON}"):
-                continue
         # a single job's checkpoint is its own (checkpoints older than `job` in state.json too)
-        mine = ckpt if ckpt is not None and (len(items) == 1 or ckpt_job == job.key) else None
-        _train_job({**cfg, **item, "launched_at": launched, "packed": len(items) > 1}, job, ft, mine, bases, started)
+        mine = ckpt if ckpt is not None and ("pack" not in cfg or ckpt_job == job.key) else None
+        keep = any(_base_key(later["finetune"]) == _base_key(ft) for later in items[i + 1:])
+        pipe = _base_pipeline(bases, ft, device, keep)
+        _train_job({**cfg, **item, "launched_at": launched, "packed": "pack" in cfg}, job, ft, mine, pipe, device,
+                   started)
         started = launched = time.time()
 
 
-def _base_pipeline(bases, ft: Dict[str, Any], device: str):
-    """The base pipeline with a fresh copy of its UNet (a pack's jobs each train their own)."""
+def _base_key(ft: Dict[str, Any]) -> Tuple[str, Optional[str]]:
+    return ft["base"], ft.get("revision")
+
+
+def _base_pipeline(bases, ft: Dict[str, Any], device: str, keep: bool):
+    """The base pipeline for one job, whose UNet that job trains. With `keep` (later jobs of the
+    pack start from the same base) an untouched copy of the base UNet stays on the CPU; the
+    last job takes that copy itself, and a lone job's pipeline is loaded with no copy at all."""
     import copy
 
     from raybias.diffusion.backbone import load_pipeline
 
-    key = (ft["base"], ft.get("revision"))
-    if key not in bases:
+    key = _base_key(ft)
+    if key in bases:
+        pipe, pristine = bases.pop(key)
+        pipe.unet = (copy.deepcopy(pristine) if keep else pristine).to(device)
+    else:
         pipe = load_pipeline(ft["base"], revision=ft.get("revision"), device=device)
         pipe.set_progress_bar_config(disable=True)
-        bases[key] = (pipe, copy.deepcopy(pipe.unet).cpu())
-    pipe, pristine = bases[key]
-    pipe.unet = copy.deepcopy(pristine).to(device)
+        pristine = copy.deepcopy(pipe.unet).cpu() if keep else None
+    if keep:
+        bases[key] = (pipe, pristine)
     return pipe
 
 
-def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, bases, started: float) -> None:
+def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe, device: str,
+               started: float) -> None:
     import ray.train
     from ray.train import Checkpoint
 
@@ -630,11 +644,9 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, base
 
     threads = max(1, int(cfg.get("threads", 1)))
     torch.set_num_threads(threads)
-    device = "cuda" if cfg.get("use_gpu") and torch.cuda.is_available() else "cpu"
     run = RunDir(ft["run_spec"])
     board = cfg.get("board")
 
-    pipe = _base_pipeline(bases, ft, device)
     steps = int(ft["steps"])
     previews: List[Tuple[str, np.ndarray]] = []
     n_prev = int(ft["n_samples"])

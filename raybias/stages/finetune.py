@@ -54,6 +54,11 @@ def generator_dir(generator: str) -> str:
     return f"generators/{generator}"
 
 
+def training_json(job: JobSpec) -> str:
+    """Run-relative path of a job's training record, written last: the model is published."""
+    return f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
+
+
 def manifest_path(generator: str) -> str:
     return f"generators/{generator}/manifest.json"
 
@@ -317,7 +322,7 @@ def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], boar
     resources = {"CPU": float(f.num_cpus_per_job)}
     if use_gpu:
         resources["GPU"] = float(f.num_gpus_per_job)
-    first, first_ft = unit[0]
+    first = unit[0][0]
     loop_cfg: Dict[str, Any] = {"board": board, "use_gpu": use_gpu, "threads": max(1, int(f.num_cpus_per_job))}
     items = [{"job": job.to_dict(), "finetune": ft, "fault": _fault_for(job.generator, job.name, run)}
              for job, ft in unit]
@@ -338,7 +343,7 @@ def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], boar
     wall = time.time() - start
     records = {}
     for job, _ in unit:
-        rel = f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
+        rel = training_json(job)
         if not run.exists(rel):
             raise StageFailed(f"{job.generator} {job.name}: training finished but {run.path(rel)} was not written")
         record = run.read_json(rel)
@@ -396,9 +401,8 @@ def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[s
             except Exception as exc:  # one trainer failing must not stop the others
                 # a pack's jobs published before the failure are kept; the others failed
                 for job, _ in unit:
-                    rel = f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
-                    if len(unit) > 1 and run.exists(rel):
-                        on_done(job, run.read_json(rel))
+                    if len(unit) > 1 and run.exists(training_json(job)):
+                        on_done(job, run.read_json(training_json(job)))
                     else:
                         errors[job.key] = exc
     except BaseException:
@@ -502,17 +506,16 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         ft = _finetune_dict(cfg, run, gen, base, base_folder)
         for job in plan.jobs:
             every_job.append((job, ft))
-            rel = f"{generator_dir(gen)}/{job.name}/{TRAINING_JSON}"
-            if job.name in done_units[gen] and run.exists(rel):
-                records[gen][job.name] = run.read_json(rel)  # finished earlier: not trained again
-                finished.add((gen, job.name))
+            if job.name in done_units[gen] and run.exists(training_json(job)):
+                records[gen][job.name] = run.read_json(training_json(job))  # finished earlier: not trained again
+                finished.add(job.key)
     every_job = _interleave_groups(every_job)
-    todo = [(job, ft) for job, ft in every_job if (job.generator, job.name) not in finished]
+    todo = [(job, ft) for job, ft in every_job if job.key not in finished]
     per_trainer = int(cfg.finetune.jobs_per_trainer)
     if per_trainer > 1:
         packs = make_packs(every_job, per_trainer)
         units = [(pack_name(i, len(packs)), pack) for i, pack in enumerate(packs)
-                 if any((j.generator, j.name) not in finished for j, _ in pack)]
+                 if any(j.key not in finished for j, _ in pack)]
     else:
         units = [(job.name, [(job, ft)]) for job, ft in todo]
     skipped = sum(len(r) for r in records.values())
