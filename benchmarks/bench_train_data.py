@@ -13,7 +13,11 @@ waiting for data; epoch 1 left out as warm-up), the ratios to in-memory, what ea
 costs, and the per-run overhead of a Ray Train trainer (wall time of `fit()` minus the time
 the worker spent training).
 
-    .venv/bin/python benchmarks/bench_train_data.py [--epochs 8] [--size 16] [--repeat 8]
+Run-to-run noise on a 2-core machine (about +-5 %) is as large as the effect measured, so the
+paths run `--rounds` times, alternating, the order rotated each round; the cost reported is
+the median of the rounds' ratios, each round's ratio printed beside it.
+
+    .venv/bin/python benchmarks/bench_train_data.py [--epochs 8] [--size 16] [--repeat 8] [--rounds 3]
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--cpus", type=int, default=2, help="CPUs of the local Ray")
     ap.add_argument("--repeat", type=int, default=8, help="copies of each training image (new ids)")
+    ap.add_argument("--rounds", type=int, default=3, help="runs of each path, alternating")
     args = ap.parse_args()
 
     from raybias.classify.runner import train_classifier
@@ -69,35 +74,41 @@ def main() -> None:
     if args.repeat > 1:
         repeat_training_rows(run, args.repeat)
 
-    rows = {}
+    import statistics
+
     paths = (("in-memory tensors", True, 0), ("Ray Data, decoded once", False, 1024),
              ("Ray Data, decode/epoch", False, 0))
-    for label, in_memory, cache_mb in paths:
-        c = config_from_dict({**base, "train": {**base["train"], "in_memory": in_memory,
-                                                "stream_cache_mb": cache_mb}})
-        start = time.time()
-        rec = train_classifier(c, run, "erm", 0, "fresh")
-        wall = time.time() - start
-        hist = rec["history"][1:]  # epoch 1: warm-up (streaming also starts its executor)
-        images = sum(h["examples"] for h in hist)
-        loop_s = sum(h["train_time"] for h in hist)
-        epoch_s = sum(h["epoch_time"] for h in hist)
-        rows[label] = {"loop": images / loop_s, "epoch": images / epoch_s, "wall": wall,
-                       "overhead": rec["seconds"] - rec["train_seconds"], "n": rec["n_train"],
-                       "wga": rec["test"]["wga"]}
+    runs = {label: [] for label, _, _ in paths}
+    for r in range(args.rounds):
+        for label, in_memory, cache_mb in paths[r % len(paths):] + paths[:r % len(paths)]:
+            c = config_from_dict({**base, "train": {**base["train"], "in_memory": in_memory,
+                                                    "stream_cache_mb": cache_mb}})
+            start = time.time()
+            rec = train_classifier(c, run, "erm", 0, "fresh")
+            wall = time.time() - start
+            hist = rec["history"][1:]  # epoch 1: warm-up (streaming also starts its executor)
+            images = sum(h["examples"] for h in hist)
+            runs[label].append({"loop": images / sum(h["train_time"] for h in hist),
+                                "epoch": images / sum(h["epoch_time"] for h in hist), "wall": wall,
+                                "overhead": rec["seconds"] - rec["train_seconds"], "n": rec["n_train"],
+                                "wga": rec["test"]["wga"]})
     print(machine())
-    print(f"colored_digits original ({rows['in-memory tensors']['n']} training images, {args.size}px), "
-          f"small_cnn, batch {args.batch_size}, {args.epochs} epochs, 1 worker x 1 CPU")
-    print(f"{'path':<22}{'loop img/s':>12}{'epoch img/s':>13}{'fit() s':>9}{'overhead s':>12}{'test WGA':>10}")
-    for label, r in rows.items():
-        print(f"{label:<22}{r['loop']:>12.0f}{r['epoch']:>13.0f}{r['wall']:>9.1f}{r['overhead']:>12.1f}"
-              f"{100 * r['wga']:>10.1f}")
-    mem = rows["in-memory tensors"]
+    mem = runs["in-memory tensors"]
+    print(f"colored_digits original ({mem[0]['n']} training images, {args.size}px), small_cnn, "
+          f"batch {args.batch_size}, {args.epochs} epochs, 1 worker x 1 CPU, {args.rounds} round(s)")
+    print(f"{'path (median of rounds)':<24}{'loop img/s':>11}{'epoch img/s':>13}{'fit() s':>9}{'overhead s':>12}"
+          f"{'test WGA':>10}")
+    for label, rs in runs.items():
+        med = {k: statistics.median(r[k] for r in rs) for k in ("loop", "epoch", "wall", "overhead", "wga")}
+        print(f"{label:<24}{med['loop']:>11.0f}{med['epoch']:>13.0f}{med['wall']:>9.1f}{med['overhead']:>12.1f}"
+              f"{100 * med['wga']:>10.1f}")
     for label in ("Ray Data, decoded once", "Ray Data, decode/epoch"):
-        stream = rows[label]
-        ratio = stream["loop"] / mem["loop"]
-        print(f"{label} / in-memory: training loop {ratio:.3f} -> data path costs {100 * (1 - ratio):.1f} %; "
-              f"whole epoch incl. validation {stream['epoch'] / mem['epoch']:.3f}")
+        loop = [run_["loop"] / m["loop"] for run_, m in zip(runs[label], mem)]
+        epoch = [run_["epoch"] / m["epoch"] for run_, m in zip(runs[label], mem)]
+        ratio = statistics.median(loop)
+        print(f"{label} / in-memory: training loop {ratio:.3f} (rounds: {', '.join(f'{x:.3f}' for x in loop)}) "
+              f"-> data path costs {100 * (1 - ratio):.1f} %; whole epoch incl. validation "
+              f"{statistics.median(epoch):.3f}")
     print("note: the machine may be shared; figures are noisy under load")
 
 

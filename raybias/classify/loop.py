@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from raybias.allocator import keep_freed_memory
 from raybias.classify.data import (DataSet, InMemorySet, ParquetRows, StreamSet, augment, epoch_draw,
                                    generator, load_images)
 from raybias.classify.methods import LossInput, Phase, get_method
@@ -274,6 +275,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
     torch.set_num_threads(max(1, int(job.torch_threads)))
+    keep_freed_memory()  # no page faults on each step's activations (raybias/allocator.py)
     device = ray.train.torch.get_device()
     ctx = WorkerContext(job, rank, world, device)
     t = ctx.train
