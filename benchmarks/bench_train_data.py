@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -74,8 +75,6 @@ def main() -> None:
     if args.repeat > 1:
         repeat_training_rows(run, args.repeat)
 
-    import statistics
-
     paths = (("in-memory tensors", True, 0), ("Ray Data, decoded once", False, 1024),
              ("Ray Data, decode/epoch", False, 0))
     runs = {label: [] for label, _, _ in paths}
@@ -103,8 +102,8 @@ def main() -> None:
         print(f"{label:<24}{med['loop']:>11.0f}{med['epoch']:>13.0f}{med['wall']:>9.1f}{med['overhead']:>12.1f}"
               f"{100 * med['wga']:>10.1f}")
     for label in ("Ray Data, decoded once", "Ray Data, decode/epoch"):
-        loop = [run_["loop"] / m["loop"] for run_, m in zip(runs[label], mem)]
-        epoch = [run_["epoch"] / m["epoch"] for run_, m in zip(runs[label], mem)]
+        loop = [st["loop"] / m["loop"] for st, m in zip(runs[label], mem)]
+        epoch = [st["epoch"] / m["epoch"] for st, m in zip(runs[label], mem)]
         ratio = statistics.median(loop)
         print(f"{label} / in-memory: training loop {ratio:.3f} (rounds: {', '.join(f'{x:.3f}' for x in loop)}) "
               f"-> data path costs {100 * (1 - ratio):.1f} %; whole epoch incl. validation "
