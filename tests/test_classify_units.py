@@ -15,7 +15,7 @@ from raybias.classify.data import DataSet, augment, epoch_draw, generator, mix_r
 from raybias.classify.losses import GroupDRO, group_means, supcon_loss
 from raybias.classify.methods import (JTT, GroupDROLoss, LossInput, Phase, get_method,
                                       group_balanced_weights, registered)
-from raybias.classify.metrics import format_summary, group_metrics, summarize
+from raybias.classify.metrics import collect_metrics, format_summary, group_metrics, summarize
 from raybias.classify.models import (build_model, cached_weights_path, check_pretrained, load_classifier,
                                      model_bytes)
 from raybias.config import ConfigError, config_from_dict
@@ -126,18 +126,24 @@ def test_summarize_mean_std_over_seeds(tmp_path):
     run = RunDir(str(tmp_path / "run"))
     _write_metrics(run, "erm", 0, 0.1, 0.5, [0.9, 0.1])
     _write_metrics(run, "erm", 1, 0.3, 0.6, [0.9, 0.3])
+    _write_metrics(run, "erm", 2, 0.9, 0.9, [0.9, 0.9])  # another seed, not asked for
     _write_metrics(run, "groupdro", 0, 0.7, 0.8, [0.9, 0.7])
-    df = summarize(run, ["erm", "groupdro"], [0, 1], missing="skip")
+    _write_metrics(run, "jtt", 0, 0.5, 0.5, [0.5, None])  # group 1 absent from the split
+    df = summarize(collect_metrics(run, ["erm", "groupdro", "jtt"], [0, 1]), order=["jtt", "groupdro", "erm"])
+    assert list(df["method"]) == ["jtt", "groupdro", "erm"]
     erm = df.set_index("method").loc["erm"]
     assert erm["n_seeds"] == 2
     assert erm["wga_mean"] == pytest.approx(0.2)
     assert erm["wga_std"] == pytest.approx(np.std([0.1, 0.3], ddof=1))
-    assert erm["group_1_mean"] == pytest.approx(0.2)
+    assert erm["g1_mean"] == pytest.approx(0.2)
     dro = df.set_index("method").loc["groupdro"]
-    assert dro["n_seeds"] == 1 and dro["wga_std"] == 0.0
-    assert "20.0 ± 14.1" in format_summary(df)
-    with pytest.raises(FileNotFoundError, match="groupdro/1/metrics.json"):
-        summarize(run, ["groupdro"], [0, 1])
+    assert dro["n_seeds"] == 1 and np.isnan(dro["wga_std"])  # one seed: no spread
+    assert np.isnan(df.set_index("method").loc["jtt"]["g1_mean"])
+    table = format_summary(df, ["small", "large"])
+    assert "20.0 ± 14.1" in table and "70.0" in table and "70.0 ± nan" not in table
+    assert table.splitlines()[0].split()[-2:] == ["small", "large"]
+    # every seed found when none are named
+    assert sorted(collect_metrics(run, ["erm"])["seed"]) == [0, 1, 2]
 
 
 # --- sampling and augmentation ------------------------------------------------------------

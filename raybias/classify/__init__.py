@@ -8,5 +8,5 @@
   or streamed through Ray Data), seeded sampling and colour-preserving augmentation.
 - `loop`: the per-worker training function (phases, checkpoints, model selection).
 - `runner`: the driver side: one TorchTrainer per (method, seed), several at once.
-- `metrics`: per-group accuracy, WGA, AGA; `summarize` over seeds.
+- `metrics`: per-group accuracy, WGA, AGA; `collect_metrics` (one row per method and seed) and `summarize` over seeds, used by the train stage, the report and the sweep.
 """

@@ -10,7 +10,6 @@ the printed tables show percentages.
 
 from __future__ import annotations
 
-import json
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -51,75 +50,81 @@ def metrics_path(method: str, seed: int) -> str:
     return f"classifiers/{method}/{seed}/metrics.json"
 
 
-def load_metrics(run, method: str, seed: int) -> Dict:
-    from raybias.data.io import TableMissing
-
-    rel = metrics_path(method, seed)
-    if not run.exists(rel):
-        raise TableMissing(f"{run.path(rel)} does not exist (run `raybias train` with "
-                           f"method {method!r} and seed {seed} first)")
-    return json.loads(run.read_text(rel))
-
-
-def _mean_std(values: List[float]):
-    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
-    if len(v) == 0:
-        return float("nan"), float("nan")
-    return float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
-
-
-def summarize(run, methods: Iterable[str], seeds: Iterable[int], split: str = "test",
-              missing: str = "raise") -> pd.DataFrame:
-    """One row per method: mean and sample std (ddof=1) over seeds of WGA, AGA, acc, each group.
-
-    Columns: method, n_seeds, seeds, wga_mean, wga_std, aga_mean, aga_std, acc_mean, acc_std,
-    group_<g>_mean, group_<g>_std (fractions in [0, 1]); `split` is "test" or "val".
-    `missing="skip"` leaves out (method, seed) pairs without metrics.json; "raise" raises
-    TableMissing naming the file.
-    """
+def collect_metrics(run, methods: Optional[Iterable[str]] = None, seeds: Optional[Iterable[int]] = None,
+                    split: str = "test") -> pd.DataFrame:
+    """One row per (method, seed) with a classifiers/<method>/<seed>/metrics.json: method, seed,
+    wga, aga, acc, g<g> (each group's accuracy; NaN where the split has none of it) of `split`,
+    and val_wga, best_epoch, seconds. `methods`/`seeds`: only those (default: all found)."""
+    wanted_methods = None if methods is None else list(methods)
+    wanted_seeds = None if seeds is None else {int(s) for s in seeds}
     rows = []
-    for method in methods:
-        recs = []
-        used = []
-        for seed in seeds:
-            try:
-                recs.append(load_metrics(run, method, seed))
-                used.append(int(seed))
-            except FileNotFoundError:
-                if missing == "raise":
-                    raise
-        if not recs:
+    for method in run.listdir("classifiers"):
+        if wanted_methods is not None and method not in wanted_methods:
             continue
-        row = {"method": method, "n_seeds": len(recs), "seeds": used,
-               "train_method": recs[0].get("train_method", method)}
-        for key in ("wga", "aga", "acc"):
-            row[f"{key}_mean"], row[f"{key}_std"] = _mean_std([r[split][key] for r in recs])
-        groups = sorted({g for r in recs for g in r[split]["group_acc"]}, key=int)
-        for g in groups:
-            row[f"group_{g}_mean"], row[f"group_{g}_std"] = _mean_std(
-                [r[split]["group_acc"].get(g) for r in recs])
-        rows.append(row)
+        for seed in run.listdir("classifiers", method):
+            rel = metrics_path(method, seed)
+            if not run.exists(rel):
+                continue
+            m = run.read_json(rel)
+            if wanted_seeds is not None and int(m.get("seed", seed)) not in wanted_seeds:
+                continue
+            part = m[split]
+            row = {"method": method, "seed": int(m.get("seed", seed)), "wga": part["wga"],
+                   "aga": part["aga"], "acc": part["acc"], "val_wga": m.get("val", {}).get("wga"),
+                   "best_epoch": m.get("best_epoch"), "seconds": m.get("seconds")}
+            for g, acc in part.get("group_acc", {}).items():
+                row[f"g{g}"] = np.nan if acc is None else acc
+            rows.append(row)
     return pd.DataFrame(rows)
 
 
+def group_columns(df: pd.DataFrame, suffix: str = "") -> List[str]:
+    """The per-group accuracy columns of a `collect_metrics` (suffix "") or `summarize` ("_mean")
+    table, in group order: g0, g1, ..."""
+    gs = [c[1:len(c) - len(suffix)] for c in df.columns
+          if c.startswith("g") and c.endswith(suffix) and c[1:len(c) - len(suffix)].isdigit()]
+    return [f"g{g}{suffix}" for g in sorted(gs, key=int)]
+
+
+def summarize(df: pd.DataFrame, keys: Sequence[str] = ("method",), order: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """Mean and sample std (ddof=1; NaN for one seed) over seeds of WGA, AGA, acc and each
+    group's accuracy (fractions), one row per `keys` value, with n_seeds. `order`: the methods'
+    order when keys is just "method" (default: sorted)."""
+    if df.empty:
+        return pd.DataFrame()
+    keys = list(keys)
+    metric_cols = ["wga", "aga", "acc"] + group_columns(df)
+    agg = df.groupby(keys)[metric_cols].agg(["mean", "std"])
+    agg.columns = [f"{a}_{b}" for a, b in agg.columns]
+    agg["n_seeds"] = df.groupby(keys).size()
+    agg = agg.reset_index()
+    if order is not None and keys == ["method"]:
+        rank = {m: i for i, m in enumerate(order)}
+        agg = agg.sort_values("method", key=lambda col: col.map(lambda m: rank.get(m, len(rank))))
+    return agg.reset_index(drop=True)
+
+
 def pct(mean: float, std: Optional[float] = None) -> str:
+    """In percent; "-" for no value; no ± for no spread (std None, or NaN for one seed)."""
     if mean is None or (isinstance(mean, float) and np.isnan(mean)):
         return "-"
-    return f"{100 * mean:.1f}" if std is None else f"{100 * mean:.1f} ± {100 * std:.1f}"
+    if std is None or (isinstance(std, float) and np.isnan(std)):
+        return f"{100 * mean:.1f}"
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
 
 
 def format_summary(df: pd.DataFrame, group_names: Optional[Sequence[str]] = None) -> str:
     """A plain-text table of `summarize` output in percent (mean ± std)."""
     if df.empty:
         return "(no results)"
-    gcols = sorted({c[6:-5] for c in df.columns if c.startswith("group_") and c.endswith("_mean")}, key=int)
+    gcols = [c[1:-5] for c in group_columns(df, "_mean")]
     names = [group_names[int(g)] if group_names else f"g{g}" for g in gcols]
     head = f"{'method':<22}{'seeds':>6}{'WGA':>14}{'AGA':>14}{'acc':>14}" + "".join(f"{n:>16}" for n in names)
     lines = [head]
     for _, r in df.iterrows():
         line = (f"{r['method']:<22}{int(r['n_seeds']):>6}{pct(r['wga_mean'], r['wga_std']):>14}"
                 f"{pct(r['aga_mean'], r['aga_std']):>14}{pct(r['acc_mean'], r['acc_std']):>14}")
-        line += "".join(f"{pct(r[f'group_{g}_mean'], r[f'group_{g}_std']):>16}" for g in gcols)
+        line += "".join(f"{pct(r[f'g{g}_mean'], r[f'g{g}_std']):>16}" for g in gcols)
         lines.append(line)
     return "\n".join(lines)
 

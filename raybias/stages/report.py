@@ -16,6 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
+from raybias.classify.metrics import collect_metrics, summarize
 from raybias.rundir import RunDir
 
 REPORT = "report"
@@ -30,44 +31,7 @@ def _plt():
     return plt
 
 
-# --- collecting results -------------------------------------------------------------------
-
-def collect_metrics(run: RunDir, methods: Optional[List[str]] = None) -> pd.DataFrame:
-    """One row per (method, seed) from classifiers/<method>/<seed>/metrics.json."""
-    rows = []
-    for method in run.listdir("classifiers"):
-        if methods is not None and method not in methods:
-            continue
-        for seed in run.listdir("classifiers", method):
-            rel = f"classifiers/{method}/{seed}/metrics.json"
-            if not run.exists(rel):
-                continue
-            m = run.read_json(rel)
-            test = m["test"]
-            row = {"method": method, "seed": int(m.get("seed", seed)), "wga": test["wga"],
-                   "aga": test["aga"], "acc": test["acc"], "val_wga": m.get("val", {}).get("wga"),
-                   "best_epoch": m.get("best_epoch"), "seconds": m.get("seconds")}
-            for g, acc in test.get("group_acc", {}).items():
-                row[f"g{g}"] = acc
-            rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def summarize(df: pd.DataFrame, keys=("method",), order: Optional[List[str]] = None) -> pd.DataFrame:
-    """Mean and std over seeds of WGA, AGA, accuracy (in %), per `keys`."""
-    if df.empty:
-        return pd.DataFrame()
-    keys = list(keys)
-    metric_cols = ["wga", "aga", "acc"] + sorted(c for c in df.columns if c.startswith("g") and c[1:].isdigit())
-    agg = df.groupby(keys)[metric_cols].agg(["mean", "std"])
-    agg.columns = [f"{a}_{b}" for a, b in agg.columns]
-    agg["n_seeds"] = df.groupby(keys).size()
-    agg = agg.reset_index()
-    if order is not None and keys == ["method"]:
-        rank = {m: i for i, m in enumerate(order)}
-        agg = agg.sort_values("method", key=lambda s: s.map(lambda m: rank.get(m, len(rank))))
-    return agg.reset_index(drop=True)
-
+# --- tables -------------------------------------------------------------------------------
 
 def _pm(mean: float, std: float) -> str:
     """Mean ± std in %; one seed has no spread to show (pandas gives NaN), so just the mean."""

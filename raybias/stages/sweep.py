@@ -127,7 +127,8 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from raybias.stages.report import summarize, write_sweep_report
+    from raybias.classify.metrics import summarize
+    from raybias.stages.report import write_sweep_report
 
     init_ray(cfg)
     sw = cfg.sweep

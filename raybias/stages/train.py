@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Dict, List, Tuple
 
-from raybias.classify.metrics import format_runs, format_summary, summarize
+from raybias.classify.metrics import collect_metrics, format_runs, format_summary, summarize
 from raybias.classify.runner import train_classifier, train_methods  # noqa: F401  (public API)
 from raybias.data.info import DatasetInfo
 from raybias.rundir import RunDir
@@ -32,5 +32,5 @@ def run_train(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
         print(format_runs([results[(method, s)] for s in seeds], names))
         if len(seeds) > 1:
             print()
-            print(format_summary(summarize(run, [method], seeds), names))
+            print(format_summary(summarize(collect_metrics(run, [method], seeds)), names))
     return results
