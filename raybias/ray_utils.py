@@ -110,3 +110,19 @@ def ray_data_quiet(enable_progress: Optional[bool] = None) -> None:
         ctx.print_on_execution_start = enable_progress
     except AttributeError:
         pass
+
+
+def quiet_train_worker() -> None:
+    """No log line per `ray.train.report` in a Ray Train worker's output.
+
+    Ray Train logs each report at INFO, with the whole metrics dict, from a logger named
+    after its source file (not under "ray.train"), so the level is set on that logger too.
+    """
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+    try:
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:  # another Ray Train layout: its INFO lines stay
+        return
+    reporter = getattr(train_context, "logger", None)
+    if isinstance(reporter, logging.Logger):
+        reporter.setLevel(logging.WARNING)

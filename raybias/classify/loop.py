@@ -267,9 +267,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
-    import logging
+    from raybias.ray_utils import quiet_train_worker
 
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # no line per reported epoch
+    quiet_train_worker()  # no line per reported epoch
     job: TrainJob = config["job"]
     fail_after = config.get("fail_after_epochs")
     tc = ray.train.get_context()

@@ -119,12 +119,13 @@ def format_summary(df: pd.DataFrame, group_names: Optional[Sequence[str]] = None
         return "(no results)"
     gcols = [c[1:-5] for c in group_columns(df, "_mean")]
     names = [group_names[int(g)] if group_names else f"g{g}" for g in gcols]
-    head = f"{'method':<22}{'seeds':>6}{'WGA':>14}{'AGA':>14}{'acc':>14}" + "".join(f"{n:>16}" for n in names)
+    width = max([16] + [len(n) + 2 for n in names])
+    head = f"{'method':<22}{'seeds':>6}{'WGA':>14}{'AGA':>14}{'acc':>14}" + "".join(f"{n:>{width}}" for n in names)
     lines = [head]
     for _, r in df.iterrows():
         line = (f"{r['method']:<22}{int(r['n_seeds']):>6}{pct(r['wga_mean'], r['wga_std']):>14}"
                 f"{pct(r['aga_mean'], r['aga_std']):>14}{pct(r['acc_mean'], r['acc_std']):>14}")
-        line += "".join(f"{pct(r[f'g{g}_mean'], r[f'g{g}_std']):>16}" for g in gcols)
+        line += "".join(f"{pct(r[f'g{g}_mean'], r[f'g{g}_std']):>{width}}" for g in gcols)
         lines.append(line)
     return "\n".join(lines)
 
@@ -135,12 +136,13 @@ def format_runs(records: Sequence[Dict], group_names: Optional[Sequence[str]] = 
         return "(no results)"
     n_groups = len(records[0][split]["group_acc"])
     names = [group_names[g] if group_names else f"g{g}" for g in range(n_groups)]
-    lines = [f"{'method':<22}{'seed':>5}{'best':>6}" + "".join(f"{n:>14}" for n in names)
+    width = max([14] + [len(n) + 2 for n in names])  # group names can be long ("digit>=5/green")
+    lines = [f"{'method':<22}{'seed':>5}{'best':>6}" + "".join(f"{n:>{width}}" for n in names)
              + f"{'WGA':>8}{'AGA':>8}{'acc':>8}"]
     for r in records:
         s = r[split]
         line = f"{r['method']:<22}{r['seed']:>5}{r['best_epoch']:>6}"
-        line += "".join(f"{pct(s['group_acc'][str(g)]):>14}" for g in range(n_groups))
+        line += "".join(f"{pct(s['group_acc'][str(g)]):>{width}}" for g in range(n_groups))
         line += f"{pct(s['wga']):>8}{pct(s['aga']):>8}{pct(s['acc']):>8}"
         lines.append(line)
     return "\n".join(lines)

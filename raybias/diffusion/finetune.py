@@ -582,6 +582,9 @@ def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
     """
     import ray.train
 
+    from raybias.ray_utils import quiet_train_worker
+
+    quiet_train_worker()  # no log line per checkpoint reported
     items = cfg.get("pack") or [{"job": cfg["job"], "finetune": cfg["finetune"], "fault": cfg.get("fault")}]
     ckpt = ray.train.get_checkpoint()
     ckpt_job = None
