@@ -211,7 +211,7 @@ def test_both_recipes_write_metrics_and_the_ddb_stages_are_recorded(ddb_run):
     assert run.exists("generators/ddb/cond/unet")
 
 
-def test_ddb_stage_is_skipped_when_done(ddb_run):
+def test_ddb_stage_is_skipped_when_done(ddb_run, capsys):
     import time
 
     from raybias.stages.ddb import run_ddb
@@ -220,3 +220,6 @@ def test_ddb_stage_is_skipped_when_done(ddb_run):
     t0 = time.time()
     out = run_ddb(cfg, run, "auto")
     assert out["generate"]["n_images"] == 10 * _.n_classes and time.time() - t0 < 30
+    # nothing ran: the summary says so rather than printing 0 s per part
+    assert out["done_earlier"] == ["model", "generate", "amplifier"] and out["seconds"] == {}
+    assert "model, generate, amplifier done earlier" in capsys.readouterr().out

@@ -32,18 +32,22 @@ META_FILE = "raybias_backbone.json"  # beside model_index.json: how it was made,
 
 @dataclass
 class PretrainSettings:
-    arch: str = "small"
-    steps: int = 3000
-    batch_size: int = 64
-    lr: float = 2e-3
-    ema_decay: float = 0.995
-    vae_steps: int = 1000
+    """How the builtin backbone is pretrained. The recipe's values (and their defaults) are the
+    `base:` config section's (raybias.config.BaseConfig; stages.base builds this from it); only
+    the internals no config exposes have defaults here."""
+
+    arch: str
+    steps: int
+    batch_size: int
+    lr: float
+    ema_decay: float
+    vae_steps: int
+    cond_drop: float
+    train_text_encoder: bool
+    seed: int
     vae_lr: float = 2e-3
     kl_weight: float = 1e-5
-    cond_drop: float = 0.1
-    train_text_encoder: bool = True
     warmup: int = 100
-    seed: int = 0
 
 
 @dataclass

@@ -48,6 +48,8 @@ AMPLIFIER_SECTIONS = GENERATE_SECTIONS + ("train",)
 # Keys of the `ddb` section that only the recipes' classifier training reads: changing one
 # retrains the recipes, not the diffusion model, its set or the amplifier.
 RECIPE_KEYS = ("ddb.lff_ema", "ddb.lff_min_weight")
+# manifest keys of the stage's three parts
+MODEL_KEY, GENERATE_KEY, AMPLIFIER_KEY = "ddb/model", "ddb/generate", "ddb/amplifier"
 
 
 def class_prompts(ids: List[str], ys: List[int], info: DatasetInfo, seed: int) -> List[str]:
@@ -76,7 +78,7 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
     from raybias.ray_utils import require_gpus
     from raybias.stages.finetune import _run_job
 
-    key = "ddb/model"
+    key = MODEL_KEY
     prev = run.stage_record(key)
     same = run.matches(prev, cfg, MODEL_SECTIONS, RECIPE_KEYS)
     st = run.begin_stage(key, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS)
@@ -160,7 +162,7 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     from raybias.generation.shards import sort_out_shards
     from raybias.ray_utils import require_gpus
 
-    key = "ddb/generate"
+    key = GENERATE_KEY
     prev = run.stage_record(key)
     same = run.matches(prev, cfg, GENERATE_SECTIONS, RECIPE_KEYS)
     st = run.begin_stage(key, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS)
@@ -204,7 +206,7 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     from raybias.classify.ddb import AMPLIFIER_DIR, OUTPUTS, amplifier_outputs, conflict_scores
     from raybias.classify.runner import classifier_dir, train_classifier
 
-    key = "ddb/amplifier"
+    key = AMPLIFIER_KEY
     st = run.begin_stage(key, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS)
     if st.skip and run.exists(OUTPUTS) and run.exists(CONFLICT_JSON):
         return run.read_json(CONFLICT_JSON)
@@ -233,18 +235,26 @@ def run_ddb(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Any]:
 
     init_ray(cfg)
     info = DatasetInfo.load(run)
-    times: Dict[str, float] = {}
-    t0 = time.time()
-    manifest = train_model(cfg, run, info, mode)
-    times["model"] = time.time() - t0
-    t0 = time.time()
-    gen = generate_aligned(cfg, run, info, manifest, mode)
-    times["generate"] = time.time() - t0
-    t0 = time.time()
-    scores = train_amplifier(cfg, run, info, mode)
-    times["amplifier"] = time.time() - t0
+    times: Dict[str, float] = {}  # parts that ran now: seconds
+    done_earlier: List[str] = []
+
+    def part(name: str, key: str, fn, *args):
+        finished = (run.stage_record(key) or {}).get("finished_at")
+        t0 = time.time()
+        out = fn(*args)
+        rec = run.stage_record(key) or {}
+        if rec.get("done") and rec.get("finished_at") == finished:  # skipped: finished by an earlier run
+            done_earlier.append(name)
+        else:
+            times[name] = time.time() - t0
+        return out
+
+    manifest = part("model", MODEL_KEY, train_model, cfg, run, info, mode)
+    gen = part("generate", GENERATE_KEY, generate_aligned, cfg, run, info, manifest, mode)
+    scores = part("amplifier", AMPLIFIER_KEY, train_amplifier, cfg, run, info, mode)
+    took = [f"{k} {v:.0f}s" for k, v in times.items()] + ([f"{', '.join(done_earlier)} done earlier"]
+                                                          if done_earlier else [])
     print(f"ddb: {gen.get('n_images')} bias-aligned images; amplifier's pseudo-conflicting set: precision "
           f"{scores.get('conflicting_precision')}, recall {scores.get('conflicting_recall')} "
-          f"({scores.get('n_pseudo_conflicting')} flagged of {scores.get('n_train')}); "
-          + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()), flush=True)
-    return {"generate": gen, "amplifier": scores, "seconds": times}
+          f"({scores.get('n_pseudo_conflicting')} flagged of {scores.get('n_train')}); " + "; ".join(took), flush=True)
+    return {"generate": gen, "amplifier": scores, "seconds": times, "done_earlier": done_earlier}
