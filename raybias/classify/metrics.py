@@ -66,10 +66,11 @@ def collect_metrics(run, methods: Optional[Iterable[str]] = None, seeds: Optiona
             if not run.exists(rel):
                 continue
             m = run.read_json(rel)
-            if wanted_seeds is not None and int(m.get("seed", seed)) not in wanted_seeds:
+            seed_no = int(m.get("seed", seed))
+            if wanted_seeds is not None and seed_no not in wanted_seeds:
                 continue
             part = m[split]
-            row = {"method": method, "seed": int(m.get("seed", seed)), "wga": part["wga"],
+            row = {"method": method, "seed": seed_no, "wga": part["wga"],
                    "aga": part["aga"], "acc": part["acc"], "val_wga": m.get("val", {}).get("wga"),
                    "best_epoch": m.get("best_epoch"), "seconds": m.get("seconds")}
             for g, acc in part.get("group_acc", {}).items():

@@ -52,6 +52,11 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 TRAINING_JSON = "training.json"
 PREVIEW_JSON = "previews.json"
 
+
+def model_folder(generator_dir: str, job_name: str) -> str:
+    """Run-relative folder a job publishes its model to; its TRAINING_JSON is written last."""
+    return f"{generator_dir}/{job_name}"
+
 PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
@@ -596,7 +601,7 @@ def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
         from raybias.rundir import RunDir
 
         items = [item for item in items if not RunDir(item["finetune"]["run_spec"]).exists(
-            f"{item['finetune']['generator_dir']}/{item['job']['name']}/{TRAINING_JSON}")]
+            model_folder(item["finetune"]["generator_dir"], item["job"]["name"]), TRAINING_JSON)]
     bases: Dict[Tuple[str, Optional[str]], Tuple[Any, Any]] = {}
     started = time.time()
     launched = float(cfg.get("launched_at", started))  # the driver's fit(): start-up is the first job's
@@ -721,7 +726,7 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
         "precision": "fp32" if loop.amp_dtype is None else str(loop.amp_dtype).replace("torch.", ""),
         "prompt_template": job.prompt_template, "trainable_parameters": int(sum(p.numel() for p in loop.trainable)),
     }
-    publish_model(run, loop.method, pipe, f"{ft['generator_dir']}/{job.name}", record, previews,
+    publish_model(run, loop.method, pipe, model_folder(ft["generator_dir"], job.name), record, previews,
                   ft.get("base_folder"))
     if board is not None:
         board.update.remote(job.generator, job.name, steps, steps, state["losses"][-1], "done")

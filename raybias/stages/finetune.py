@@ -36,7 +36,7 @@ from raybias.config import ConfigError
 from raybias.data.info import REAL, DatasetInfo
 from raybias.data.io import TableMissing, read_table
 from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, PREVIEW_JSON, TRAINING_JSON, JobSpec,
-                                        model_name, prompt_template, train_loop_per_worker)
+                                        model_folder, model_name, prompt_template, train_loop_per_worker)
 from raybias.methods import finetune_sections, generators_needed
 from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
@@ -56,7 +56,7 @@ def generator_dir(generator: str) -> str:
 
 def training_json(job: JobSpec) -> str:
     """Run-relative path of a job's training record, written last: the model is published."""
-    return f"{generator_dir(job.generator)}/{job.name}/{TRAINING_JSON}"
+    return f"{model_folder(generator_dir(job.generator), job.name)}/{TRAINING_JSON}"
 
 
 def manifest_path(generator: str) -> str:
@@ -177,7 +177,7 @@ def plan_generator(cfg, run: RunDir, info: DatasetInfo, generator: str,
 def _entry(cfg, generator: str, job: JobSpec, weight: float, n_images: int, group_images: int) -> Dict[str, Any]:
     return {
         "name": job.name, "group": job.group, "cluster": job.cluster, "weight": float(weight),
-        "kind": job.kind, "folder": f"{generator_dir(generator)}/{job.name}",
+        "kind": job.kind, "folder": model_folder(generator_dir(generator), job.name),
         "prompt_template": job.prompt_template, "members": list(job.members), "negative_prompt": None,
         "n_images": int(n_images), "group_images": int(group_images), "borrowed_from": None,
         "steps": None, "final_loss": None,
@@ -431,7 +431,7 @@ def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None
 
     rows: List[Tuple[str, np.ndarray]] = []
     for name in names:
-        rel = f"{generator_dir(generator)}/{name}"
+        rel = model_folder(generator_dir(generator), name)
         if not run.exists(rel, PREVIEW_JSON):
             continue
         labels = json.loads(run.read_text(f"{rel}/{PREVIEW_JSON}"))

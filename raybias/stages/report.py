@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import pandas as pd
 
-from raybias.classify.metrics import collect_metrics, summarize
+from raybias.classify.metrics import collect_metrics, pct, summarize
 from raybias.rundir import RunDir
 
 REPORT = "report"
@@ -33,20 +33,13 @@ def _plt():
 
 # --- tables -------------------------------------------------------------------------------
 
-def _pm(mean: float, std: float) -> str:
-    """Mean ± std in %; one seed has no spread to show (pandas gives NaN), so just the mean."""
-    if std is None or np.isnan(std):
-        return f"{100 * mean:.1f}"
-    return f"{100 * mean:.1f} ± {100 * std:.1f}"
-
-
 def results_table(summary: pd.DataFrame, keys=("method",)) -> str:
     """Markdown table: keys | WGA | AGA | accuracy | seeds."""
     head = "| " + " | ".join(keys) + " | WGA | AGA | accuracy | seeds |"
     lines = [head, "|" + "---|" * (len(keys) + 4)]
     for _, r in summary.iterrows():
-        lines.append("| " + " | ".join(str(r[k]) for k in keys) + f" | {_pm(r.wga_mean, r.wga_std)} | "
-                     f"{_pm(r.aga_mean, r.aga_std)} | {_pm(r.acc_mean, r.acc_std)} | {int(r.n_seeds)} |")
+        lines.append("| " + " | ".join(str(r[k]) for k in keys) + f" | {pct(r.wga_mean, r.wga_std)} | "
+                     f"{pct(r.aga_mean, r.aga_std)} | {pct(r.acc_mean, r.acc_std)} | {int(r.n_seeds)} |")
     return "\n".join(lines)
 
 
@@ -54,8 +47,8 @@ def results_text(summary: pd.DataFrame) -> str:
     """The same table as aligned plain text, for the terminal."""
     lines = [f"{'method':<24}{'WGA':>14}{'AGA':>14}{'accuracy':>14}{'seeds':>7}"]
     for _, r in summary.iterrows():
-        lines.append(f"{r.method:<24}{_pm(r.wga_mean, r.wga_std):>14}{_pm(r.aga_mean, r.aga_std):>14}"
-                     f"{_pm(r.acc_mean, r.acc_std):>14}{int(r.n_seeds):>7}")
+        lines.append(f"{r.method:<24}{pct(r.wga_mean, r.wga_std):>14}{pct(r.aga_mean, r.aga_std):>14}"
+                     f"{pct(r.acc_mean, r.acc_std):>14}{int(r.n_seeds):>7}")
     return "\n".join(lines)
 
 
@@ -143,7 +136,7 @@ def _group_table(summary: pd.DataFrame, info) -> str:
         cells = []
         for g in groups:
             m = r.get(f"g{g}_mean")
-            cells.append("–" if m is None or np.isnan(m) else _pm(m, r.get(f"g{g}_std")))
+            cells.append("–" if m is None or np.isnan(m) else pct(m, r.get(f"g{g}_std")))
         lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
