@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	# torch first, pinned to the release this machine's pip can take from disk (ranges admit others)
-	$(PIP) install -q "torch>=2.4,<2.15" "torchvision>=0.19,<0.30"
+	$(PIP) install -q "torch>=2.6,<2.15" "torchvision>=0.21,<0.30"
 	$(PIP) install -q -e ".[dev]"
 	touch $@
 

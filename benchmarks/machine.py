@@ -10,80 +10,27 @@ work loads the machine), the GPU when `device` is "cuda" and CUDA is available, 
 versions of python, torch (with its thread count), ray and diffusers, plus any `extra` packages.
 torch is imported; other versions come from the already-imported module when there is one,
 else from the installed package's metadata (so ray or diffusers are not imported just for this).
+CPU, cores, versions and GPU name are raybias.machine's (the run report uses them too).
 """
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import platform
 import sys
+
+# the CPU, core count, versions and GPU come from the package (the report names the machine too)
+from raybias.machine import PACKAGES as _PACKAGES, cores, cpu_model, gpu_name, version
 
 __all__ = ["cpu_model", "cores", "load_at_start", "version", "gpu_name", "machine"]
 
 # The load average when the benchmark started (this module is imported at the top of each script).
 _LOAD_AT_START = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
-# import name -> (label, distribution name)
-_PACKAGES = {
-    "torch": ("torch", "torch"),
-    "ray": ("ray", "ray"),
-    "diffusers": ("diffusers", "diffusers"),
-    "numpy": ("numpy", "numpy"),
-    "sklearn": ("scikit-learn", "scikit-learn"),
-    "PIL": ("Pillow", "Pillow"),
-    "pyarrow": ("pyarrow", "pyarrow"),
-}
-
-
-def cpu_model() -> str:
-    """The CPU's model name (from /proc/cpuinfo on Linux), else platform.processor(), else "unknown"."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
-def cores() -> str:
-    """"N cores", or "N cores (M usable)" when this process may run on fewer of them."""
-    n = os.cpu_count() or 1
-    try:
-        usable = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        usable = n
-    return f"{n} cores" + (f" ({usable} usable)" if usable != n else "")
-
 
 def load_at_start() -> float:
     """1-minute load average when this module was first imported (NaN where unknown)."""
     return _LOAD_AT_START
-
-
-def version(name: str) -> str:
-    """Version of the package imported as `name`, or "not installed"."""
-    dist = _PACKAGES.get(name, (name, name))[1]
-    mod = sys.modules.get(name)
-    if mod is not None and getattr(mod, "__version__", None):
-        return str(mod.__version__)
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return "not installed"
-
-
-def gpu_name(device: str = "cuda") -> str | None:
-    """The name (and CUDA version) of GPU 0 when `device` is cuda and CUDA is available, else None."""
-    if not str(device).startswith("cuda"):
-        return None
-    import torch
-
-    if not torch.cuda.is_available():
-        return None
-    return f"{torch.cuda.get_device_name(0)} (CUDA {torch.version.cuda})"
 
 
 def machine(device: str = "cpu", extra=()) -> str:

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
+import signal
 import sys
 import time
+import traceback
 from typing import Callable, Dict, List, Optional, Tuple
+
+from raybias.console import say
+from raybias.paths import absolute, make_paths_absolute
 
 # stage name -> (module, entry function, one-line help)
 STAGES: Dict[str, Tuple[str, str, str]] = {
@@ -106,8 +112,11 @@ def _known_errors() -> tuple:
     from raybias.ray_utils import ResourceError
     from raybias.rundir import ResumeRefused, StageFailed
 
+    # and the file-system errors a user causes (a folder they cannot write, a path that is a
+    # file): Python's message names the path
     return (ConfigError, DataError, ImageError, SchemaError, ResumeRefused, StageFailed,
-            TableMissing, ResourceError, FileNotFoundError)
+            TableMissing, ResourceError, FileNotFoundError, PermissionError, IsADirectoryError,
+            NotADirectoryError)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -122,9 +131,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+    verbose = bool(getattr(args, "verbose", False))
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     known = _known_errors()
+    previous_sigterm = _terminate_as_interrupt()
     try:
         if args.command in ("status", "stop", "logs"):
             from raybias.jobs import job_command
@@ -133,7 +144,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "report" and os.path.isdir(args.config):
             from raybias.stages.report import report_directory
 
-            report_directory(args.config)
+            report_directory(absolute(args.config))
             return 0
         from raybias.config import load_config
         from raybias.rundir import RunDir
@@ -144,26 +155,141 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.command == "submit":
             from raybias.jobs import submit
 
+            # relative paths mean nothing on the cluster: submit refuses them, naming the key
             return submit(cfg, args.config, args.overrides, address=args.address, entry=args.entry,
                           resume=args.resume, wait=not args.no_wait)
+        # Paths, once, here: nothing relative may reach a Ray worker (see raybias/paths.py).
+        make_paths_absolute(cfg)
+        if args.command not in ("run", "sweep"):  # those check every stage they will run themselves
+            from raybias.preflight import check_run
+
+            check_run(cfg, [args.command])
         mode = "resume" if args.resume else ("auto" if args.command in ("run", "sweep") else "fresh")
         run = RunDir(cfg.run_dir)
-        start = time.time()
-        _entry(args.command)(cfg, run, mode)
-        if args.command != "run":
-            print(f"{args.command} finished in {time.time() - start:.1f}s ({run.uri})")
-        return 0
+        from raybias.console import capture
+        from raybias.rundir import Lease
+
+        # one writing command per run directory (a report only reads, and writes report/)
+        lease = Lease(run, args.command) if args.command != "report" else None
+        if lease is not None:
+            lease.acquire()
+            run.clean_temporaries()  # no live writer now: what is half-written is a dead one's
+        ray_was_running = _ray_running()
+        with capture(run, args.command, verbose) as log_file, _released(lease):
+            try:
+                start = time.time()
+                _entry(args.command)(cfg, run, mode)
+                if args.command != "run":
+                    say(f"{args.command} finished in {time.time() - start:.1f}s ({run.uri})")
+                return 0
+            except BaseException as exc:
+                if log_file and not isinstance(exc, (KeyboardInterrupt, SystemExit)) \
+                        and _known_cause(exc, known) is None:
+                    # the whole traceback goes to the log; the terminal gets one line
+                    traceback.print_exc()
+                    say(f"raybias: error: {type(exc).__name__}: {_first_line(exc)} "
+                        f"(an internal error; the traceback is in {log_file})", file=sys.stderr)
+                    return 1
+                raise
+            finally:
+                _shutdown_ray_if_started(ray_was_running)
     except KeyboardInterrupt:
-        print("raybias: interrupted; rerun with --resume to continue", file=sys.stderr)
+        say("raybias: interrupted; rerun with --resume to continue", file=sys.stderr)
         return 130
+    except _Terminated:
+        say("raybias: terminated (SIGTERM); rerun with --resume to continue", file=sys.stderr)
+        return 143
+    except SystemExit as exc:
+        # ray.init replaces the SIGTERM handler with its own, which exits with the signal's
+        # number: the same event, told the same way
+        if exc.code == signal.SIGTERM:
+            say("raybias: terminated (SIGTERM); rerun with --resume to continue", file=sys.stderr)
+            return 143
+        raise
     except Exception as exc:
         # A project error, possibly raised inside a Ray task/actor and wrapped on the way
         # back: print its message alone, not the nested Ray traceback.
         cause = _known_cause(exc, known)
         if cause is None:
             raise
-        print(f"raybias: error: {cause}", file=sys.stderr)
+        say(f"raybias: error: {one_line(cause)}", file=sys.stderr)
         return 2
+    finally:
+        _restore_sigterm(previous_sigterm)
+
+
+@contextlib.contextmanager
+def _released(lease):
+    try:
+        yield
+    finally:
+        if lease is not None:
+            lease.release()
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread so that the run unwinds like Ctrl-C."""
+
+
+def _terminate_as_interrupt():
+    """SIGTERM unwinds the run like Ctrl-C (one raybias line, the local Ray shut down, no
+    C++ stack dump); returns the handler it replaced."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def handler(signum, frame):
+        raise _Terminated()
+
+    try:
+        return signal.signal(signal.SIGTERM, handler)
+    except (ValueError, OSError):
+        return None
+
+
+def _restore_sigterm(previous) -> None:
+    if previous is not None:
+        try:
+            signal.signal(signal.SIGTERM, previous)
+        except (ValueError, OSError):
+            pass
+
+
+def _ray_running() -> bool:
+    import ray
+
+    return ray.is_initialized()
+
+
+def _shutdown_ray_if_started(was_running: bool) -> None:
+    """The Ray this command started (or joined) goes down with it, its agents included; a Ray
+    that was running before the command (a test session's, a library caller's) is left alone."""
+    if was_running:
+        return
+    try:
+        from raybias.ray_utils import shutdown_ray
+
+        shutdown_ray()
+    except Exception:
+        pass
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def one_line(exc: BaseException) -> str:
+    """An error's message as one line: a traceback that rode along inside it (Ray's wrappers
+    put the remote one there) is cut off."""
+    lines = []
+    for line in str(exc).strip().splitlines():
+        if line.lstrip().startswith("Traceback (most recent call last)"):
+            break
+        if line.strip():
+            lines.append(line.strip())
+    return " ".join(lines) or type(exc).__name__
 
 
 def _known_cause(exc: BaseException, known: tuple) -> Optional[BaseException]:

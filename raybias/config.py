@@ -90,6 +90,9 @@ class BaseConfig:
     # Anything else: a diffusers hub id or local folder (StableDiffusionPipeline layout).
     model: str = "builtin"
     revision: Optional[str] = None
+    # Load a base model that has only pickled weights (.bin/.ckpt: loading them can run code).
+    # Off: only safetensors load. Turn on only for a model whose source you trust.
+    allow_pickle: bool = False
     # Pretraining of the builtin backbone (`raybias base`).
     # Defaults: the recipe that made the shipped backbone (raybias/assets/backbone).
     corpus_size: int = 12000
@@ -308,9 +311,12 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            layers.append(OmegaConf.load(path))
-        except Exception as exc:  # yaml syntax errors
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from exc
+            loaded = OmegaConf.load(path)
+        except Exception as exc:  # yaml syntax errors, unreadable or binary files
+            first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+            raise ConfigError(f"config file {path} is not valid YAML: {first}") from exc
+        _check_shape(loaded, str(path))
+        layers.append(loaded)
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -320,12 +326,34 @@ def load_config(path: Optional[str | Path] = None, overrides: Sequence[str] = ()
         raise ConfigError(_explain(exc, path)) from exc
     if overrides:
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            dotlist = OmegaConf.from_dotlist(list(overrides))
+        except OmegaConfBaseException as exc:
+            raise ConfigError(_explain(exc, "the command-line overrides")) from exc
+        _check_shape(dotlist, "the command-line overrides")
+        try:
+            cfg = OmegaConf.merge(cfg, dotlist)
         except OmegaConfBaseException as exc:
             raise ConfigError(_explain(exc, "the command-line overrides")) from exc
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _check_shape(loaded: Any, where: str) -> None:
+    """A config file is a mapping, and each section in it a mapping too (`data: 5` or a YAML
+    list would otherwise fail deep inside the merge with a message that names neither)."""
+    if loaded is None:
+        return
+    if not isinstance(loaded, DictConfig):
+        raise ConfigError(f"config file {where} holds a YAML {type(OmegaConf.to_container(loaded)).__name__}; "
+                          "a config is a mapping of keys such as run_dir:, data:, train:")
+    schema = OmegaConf.structured(RaybiasConfig)
+    for key in loaded.keys():
+        if key in schema and isinstance(schema[key], DictConfig):
+            value = loaded._get_node(key)._value()
+            if value is not None and not isinstance(value, (dict, DictConfig)):
+                raise ConfigError(f"config key '{key}' in {where} is {value!r}; it is a section: a mapping of "
+                                  f"keys such as {', '.join(list(schema[key].keys())[:3])}")
 
 
 def config_from_dict(values: Dict[str, Any]) -> DictConfig:
@@ -648,6 +676,7 @@ EXECUTION_KEYS = frozenset({
     "generate.concurrency", "generate.num_cpus", "generate.model_cache",
     "embed.concurrency", "embed.batch_size",
     "train.max_concurrent", "train.max_failures", "train.cpus_per_worker",
+    "base.allow_pickle",  # whether a pickled model may load, not what is made from it
 })
 
 

@@ -29,7 +29,8 @@ from typing import Any, Dict, List, Optional, Sequence, TextIO
 from omegaconf import OmegaConf
 
 from raybias.config import ConfigError, to_yaml
-from raybias.rundir import StageFailed, _is_uri
+from raybias.paths import relative_paths
+from raybias.rundir import StageFailed
 
 CONFIG_NAME = "config.yaml"
 ENTRY_NAME = "entry.py"
@@ -98,15 +99,16 @@ def _folder_mb(path: Path) -> float:
 
 
 def check_job_paths(cfg) -> None:
-    """A job runs in a temporary folder on the cluster: relative paths would land there and vanish."""
-    if not (_is_uri(cfg.run_dir) or os.path.isabs(cfg.run_dir)):
+    """A job runs in a temporary folder on the cluster: a relative path would land there and
+    vanish, and this machine's working directory means nothing on the cluster's nodes."""
+    rel = relative_paths(cfg)
+    if rel:
+        key, value = rel[0]
+        where = ("storage every node shares, or s3://bucket/path" if key == "run_dir"
+                 else "the path as the cluster's nodes see it (e.g. /mnt/data/celeba)")
         raise ConfigError(
-            f"config key 'run_dir' is {cfg.run_dir!r}, a relative path: a job runs in a temporary folder on "
-            "the cluster, so give --run-dir an absolute path on storage every node shares, or s3://bucket/path")
-    root = cfg.data.root
-    if root and not (_is_uri(root) or os.path.isabs(root)):
-        raise ConfigError(f"config key 'data.root' is {root!r}, a relative path: give the dataset's absolute "
-                          "path as the cluster's nodes see it (e.g. /mnt/data/celeba)")
+            f"config key '{key}' is {value!r}, a relative path: a Ray job runs in a temporary folder on the "
+            f"cluster, where it would name another place; give an absolute path on {where}")
 
 
 def job_config(cfg) -> Any:

@@ -24,12 +24,20 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     address = (rc.address if rc is not None else None) or os.environ.get("RAY_ADDRESS")
     os.environ.setdefault("RAY_DEDUP_LOGS", "1")
     if address and address != "local":
-        ray.init(address=address, log_to_driver=not quiet)
+        target = reachable_address(address)
+        try:
+            ray.init(address=address, log_to_driver=not quiet)
+        except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ResourceError(f"cannot connect to the Ray cluster at ray.address={address!r} ({target}): "
+                                f"{first}") from exc
         ray_data_quiet()
         return
     num_cpus = rc.num_cpus if rc is not None and rc.num_cpus else None
     num_gpus = rc.num_gpus if rc is not None else None
     store_mb = rc.object_store_mb if rc is not None else 768
+    reap_orphans()
+    dashboard_port = free_port()
     # A local Ray binds to loopback only: nothing it serves is reachable from the network.
     with loopback_only():
         ray.init(
@@ -41,13 +49,69 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
             # workers' CPUs and later trainers wait forever. It listens on 127.0.0.1 only.
             include_dashboard=True,
             dashboard_host="127.0.0.1",
-            dashboard_port=0,  # any free port: tests and a user's own Ray may hold 8265
+            # a free port (tests and a user's own Ray may hold 8265), known before the start so
+            # that every worker can be told which State API is its own (pinned_env)
+            dashboard_port=dashboard_port,
+            runtime_env={"env_vars": pinned_env(dashboard_port)},
             _node_ip_address="127.0.0.1",
             log_to_driver=not quiet,
             configure_logging=True,
             logging_level=logging.WARNING,
         )
+    watch_local_ray()
     ray_data_quiet()
+
+
+def reachable_address(address: str, timeout_s: float = 5.0) -> str:
+    """host:port that `address` ("auto", "ray://host:port", "host:port") points at, checked to
+    accept connections within `timeout_s`; a ResourceError saying so otherwise.
+
+    Ray itself retries an unreachable address for minutes, and "auto" may read another
+    user's stale address file from /tmp/ray; a user should hear at once that there is no
+    cluster there.
+    """
+    import socket
+
+    where = address
+    if address == "auto":
+        from ray._private import services
+
+        try:
+            where = services.canonicalize_bootstrap_address_or_die("auto")
+        except ConnectionError as exc:
+            raise ResourceError(f"ray.address=auto found no running Ray cluster on this machine ({exc}); start one "
+                                "with `ray start --head`, or leave ray.address unset for a local Ray") from exc
+    hostport = where.split("://", 1)[-1].split("/", 1)[0]
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ResourceError(f"ray.address={address!r} is not host:port, ray://host:port or auto")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s):
+            pass
+    except OSError as exc:
+        hint = " (found through this machine's Ray address file, which may be stale)" if address == "auto" else ""
+        raise ResourceError(f"no Ray cluster answers at {hostport} for ray.address={address!r}{hint}: {exc}; "
+                            "start one with `ray start --head`, or leave ray.address unset for a local Ray") from exc
+    return hostport
+
+
+def pinned_env(dashboard_port: int) -> dict:
+    """Environment for every worker of a local Ray: its own State API address.
+
+    Ray Train's placement-group cleaner (and anything else that asks Ray's State API without
+    an address) otherwise looks for "the" Ray on the machine; with two local Rays (a sweep
+    and a quickstart at once) it finds both, says "Found multiple active Ray instances" and
+    picks the newest, which may be the other run's.
+    """
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 # Ray's switch for "this machine is a single-node install": off, Ray keeps 127.0.0.1 as the
@@ -95,6 +159,127 @@ def cpus_available() -> float:
 def shutdown_ray() -> None:
     if ray.is_initialized():
         ray.shutdown()
+    _stop_watching()
+
+
+# --- a local Ray goes down with its driver, even a SIGKILLed one ------------------------------
+#
+# The processes ray.init starts (GCS, raylet, dashboard and its agents) are the driver's
+# children but do not all notice its death: after a `kill -9` of a run, Ray's DashboardAgent
+# and RuntimeEnvAgent were still alive a minute later. Two safeguards: a sentinel process that
+# waits on a pipe from the driver (the kernel closes it however the driver dies) and then
+# kills the processes recorded at start; and a record of them per driver under the user's
+# private state folder, which the next local start reaps if its driver is gone.
+
+_SENTINEL = """
+import json, os, signal, sys, time
+procs = json.loads(sys.argv[1])
+sys.stdin.read()  # returns at EOF: the driver exited or was killed
+time.sleep(1.0)   # a clean ray.shutdown() has the head of a second
+import psutil
+for pid, created in procs:
+    try:
+        p = psutil.Process(pid)
+        if abs(p.create_time() - created) < 0.01:
+            p.kill()
+    except (psutil.Error, OSError):
+        pass
+try:
+    os.unlink(sys.argv[2])
+except OSError:
+    pass
+"""
+_sentinel = None
+
+
+def _state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    folder = os.path.join(base, "raybias", "local-ray")
+    os.makedirs(folder, mode=0o700, exist_ok=True)
+    return folder
+
+
+def _ray_children() -> list:
+    import psutil
+
+    out = []
+    for p in psutil.Process().children(recursive=True):
+        try:
+            out.append([p.pid, p.create_time()])
+        except psutil.Error:
+            continue
+    return out
+
+
+def watch_local_ray() -> None:
+    """Record this driver's local Ray processes and start the sentinel that stops them."""
+    global _sentinel
+    import json
+    import subprocess
+    import sys
+
+    try:
+        procs = _ray_children()
+        record = os.path.join(_state_dir(), f"{os.getpid()}.json")
+        import psutil
+
+        with open(record, "w") as f:
+            json.dump({"driver": [os.getpid(), psutil.Process().create_time()], "procs": procs}, f)
+        _sentinel = subprocess.Popen([sys.executable, "-c", _SENTINEL, json.dumps(procs), record],
+                                     stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True, close_fds=True)
+    except Exception as exc:  # a safeguard; Ray works without it
+        log.debug("local Ray watch not started: %s", exc)
+
+
+def _stop_watching() -> None:
+    global _sentinel
+    if _sentinel is not None:
+        try:
+            _sentinel.stdin.close()  # the sentinel finds the processes gone and exits
+        except OSError:
+            pass
+        _sentinel = None
+
+
+def reap_orphans() -> int:
+    """Kill the local-Ray processes of raybias drivers that died without stopping them (their
+    sentinel killed too); returns how many were killed."""
+    import json
+
+    import psutil
+
+    killed = 0
+    try:
+        folder = _state_dir()
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        path = os.path.join(folder, name)
+        try:
+            with open(path) as f:
+                rec = json.load(f)
+            pid, created = rec["driver"]
+            alive = psutil.pid_exists(pid) and abs(psutil.Process(pid).create_time() - created) < 0.01
+        except (OSError, ValueError, KeyError, TypeError, psutil.Error):
+            alive = False
+            rec = {"procs": []}
+        if alive:
+            continue
+        for pid, created in rec.get("procs", []):
+            try:
+                p = psutil.Process(pid)
+                if abs(p.create_time() - created) < 0.01:
+                    p.kill()
+                    killed += 1
+            except (psutil.Error, OSError):
+                continue
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
+    return killed
 
 
 def ray_data_quiet(enable_progress: Optional[bool] = None) -> None:

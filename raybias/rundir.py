@@ -16,20 +16,26 @@ Modes (how a stage treats what an earlier invocation left):
 
 from __future__ import annotations
 
+import functools
 import io
 import json
+import logging
 import os
 import platform
+import socket
+import threading
 import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Dict, Iterator, List, Optional, Sequence
-from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
 
 from raybias.config import EXECUTION_KEYS, config_hash, same_values, section_values
+from raybias.paths import absolute, is_uri
+
+log = logging.getLogger("raybias")
 
 MODES = ("fresh", "resume", "auto")
 
@@ -42,6 +48,11 @@ class StageFailed(RuntimeError):
     """A stage could not finish; nothing it wrote is marked done."""
 
 
+class RunDirBusy(StageFailed):
+    """Another live raybias process holds this run directory's lease."""
+
+
+@functools.lru_cache(maxsize=1)
 def package_versions() -> Dict[str, str]:
     from importlib import metadata
 
@@ -55,9 +66,18 @@ def package_versions() -> Dict[str, str]:
     return out
 
 
-def _is_uri(path: str) -> bool:
-    scheme = urlparse(path).scheme
-    return len(scheme) > 1  # "c:" on Windows is a drive letter, not a scheme
+_THREAD_LOCKS: Dict[str, threading.Lock] = {}
+_THREAD_LOCKS_GUARD = threading.Lock()
+
+
+def _thread_lock(uri: str) -> threading.Lock:
+    with _THREAD_LOCKS_GUARD:
+        return _THREAD_LOCKS.setdefault(uri, threading.Lock())
+
+
+def owner_info() -> str:
+    """Who is writing, in words: "pid 123 on host h"."""
+    return f"pid {os.getpid()} on host {socket.gethostname()}"
 
 
 @dataclass
@@ -67,18 +87,38 @@ class StageState:
     done_units: List[str] = field(default_factory=list)
 
 
+def _manifest_problem(m: Any) -> Optional[str]:
+    """What is wrong with a parsed manifest.json, or None."""
+    if not isinstance(m, dict):
+        return f"a JSON {type(m).__name__}, not an object"
+    stages = m.get("stages")
+    if not isinstance(stages, dict):
+        return "no 'stages' object"
+    for key, rec in stages.items():
+        if not isinstance(rec, dict):
+            return f"stage '{key}' is a JSON {type(rec).__name__}, not an object"
+        if not isinstance(rec.get("units", []), list):
+            return f"stage '{key}' has units that are not a list"
+    return None
+
+
 class RunDir:
     """A run directory on a local disk or an object store."""
 
     def __init__(self, uri: str):
         uri = str(uri)
-        if _is_uri(uri):
-            self.fs, root = pafs.FileSystem.from_uri(uri)
+        if is_uri(uri):
+            try:
+                self.fs, root = pafs.FileSystem.from_uri(uri)
+            except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+                raise StageFailed(f"cannot use run directory {uri}: {str(exc).splitlines()[0]} "
+                                  "(a local path, or a URI such as s3://bucket/run or gs://bucket/run)") from exc
             base = uri.split("?", 1)[0]
             self.uri = base.rstrip("/")
         else:
             self.fs = pafs.LocalFileSystem()
-            root = os.path.abspath(uri)
+            # absolute at once: the spec travels to Ray workers, which run elsewhere
+            uri = root = absolute(uri)
             self.uri = root
         self.root = root.rstrip("/")
         try:
@@ -86,6 +126,9 @@ class RunDir:
         except OSError as exc:  # a missing bucket, no credentials, an unreachable endpoint
             raise StageFailed(f"cannot use run directory {self.uri}: {exc}") from exc
         self._source_uri = uri
+        # Identifies the stage records this object began: finish_stage and mark_units touch
+        # only those (another process that began the same stage since owns it now).
+        self.owner = uuid.uuid4().hex[:12]
 
     def __repr__(self) -> str:
         return f"RunDir({self.uri!r})"
@@ -159,7 +202,12 @@ class RunDir:
         self.write_text(rel, json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
 
     def read_json(self, rel: str) -> Any:
-        return json.loads(self.read_text(rel))
+        """A JSON file of the run; StageFailed naming the file if it is not JSON."""
+        try:
+            return json.loads(self.read_text(rel))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StageFailed(f"{self.path(rel)} is damaged (not JSON: {exc}); delete it to redo the work "
+                              "that wrote it, or use a new --run-dir") from exc
 
     def delete(self, *parts: str) -> None:
         p = self.path(*parts)
@@ -174,17 +222,143 @@ class RunDir:
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
         self.write_bytes(rel, buf.getvalue())
 
+    # --- whole tables and outputs ---------------------------------------------
+    MARKER = "_SUCCESS"
+
+    def write_marker(self, rel_dir: str, shards: Sequence[str]) -> None:
+        """Write `rel_dir`'s `_SUCCESS` marker, last: the shard names and sizes it holds."""
+        sizes = {n: int(self.fs.get_file_info(self.path(rel_dir, n)).size or 0) for n in shards}
+        self.write_text(f"{rel_dir}/{self.MARKER}", json.dumps({"shards": sizes}, sort_keys=True) + "\n")
+
+    def table_problem(self, rel_dir: str) -> Optional[str]:
+        """Why the table in `rel_dir` is not whole ("does not exist", "is incomplete",
+        "is damaged: shard x is missing" …), or None when it is."""
+        if not self.exists(rel_dir, self.MARKER):
+            return "is incomplete" if self.exists(rel_dir) else "does not exist"
+        try:
+            text = self.read_text(f"{rel_dir}/{self.MARKER}").strip()
+        except (OSError, UnicodeDecodeError):
+            return f"is damaged: its {self.MARKER} cannot be read"
+        if not text:
+            return None  # a marker from before markers listed their shards: presence only
+        try:
+            expected = json.loads(text)["shards"]
+            assert isinstance(expected, dict)
+        except (ValueError, KeyError, TypeError, AssertionError):
+            return f"is damaged: its {self.MARKER} is not a shard list"
+        infos = {i.base_name: i for i in self.fs.get_file_info(
+            pafs.FileSelector(self.path(rel_dir), recursive=False))}
+        for name, size in sorted(expected.items()):
+            info = infos.get(name)
+            if info is None:
+                return f"is damaged: shard {self.path(rel_dir, name)} is missing"
+            if int(info.size or 0) != int(size):
+                return (f"is damaged: shard {self.path(rel_dir, name)} has {info.size} bytes where "
+                        f"{size} were written")
+        return None
+
+    def output_record(self, rels: Sequence[str]) -> Dict[str, Any]:
+        """What a finished stage wrote, to check on resume: a table's marker is its record
+        ("table"), a file its size in bytes."""
+        out: Dict[str, Any] = {}
+        for rel in rels:
+            if self.exists(rel, self.MARKER):
+                out[rel] = "table"
+            else:
+                info = self.fs.get_file_info(self.path(rel))
+                if info.type == pafs.FileType.File:
+                    out[rel] = int(info.size or 0)
+                elif info.type == pafs.FileType.Directory:
+                    out[rel] = "dir"
+                else:
+                    raise StageFailed(f"stage output {self.path(rel)} does not exist; nothing is marked done")
+        return out
+
+    def outputs_problem(self, rec: Dict[str, Any]) -> Optional[str]:
+        """Why the outputs a finished stage recorded are no longer whole, or None."""
+        for rel, what in sorted((rec.get("outputs") or {}).items()):
+            if what == "table":
+                problem = self.table_problem(rel)
+                if problem:
+                    return f"{self.path(rel)} {problem}"
+            elif what == "dir":
+                if not self.exists(rel):
+                    return f"{self.path(rel)} is missing"
+            else:
+                info = self.fs.get_file_info(self.path(rel))
+                if info.type != pafs.FileType.File:
+                    return f"{self.path(rel)} is missing"
+                if int(info.size or 0) != int(what):
+                    return f"{self.path(rel)} has {info.size} bytes where {what} were written"
+        return None
+
+    def clean_temporaries(self) -> List[str]:
+        """Delete what dead writers left half-done: `<table>.tmp-*` folders, `.tmp-*` files of
+        interrupted atomic writes. Call only while holding the lease (no live writer)."""
+        removed = []
+        if not self.exists():
+            return removed
+        for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
+            name = info.base_name
+            if ".tmp-" not in name or "/logs/" in info.path:
+                continue
+            try:
+                if info.type == pafs.FileType.Directory:
+                    self.fs.delete_dir(info.path)
+                else:
+                    self.fs.delete_file(info.path)
+                removed.append(info.path)
+            except (FileNotFoundError, OSError):
+                continue  # inside a folder removed a moment ago
+        return removed
+
     # --- manifest ----------------------------------------------------------
     MANIFEST = "manifest.json"
 
     def manifest(self) -> Dict[str, Any]:
         if not self.exists(self.MANIFEST):
             return {"stages": {}, "versions": package_versions(), "created": time.time()}
-        return self.read_json(self.MANIFEST)
+        m = self.read_json(self.MANIFEST)
+        problem = _manifest_problem(m)
+        if problem:
+            raise StageFailed(f"{self.path(self.MANIFEST)} is not a raybias manifest ({problem}); move it away "
+                              "to start this run directory afresh, or use a new --run-dir")
+        return m
 
     def _save_manifest(self, m: Dict[str, Any]) -> None:
-        m["versions"] = package_versions()
+        m["versions"] = dict(package_versions())
         self.write_json(self.MANIFEST, m)
+
+    @contextmanager
+    def _manifest_locked(self) -> Iterator[None]:
+        """Read-modify-write of manifest.json by one thread of one process at a time: a
+        process-wide lock per run directory, and on a local disk an flock that other
+        processes (Tune trials writing the same run) respect too. On an object store the
+        run directory's lease (one writing command) is what keeps writers apart."""
+        with _thread_lock(self.uri):
+            if not self.is_local:
+                yield
+                return
+            import fcntl
+
+            with open(self.path(".manifest.lock"), "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _owned_record(self, m: Dict[str, Any], key: str, action: str) -> Dict[str, Any]:
+        """The record of stage `key` if this object began it; StageFailed otherwise."""
+        rec = m["stages"].get(key)
+        if rec is None:
+            raise StageFailed(f"cannot {action} stage '{key}' in {self.uri}: its record is gone from "
+                              f"{self.MANIFEST} (another process reset it); nothing is marked done")
+        if rec.get("owner") not in (None, self.owner):
+            holder = rec.get("owner_info", "another process")
+            raise StageFailed(f"cannot {action} stage '{key}' in {self.uri}: {holder} began it again while this "
+                              "process ran, so its outputs may be that process's; nothing is marked done")
+        return rec
 
     def stage_record(self, key: str) -> Optional[Dict[str, Any]]:
         return self.manifest()["stages"].get(key)
@@ -219,6 +393,10 @@ class RunDir:
             raise ValueError(f"mode must be one of {MODES}, not {mode!r}")
         h = config_hash(cfg, sections)
         values = section_values(cfg, sections)
+        with self._manifest_locked():
+            return self._begin_stage(key, cfg, sections, mode, exclude, h, values)
+
+    def _begin_stage(self, key, cfg, sections, mode, exclude, h, values) -> StageState:
         m = self.manifest()
         m["config_hash"] = config_hash(cfg, ("data", "base", "embed", "cluster", "finetune",
                                              "generate", "filter", "train", "ddb"))
@@ -234,6 +412,11 @@ class RunDir:
                     f"({'; '.join(diffs[:8]) or 'config sections ' + ', '.join(sections)}). "
                     "Use a new --run-dir, or drop --resume to redo the stage.")
             rec = None
+        if rec is not None and mode != "fresh" and rec.get("done"):
+            damaged = self.outputs_problem(rec)
+            if damaged:  # done means whole: a finished stage whose outputs were since damaged is redone
+                log.warning("stage '%s' finished earlier but %s; redoing it", key, damaged)
+                rec = None
         if rec is not None and mode != "fresh":
             if rec.get("done"):
                 return StageState(key, skip=True, done_units=list(rec.get("units", [])))
@@ -241,35 +424,201 @@ class RunDir:
         else:
             done_units = []
         m["stages"][key] = {"hash": h, "values": values, "done": False, "units": done_units,
-                            "started_at": time.time(),
+                            "started_at": time.time(), "owner": self.owner, "owner_info": owner_info(),
                             "seconds": (rec or {}).get("seconds", 0.0) if done_units else 0.0}
         self._save_manifest(m)
         return StageState(key, skip=False, done_units=done_units)
 
     def mark_units(self, key: str, units: Sequence[str]) -> None:
-        m = self.manifest()
-        rec = m["stages"].setdefault(key, {"units": [], "done": False})
-        have = set(rec.get("units", []))
-        rec["units"] = list(rec.get("units", [])) + [u for u in units if u not in have]
-        self._save_manifest(m)
+        with self._manifest_locked():
+            m = self.manifest()
+            rec = self._owned_record(m, key, "record units of")
+            have = set(rec.get("units", []))
+            rec["units"] = list(rec.get("units", [])) + [u for u in units if u not in have]
+            self._save_manifest(m)
 
-    def finish_stage(self, key: str, info: Optional[Dict[str, Any]] = None) -> None:
-        m = self.manifest()
-        rec = m["stages"].setdefault(key, {"units": []})
-        rec["done"] = True
-        rec["finished_at"] = time.time()
-        rec["seconds"] = rec.get("seconds", 0.0) + rec["finished_at"] - rec.get("started_at", rec["finished_at"])
-        if info:
-            rec["info"] = info
-        self._save_manifest(m)
+    def finish_stage(self, key: str, info: Optional[Dict[str, Any]] = None,
+                     outputs: Sequence[str] = ()) -> None:
+        """Mark stage `key` done: only a record this object began (see `_owned_record`).
+        `outputs` (tables, folders, files relative to the run) are recorded and checked
+        whole before the stage is ever skipped as done."""
+        record = self.output_record(outputs) if outputs else None
+        with self._manifest_locked():
+            m = self.manifest()
+            rec = self._owned_record(m, key, "finish")
+            if record is not None:
+                rec["outputs"] = record
+            rec["done"] = True
+            rec["finished_at"] = time.time()
+            rec["seconds"] = rec.get("seconds", 0.0) + rec["finished_at"] - rec.get("started_at", rec["finished_at"])
+            if info:
+                rec["info"] = info
+            self._save_manifest(m)
 
     def stage_seconds(self) -> Dict[str, float]:
         return {k: float(v.get("seconds", 0.0)) for k, v in self.manifest()["stages"].items() if v.get("done")}
 
     @contextmanager
-    def stage(self, key: str, cfg, sections: Sequence[str], mode: str = "fresh") -> Iterator[StageState]:
-        """`with run.stage(...) as st:` — finishes the stage only if the body returns normally."""
+    def stage(self, key: str, cfg, sections: Sequence[str], mode: str = "fresh",
+              outputs: Sequence[str] = ()) -> Iterator[StageState]:
+        """`with run.stage(...) as st:` — finishes the stage only if the body returns normally,
+        recording `outputs` to check on resume."""
         st = self.begin_stage(key, cfg, sections, mode)
         yield st
         if not st.skip:
-            self.finish_stage(key)
+            self.finish_stage(key, outputs=outputs)
+
+
+# --- the lease: one writing command per run directory ---------------------------------------
+
+LEASE = "lease.json"
+LEASE_TTL_S = 90.0  # a lease whose heartbeat is older than this is a dead writer's
+HEARTBEAT_S = 15.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class Lease:
+    """The run directory's single-writer lease, held by one raybias command at a time.
+
+    `lease.json` names its holder (owner id, host, pid, command, start) and a heartbeat a
+    background thread renews every HEARTBEAT_S. A second command is refused with the holder
+    and its heartbeat's age; a lease is taken over when its heartbeat is older than
+    LEASE_TTL_S, or at once when its holder was on this host and its process is gone (a
+    SIGKILLed run). On a local disk the lease is created with an exclusive link (atomic:
+    of two commands starting at once, one wins); on an object store, which pyarrow gives no
+    conditional put, it is written and read back, and the heartbeat re-checks it is still
+    this command's.
+    """
+
+    def __init__(self, run: "RunDir", command: str):
+        self.run, self.command = run, command
+        self.record = {"owner": run.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                       "command": command, "started_at": time.time(), "heartbeat": time.time()}
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+        self.lost: Optional[str] = None
+
+    # --- holder ---------------------------------------------------------
+    def holder(self) -> Optional[Dict[str, Any]]:
+        if not self.run.exists(LEASE):
+            return None
+        try:
+            rec = json.loads(self.run.read_text(LEASE))
+        except (OSError, ValueError):
+            return {}  # half-written or damaged: a dead writer's
+        return rec if isinstance(rec, dict) else {}
+
+    @staticmethod
+    def is_stale(rec: Dict[str, Any], now: Optional[float] = None) -> bool:
+        now = time.time() if now is None else now
+        try:
+            beat = float(rec.get("heartbeat", 0))
+        except (TypeError, ValueError):
+            return True
+        if now - beat > LEASE_TTL_S:
+            return True
+        if rec.get("host") == socket.gethostname() and isinstance(rec.get("pid"), int):
+            return not _pid_alive(rec["pid"])
+        return False
+
+    def _busy(self, rec: Dict[str, Any]) -> RunDirBusy:
+        age = time.time() - float(rec.get("heartbeat", 0))
+        return RunDirBusy(
+            f"run directory {self.run.uri} is in use by `raybias {rec.get('command', '?')}` (pid {rec.get('pid')} on "
+            f"host {rec.get('host')}, owner {rec.get('owner')}, heartbeat {age:.0f} s ago); wait for it to finish "
+            f"or use another --run-dir (a lease whose heartbeat is over {LEASE_TTL_S:.0f} s old is taken over)")
+
+    # --- acquire / renew / release -------------------------------------------
+    def acquire(self) -> "Lease":
+        for _ in range(3):
+            rec = self.holder()
+            if rec is not None:
+                if rec.get("owner") == self.run.owner:
+                    break
+                if not self.is_stale(rec):
+                    raise self._busy(rec)
+                self._take_over(rec)
+            if self._create():
+                break
+        else:
+            rec = self.holder() or {}
+            raise self._busy(rec)
+        mine = self.holder() or {}
+        if mine.get("owner") != self.run.owner:
+            raise self._busy(mine)
+        self._thread = threading.Thread(target=self._beat, daemon=True, name="raybias-lease")
+        self._thread.start()
+        return self
+
+    def _payload(self) -> bytes:
+        return (json.dumps(self.record, sort_keys=True) + "\n").encode()
+
+    def _create(self) -> bool:
+        """Create lease.json if absent; False if another writer created it first."""
+        if not self.run.is_local:
+            self.run.write_bytes(LEASE, self._payload())
+            time.sleep(0.5)  # then read back: the last writer of a race sees itself
+            return (self.holder() or {}).get("owner") == self.run.owner
+        target = self.run.path(LEASE)
+        tmp = f"{target}.tmp-{self.run.owner}"
+        with open(tmp, "wb") as f:
+            f.write(self._payload())
+        try:
+            os.link(tmp, target)  # fails if lease.json exists: exclusive, and never half-written
+            return True
+        except FileExistsError:
+            return False
+        except OSError:  # a file system without hard links: an exclusive create instead
+            try:
+                fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            except FileExistsError:
+                return False
+            with os.fdopen(fd, "wb") as f:
+                f.write(self._payload())
+            return True
+        finally:
+            os.unlink(tmp)
+
+    def _take_over(self, stale: Dict[str, Any]) -> None:
+        """Remove a dead writer's lease (only if it is still that one)."""
+        now = self.holder()
+        if now is not None and now.get("owner") == stale.get("owner"):
+            self.run.delete(LEASE)
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                rec = self.holder() or {}
+                if rec.get("owner") != self.run.owner:
+                    self.lost = f"the lease of {self.run.uri} was taken by {rec.get('command')} (pid {rec.get('pid')})"
+                    return
+                self.record["heartbeat"] = time.time()
+                self.run.write_bytes(LEASE, self._payload())
+            except Exception:  # a failed heartbeat is retried; expiry decides
+                continue
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=5)
+        try:
+            rec = self.holder()
+            if rec is not None and rec.get("owner") == self.run.owner:
+                self.run.delete(LEASE)
+        except Exception:
+            pass
+
+    def __enter__(self) -> "Lease":
+        return self.acquire()
+
+    def __exit__(self, *exc) -> None:
+        self.release()

@@ -202,3 +202,145 @@ def test_shipped_backbone_passes_the_quality_bar(oracle):
     q = quality_check(pipe, ["red", "green"], per_pair=4, guidances=[guidance], steps=25, oracle=oracle)
     assert q["best"]["n"] == 80
     assert q["best"]["both"] >= 0.9, q["best"]
+
+
+# --- weights load as safetensors only; remote models are cached privately ---------------------
+
+@pytest.fixture(scope="module")
+def pickled_folder(tmp_path_factory):
+    """The tiny pipeline saved with pickled (.bin) UNet and VAE weights."""
+    folder = str(tmp_path_factory.mktemp("pickled") / "pipe")
+    save_pipeline(build_pipeline("tiny", seed=0), folder)
+    pipe = build_pipeline("tiny", seed=0)
+    for part in ("unet", "vae"):
+        for name in os.listdir(os.path.join(folder, part)):
+            if name.endswith(".safetensors"):
+                os.remove(os.path.join(folder, part, name))
+        getattr(pipe, part).save_pretrained(os.path.join(folder, part), safe_serialization=False)
+    return folder
+
+
+def test_pickled_weights_are_refused_unless_allow_pickle(pickled_folder):
+    assert any(n.endswith(".bin") for n in os.listdir(os.path.join(pickled_folder, "unet")))
+    with pytest.raises(ConfigError) as err:
+        load_pipeline(pickled_folder)
+    msg = str(err.value)
+    assert "base.model=" in msg and "no safetensors weights" in msg and "base.allow_pickle=true" in msg, msg
+    # the opt-in (base.allow_pickle=true) loads them, with the same weights
+    pipe = load_pipeline(pickled_folder, allow_pickle=True)
+    fresh = build_pipeline("tiny", seed=0)
+    a, b = fresh.unet.state_dict(), pipe.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_sampler_loads_dreambooth_folders_as_safetensors_only(tmp_path, tiny_folder):
+    from raybias.generation.sampler import ModelSwitcher
+    from raybias.rundir import RunDir, StageFailed
+
+    run = RunDir(str(tmp_path / "run"))
+    base = load_pipeline(tiny_folder)
+    tuned = build_pipeline("tiny", seed=1)
+    tuned.unet.save_pretrained(run.local_path("generators/db/models/safe/unet"), safe_serialization=True)
+    tuned.unet.save_pretrained(run.local_path("generators/db/models/pickled/unet"), safe_serialization=False)
+    switcher = ModelSwitcher(base, run, 2, prepare=lambda pipe: None)
+    switcher.activate({"kind": "dreambooth", "folder": "generators/db/models/safe", "name": "safe"})
+    assert torch.equal(base.unet.state_dict()["conv_in.weight"], tuned.unet.state_dict()["conv_in.weight"])
+    with pytest.raises(StageFailed, match="cannot load DreamBooth model 'pickled'.*safetensors"):
+        switcher.activate({"kind": "dreambooth", "folder": "generators/db/models/pickled", "name": "pickled"})
+
+
+@pytest.fixture
+def cache_home(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAYBIAS_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    return tmp_path / "xdg" / "raybias"
+
+
+@pytest.fixture
+def remote_model(tmp_path, tiny_folder):
+    """A run directory holding base/model, read through its pyarrow filesystem."""
+    import shutil
+
+    from raybias.rundir import RunDir
+
+    run = RunDir(str(tmp_path / "run"))
+    shutil.copytree(tiny_folder, run.local_path("base/model"))
+    return run
+
+
+def _tree(folder):
+    out = {}
+    for d, _, names in os.walk(folder):
+        for n in names:
+            if not n.startswith(".raybias-fetch"):
+                with open(os.path.join(d, n), "rb") as f:
+                    out[os.path.relpath(os.path.join(d, n), folder)] = f.read()
+    return out
+
+
+def test_remote_models_are_cached_privately_and_verified(cache_home, remote_model, tmp_path):
+    import hashlib
+    import stat
+    import tempfile
+
+    from raybias.diffusion.backbone import fetch_to_local
+
+    source = remote_model.local_path("base/model")
+    # what the old code reused blindly: a folder anyone could plant at a predictable path
+    key = hashlib.sha256(remote_model.path("base/model").encode()).hexdigest()[:12]
+    planted = os.path.join(tempfile.gettempdir(), f"raybias-model-{key}")
+    os.makedirs(planted, exist_ok=True)
+    with open(os.path.join(planted, "model_index.json"), "w") as f:
+        f.write('{"_class_name": "StableDiffusionPipeline", "planted": true}')
+    try:
+        got = fetch_to_local(remote_model, "base/model")
+    finally:
+        import shutil
+
+        shutil.rmtree(planted, ignore_errors=True)
+    assert got != planted and os.path.dirname(got) == str(cache_home)
+    assert stat.S_IMODE(os.stat(cache_home).st_mode) == 0o700
+    assert _tree(got) == _tree(source)
+    assert os.path.isfile(os.path.join(got, ".raybias-fetch.json"))
+    assert fetch_to_local(remote_model, "base/model") == got  # reused while it verifies
+
+    # a copy changed after download (or planted in its place) is fetched again
+    with open(os.path.join(got, "model_index.json"), "w") as f:
+        f.write('{"planted": true}')
+    again = fetch_to_local(remote_model, "base/model")
+    assert _tree(again) == _tree(source)
+    # so is one with an extra file
+    with open(os.path.join(again, "unet", "extra.bin"), "wb") as f:
+        f.write(b"x")
+    assert _tree(fetch_to_local(remote_model, "base/model")) == _tree(source)
+
+    # a changed source (e.g. the base model rebuilt) is a new version, fetched again
+    with open(os.path.join(source, "scheduler", "scheduler_config.json"), "a") as f:
+        f.write("\n")
+    os.utime(os.path.join(source, "scheduler", "scheduler_config.json"), ns=(1, 1))
+    newer = fetch_to_local(remote_model, "base/model")
+    assert newer != got and _tree(newer) == _tree(source)
+    pipe = load_pipeline(newer)
+    assert pipe.unet is not None
+
+
+def test_the_cache_folder_must_be_private(cache_home, remote_model, monkeypatch):
+    from raybias.diffusion.backbone import fetch_to_local, private_cache_dir
+
+    os.makedirs(cache_home.parent, exist_ok=True)
+    os.mkdir(cache_home)
+    os.chmod(cache_home, 0o777)  # someone could have put anything in it
+    with pytest.raises(ConfigError, match="can be written by other users"):
+        fetch_to_local(remote_model, "base/model")
+    os.chmod(cache_home, 0o755)  # ours and not writable by others: fine, and made 0700
+    assert private_cache_dir() == str(cache_home)
+    assert os.stat(cache_home).st_mode & 0o777 == 0o700
+    with monkeypatch.context() as m:
+        m.setattr(os, "getuid", lambda: os.stat(cache_home).st_uid + 1)
+        with pytest.raises(ConfigError, match="is owned by uid"):
+            private_cache_dir()
+    os.rmdir(cache_home)
+    os.makedirs(cache_home.parent / "elsewhere")
+    os.symlink(cache_home.parent / "elsewhere", cache_home)
+    with pytest.raises(ConfigError, match="is a symlink"):
+        private_cache_dir()

@@ -45,6 +45,7 @@ def test_auto_k_on_colored_digits(embedded_run, tmp_path):
         assert len(e["centroids"]) == e["k"] and len(e["sizes"]) == e["k"]
         labels = df.loc[df["group"] == g, "cluster"]
         assert np.bincount(labels, minlength=e["k"]).tolist() == e["sizes"]
+        assert e["sizes"] == sorted(e["sizes"], reverse=True)  # numbered by size, largest first
         if n >= cfg.cluster.min_group_size:
             assert e["chosen_by"] == "auto" and 2 <= e["k"] <= 6
             assert set(e["silhouette"]) == {str(k) for k in range(2, 7)}
@@ -59,14 +60,42 @@ def test_auto_k_on_colored_digits(embedded_run, tmp_path):
     assert run_cluster(cfg, run, mode="resume", verbose=False) == summary
 
 
-def test_distributed_fixed_k_is_deterministic_and_follows_digits(embedded_run, tmp_path):
+def _reshard_shuffled(run, seed, n_shards):
+    """Rewrite embed/vectors as n_shards files of unequal size holding the rows in a random order."""
+    from raybias.data.io import MARKER, shard_paths
+
+    ids, groups, m = read_vectors(run)
+    perm = np.random.default_rng(seed).permutation(len(ids))
+    cuts = np.sort(np.random.default_rng(seed + 1).choice(np.arange(1, len(ids)), n_shards - 1, replace=False))
+    for p in shard_paths(run, "embed/vectors"):
+        run.fs.delete_file(p)
+    for i, rows in enumerate(np.split(perm, cuts)):
+        table = pa.table({"id": ids[rows].tolist(), "group": groups[rows],
+                          "vector": pa.FixedSizeListArray.from_arrays(pa.array(m[rows].reshape(-1)), m.shape[1])})
+        pq.write_table(table, run.path(f"embed/vectors/part-{i}.parquet"), filesystem=run.fs)
+    run.write_bytes(f"embed/vectors/{MARKER}", b"")
+
+
+def test_distributed_fixed_k_is_order_invariant_and_follows_digits(embedded_run, tmp_path):
     # sample_size below the big groups' sizes: they are clustered by Ray tasks over object-store blocks.
     cfg, run, info = copy_run(embedded_run, tmp_path, cluster={"k": 5, "sample_size": 200, "n_init": 4})
     first = run_cluster(cfg, run, verbose=False)
     df1, _ = read_clusters(run)
+    raw1 = pq.read_table(run.path("embed/clusters.parquet"), filesystem=run.fs)
+    # The same vectors in other files, in another row order: Ray Data delivers other blocks in
+    # another order, yet every cluster, number, centroid and size is the same, and so is the file.
+    _reshard_shuffled(run, seed=5, n_shards=3)
     second = run_cluster(cfg, run, verbose=False)
     df2, _ = read_clusters(run)
     assert first == second and df1.equals(df2)
+    assert pq.read_table(run.path("embed/clusters.parquet"), filesystem=run.fs).equals(raw1)
+    for g, e in first.items():
+        assert e["sizes"] == sorted(e["sizes"], reverse=True)
+        rows = df1[df1["group"] == int(g)]
+        if e["k"] > 1:  # equal sizes are numbered by their smallest image id
+            smallest = rows.groupby("cluster")["id"].min()
+            for j in range(e["k"] - 1):
+                assert e["sizes"][j] > e["sizes"][j + 1] or smallest[j] < smallest[j + 1]
     digits = read_table(run, "data/real", columns=["id", "digit", "split"], split="train")
     merged = df1.merge(digits, on="id")
     for g in range(info.n_groups):

@@ -1,5 +1,6 @@
-"""Safety: artifacts load without unpickling, dataset paths stay inside their root, and a
-local Ray listens on 127.0.0.1 only."""
+"""Safety: artifacts load without unpickling (weights as safetensors only), images are
+opened in the allowed raster formats only, dataset paths stay inside their root in every
+source, and a local Ray listens on 127.0.0.1 only."""
 
 from __future__ import annotations
 
@@ -134,6 +135,85 @@ def test_package_source_loads_artifacts_without_unpickling():
     assert problems == [], "unsafe loads:\n" + "\n".join(problems)
 
 
+# --- images are opened in the allowed formats only; weights load as safetensors only ----------
+
+# Files (not yet) passing formats= to Image.open; each decodes only bytes raybias itself wrote
+# (the run directory's shards), never a dataset's files. Remove an entry once it passes
+# formats=raybias.data.images.READ_FORMATS.
+IMAGE_OPEN_PENDING: set = set()
+# Receivers of from_pretrained that load no weights (tokenizers, processors, schedulers).
+NO_WEIGHTS = ("tokenizer", "processor", "scheduler", "config", "feature_extractor")
+# The one pickled-weights fallback (use_safetensors=None), behind base.allow_pickle
+# (tests/test_backbone.py::test_pickled_weights_are_refused_unless_allow_pickle).
+PICKLE_GATED = {"raybias/diffusion/backbone.py": 1}
+
+
+def _receiver(node) -> str:
+    """'StableDiffusionPipeline' for X.from_pretrained, 'tokenizer' for self.classes["tokenizer"]..."""
+    value = node.func.value if isinstance(node.func, ast.Attribute) else None
+    if isinstance(value, ast.Subscript) and isinstance(value.slice, ast.Constant):
+        return str(value.slice.value)
+    return _dotted(value) if value is not None else ""
+
+
+def image_and_weight_loads(source: str, where: str = "<source>") -> List[str]:
+    """Image.open without formats=; weight loads without use_safetensors=True ('where:line: why')."""
+    tree = ast.parse(source, filename=where)
+    found = []
+    for node in ast.walk(tree):
+        if not isinstance(node, ast.Call) or not isinstance(node.func, ast.Attribute):
+            continue
+        kwargs = {k.arg: k.value for k in node.keywords if k.arg}
+        name = _dotted(node.func)
+        if name.endswith("Image.open") and "formats" not in kwargs:
+            found.append(f"{where}:{node.lineno}: Image.open without formats= (reaches every Pillow plugin)")
+        if node.func.attr in ("from_pretrained", "load_lora_weights"):
+            receiver = _receiver(node).lower()
+            if node.func.attr == "from_pretrained" and any(w in receiver for w in NO_WEIGHTS):
+                continue
+            if _is_false(kwargs.get("use_safetensors")):
+                found.append(f"{where}:{node.lineno}: {name}(use_safetensors=False) loads pickled weights")
+            elif not _is_true(kwargs.get("use_safetensors")):
+                found.append(f"{where}:{node.lineno}: {name} without use_safetensors=True may unpickle")
+    return found
+
+
+def test_the_format_and_safetensors_checker_catches_each_case():
+    bad = '''
+from PIL import Image
+Image.open(path)
+PIL.Image.open(io.BytesIO(data))
+UNet2DConditionModel.from_pretrained(folder, subfolder="unet")
+self.classes["unet"].from_pretrained(folder, subfolder="unet")
+pipe.load_lora_weights(folder, adapter_name="x")
+StableDiffusionPipeline.from_pretrained(model, use_safetensors=False)
+'''
+    assert len(image_and_weight_loads(bad)) == 6, image_and_weight_loads(bad)
+    good = '''
+Image.open(path, formats=READ_FORMATS)
+self.classes["tokenizer"].from_pretrained(folder, subfolder="tokenizer")
+AutoTokenizer.from_pretrained(source, trust_remote_code=False)
+CLIPImageProcessor.from_pretrained(source)
+CLIPModel.from_pretrained(source, use_safetensors=True)
+pipe.load_lora_weights(folder, adapter_name="x", use_safetensors=True)
+'''
+    assert image_and_weight_loads(good) == []
+
+
+def test_package_opens_images_in_allowed_formats_and_weights_as_safetensors():
+    problems = []
+    for f in _package_files():
+        rel = f.relative_to(REPO).as_posix()
+        found = image_and_weight_loads(f.read_text(), rel)
+        if rel in IMAGE_OPEN_PENDING:
+            found = [x for x in found if "Image.open" not in x]
+        gated = [x for x in found if "use_safetensors" in x]
+        if gated and len(gated) <= PICKLE_GATED.get(rel, 0):
+            found = [x for x in found if x not in gated]
+        problems += found
+    assert problems == [], "\n".join(problems)
+
+
 # --- dataset paths stay inside data.root ------------------------------------------------------
 
 def _png(path: Path) -> None:
@@ -197,6 +277,66 @@ def test_dataset_paths_cannot_escape_their_root(tmp_path, capsys, ray_session, s
     assert rc == 2, err
     assert "raybias: error:" in err
     assert escape in err or os.path.basename(escape) in err, err  # names the offending entry
+    assert not RunDir(str(run_dir)).is_done("prepare")
+
+
+def _celeba_escape(root: Path, outside: Path, how: str) -> str:
+    from fixtures_data import make_celeba
+
+    fx = make_celeba(root)
+    image_dir = fx.notes["image_dir"]
+    if how == "file":
+        (image_dir / "000003.jpg").unlink()
+        os.symlink(outside, image_dir / "000003.jpg")
+        return "000003.jpg"
+    moved = outside.parent / "moved_images"
+    os.rename(image_dir, moved)
+    os.symlink(moved, image_dir, target_is_directory=True)
+    return "img_align_celeba/000001.jpg"
+
+
+def _utkface_escape(root: Path, outside: Path, how: str) -> str:
+    from fixtures_data import make_utkface
+
+    make_utkface(root)
+    if how == "file":
+        name = "33_0_1_20170109999999999.jpg.chip.jpg"
+        os.symlink(outside, root / "UTKFace" / name)
+        return name
+    # a folder link is not walked into (os.walk does not follow links): nothing of it is read
+    (outside.parent / "more").mkdir()
+    os.symlink(outside, outside.parent / "more" / "34_1_1_20170109999999998.jpg.chip.jpg")
+    os.symlink(outside.parent / "more", root / "more", target_is_directory=True)
+    return ""
+
+
+@pytest.mark.parametrize("source", ["celeba", "utkface"])
+@pytest.mark.parametrize("how", ["file", "folder"])
+def test_sources_without_paths_in_metadata_cannot_escape_either(tmp_path, capsys, ray_session, source, how):
+    from raybias.cli import main
+    from raybias.rundir import RunDir
+
+    outside = tmp_path / "secret" / "outside.jpg"
+    outside.parent.mkdir()
+    import numpy as np
+    from PIL import Image
+
+    Image.fromarray(np.full((28, 28, 3), 128, np.uint8)).save(outside, format="JPEG")
+    root = tmp_path / "dataset"
+    named = (_celeba_escape if source == "celeba" else _utkface_escape)(root, outside, how)
+    run_dir = tmp_path / "run"
+    rc = main(["prepare", "configs/quickstart.yaml", f"data.source={source}", f"data.root={root}",
+               "data.severity=original", "--run-dir", str(run_dir)])
+    err = capsys.readouterr().err
+    if not named:  # the linked folder was never read: prepare succeeds without it
+        assert rc == 0, err
+        import pandas as pd
+
+        paths = pd.read_parquet(run_dir / "data/real")["path"]
+        assert not paths.str.startswith("more/").any()
+        return
+    assert rc == 2, err
+    assert "raybias: error:" in err and named in err and "outside data.root" in err, err
     assert not RunDir(str(run_dir)).is_done("prepare")
 
 

@@ -209,7 +209,7 @@ def _outputs_task(run_spec: str, model_bytes_: bytes, sets: Dict[str, Any], imag
     parts = []
     for split, ds in sets.items():
         images = load_images(run, ds, image_size, cache)
-        y = torch.as_tensor(ds.meta["y"].to_numpy(np.int64))
+        y = torch.from_numpy(ds.meta["y"].to_numpy(np.int64, copy=True))  # writable: Arrow's is not
         preds, ces = [], []
         with torch.no_grad():
             for i in range(0, len(images), 512):

@@ -270,7 +270,8 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     record = _write_outputs(run, job, result, mcfg, time.time() - start)
     run.delete(classifier_dir(name, seed), trainer_name(name, seed))
     with _MANIFEST_LOCK:
-        run.finish_stage(key, info={"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]})
+        run.finish_stage(key, info={"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]},
+                         outputs=(f"{classifier_dir(name, seed)}/metrics.json",))
     return record
 
 
@@ -299,7 +300,7 @@ def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int]
     A failing pair does not stop the others; the failures are raised together afterwards
     as one StageFailed (what finished is recorded and kept).
     """
-    from tqdm import tqdm
+    from raybias.console import bar as progress_bar
 
     from raybias.ray_utils import init_ray
 
@@ -313,7 +314,7 @@ def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int]
     width = min(len(pairs), max_concurrent_trainers(cfg.train)) or 1
     results: Dict[Tuple[str, int], Dict[str, Any]] = {}
     errors: List[Tuple[str, BaseException]] = []
-    bar = tqdm(total=len(pairs), desc="classifiers", unit="run", disable=not progress)
+    bar = progress_bar(total=len(pairs), desc="classifiers", unit="run", disable=not progress)
     with ThreadPoolExecutor(max_workers=width, thread_name_prefix="raybias-train") as pool:
         futures = {pool.submit(train_classifier, cfg, run, m, s, mode, info=info, real=real): (m, s)
                    for m, s in pairs}
@@ -321,7 +322,8 @@ def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int]
             m, s = futures[fut]
             try:
                 results[(m, s)] = fut.result()
-                bar.set_postfix_str(f"{m}/{s} test WGA {100 * (results[(m, s)]['test']['wga'] or 0):.1f}")
+                wga = 100 * (results[(m, s)]["test"]["wga"] or 0)
+                bar.set_postfix_str(f"{m}/{s} test WGA {wga:.1f}", refresh=False)
             except Exception as exc:
                 errors.append((f"{m} seed {s}", exc))
             bar.update(1)

@@ -40,19 +40,26 @@ def silhouette(sample: np.ndarray, labels: np.ndarray) -> float:
 
 
 def cluster_group(blocks: _Blocks, cluster_cfg, sample: Optional[np.ndarray] = None,
-                  progress: bool = False) -> GroupClustering:
-    """Pick k for one group's vectors per `cluster_cfg` and fit K-means with it."""
+                  sample_ids: Optional[np.ndarray] = None, progress: bool = False) -> GroupClustering:
+    """Pick k for one group's vectors per `cluster_cfg` and fit K-means with it.
+
+    `sample` (with its `sample_ids`) is blocks.take(blocks.sample_rows(cluster.sample_size,
+    cluster.seed)), when the caller has it already. Clusters are numbered canonically.
+    """
     c = cluster_cfg
     n = blocks.n
     if n == 0:
         return GroupClustering(k=0, chosen_by="empty", result=None)
     n_init = int(getattr(c, "n_init", 1) or 1)
     if sample is None:
-        sample = blocks.sample(int(c.sample_size), int(c.seed))
+        rows = blocks.sample_rows(int(c.sample_size), int(c.seed))
+        sample = blocks.take(rows)
+        sample_ids = blocks.take_ids(rows) if blocks.has_ids else None
     if len(sample) == n and not isinstance(blocks, LocalBlocks):
-        # The sample is the whole group and already on the driver: cluster it here rather
-        # than paying one Ray task round trip per Lloyd iteration for a few MB of vectors.
-        blocks = LocalBlocks(sample)
+        # The sample is the whole group, in canonical order, and already on the driver:
+        # cluster it here rather than paying one Ray task round trip per Lloyd iteration for
+        # a few MB of vectors. Its ids keep the canonical numbering's tie rule the same.
+        blocks = LocalBlocks.wrap(sample, sample_ids)
 
     def fit(k: int) -> KMeansResult:
         start = initial_centroids(blocks, k, int(c.seed), int(c.sample_size), n_init, int(c.max_iter),

@@ -4,7 +4,9 @@ Dataset files are read, checked to decode whole, center-cropped to a square, res
 re-encoded (`load_file`); `load_files` does that for many files on a thread pool (Pillow
 releases the GIL while it decodes, resizes and compresses), so a 200k-file dataset loads
 on every core of the machine that runs `prepare`. Any failure is one `ImageError` naming
-the file.
+the file. Only regular files are read (a named pipe would block forever), only the
+raster formats of `READ_FORMATS` are decoded (Pillow's other plugins, e.g. EPS through
+Ghostscript, are never reached), and 16-bit grey images are scaled to 8 bits.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import stat
 from concurrent.futures import ThreadPoolExecutor
 from typing import List, Optional, Sequence
 
@@ -20,6 +23,13 @@ from PIL import Image, UnidentifiedImageError
 
 IMAGE_FORMATS = ("png", "jpeg")
 JPEG_QUALITY = 95
+# The only Pillow formats raybias decodes (pass as `Image.open(..., formats=READ_FORMATS)`
+# wherever an image from outside raybias is opened): the raster formats datasets ship in.
+# Without it Pillow tries every plugin it has, e.g. an EPS file named .jpg is handed to
+# Ghostscript. (Pillow's JPEG entry also reads MPO, the multi-picture JPEG of cameras.)
+READ_FORMATS = ("PNG", "JPEG", "WEBP", "BMP", "TIFF", "GIF")
+# Grey images wider than 8 bits: 16-bit PNG/TIFF ("I;16*") and 32-bit integer ("I").
+_WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 
 
 class ImageError(ValueError):
@@ -47,14 +57,41 @@ def encode(arr: np.ndarray, image_format: str = "png") -> bytes:
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
+def _open(data: bytes, where: str) -> Image.Image:
+    """Pillow's lazy open of encoded bytes, restricted to READ_FORMATS."""
+    try:
+        return Image.open(io.BytesIO(data), formats=READ_FORMATS)
+    except UnidentifiedImageError as exc:
+        raise ImageError(f"{where}: cannot decode image: not a {', '.join(READ_FORMATS)} file "
+                         "(other formats are refused)") from exc
+    except _DECODE_ERRORS as exc:
+        raise ImageError(f"{where}: cannot decode image ({exc})") from exc
+
+
+def to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
+    """A decoded image as 8-bit RGB. Grey images of more than 8 bits (16-bit PNG/TIFF) are
+    scaled to 0..255 (65535 -> 255); `convert("RGB")` would clip them to white."""
+    if img.mode in _WIDE_GREY:
+        arr = np.asarray(img)
+        lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+        if lo < 0 or hi > 65535:
+            raise ImageError(f"{where}: {img.mode} grey image with values {lo}..{hi}, outside the 16-bit range "
+                             "0..65535 that raybias scales to 8 bits; convert it to an 8-bit image")
+        grey = ((arr.astype(np.uint32) * 255 + 32767) // 65535).astype(np.uint8)
+        img = Image.fromarray(grey, mode="L")
+    elif img.mode == "F":
+        raise ImageError(f"{where}: a floating-point (mode F) image; convert it to an 8-bit image")
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
 def decode(data: bytes, size: int | None = None, where: str = "image") -> np.ndarray:
     """Encoded bytes -> uint8 HxWx3 array, optionally resized to size x size."""
+    img = _open(data, where)
     try:
-        img = Image.open(io.BytesIO(data))
         img.load()
     except _DECODE_ERRORS as exc:
         raise ImageError(f"{where}: cannot decode image ({exc})") from exc
-    img = img.convert("RGB")
+    img = to_rgb(img, where)
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.BILINEAR)
     return np.asarray(img, dtype=np.uint8)
@@ -68,8 +105,8 @@ def _square_crop_box(w: int, h: int):
 
 def decode_square(data: bytes, size: int, center_crop: bool = True, where: str = "image") -> np.ndarray:
     """Encoded bytes -> uint8 size x size x 3: the centred square (or the whole image, stretched)."""
+    img = _open(data, where)
     try:
-        img = Image.open(io.BytesIO(data))
         w, h = img.size
         if img.format == "JPEG" and w > 0 and h > 0:
             # Let the JPEG decoder downscale by a power of two while still covering
@@ -80,7 +117,7 @@ def decode_square(data: bytes, size: int, center_crop: bool = True, where: str =
         img.load()  # decodes everything: a truncated file fails here
     except _DECODE_ERRORS as exc:
         raise ImageError(f"{where}: cannot decode image ({exc})") from exc
-    img = img.convert("RGB")
+    img = to_rgb(img, where)
     if center_crop and img.size[0] != img.size[1]:
         img = img.crop(_square_crop_box(*img.size))
     if img.size != (size, size):
@@ -88,17 +125,40 @@ def decode_square(data: bytes, size: int, center_crop: bool = True, where: str =
     return np.asarray(img, dtype=np.uint8)
 
 
-def load_file(path: str, size: int, center_crop: bool = False, image_format: str = "png") -> bytes:
-    """Read an image file, check it decodes whole, crop/resize, return encoded bytes."""
+_NOT_REGULAR = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+                (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def read_image_file(path: str) -> bytes:
+    """The bytes of a regular file. Anything else (a named pipe, which would block the read
+    forever, a device, a folder) is an ImageError naming it. The file is opened without
+    blocking and checked on the open descriptor, so it cannot be swapped in between."""
     try:
-        with open(path, "rb") as f:
-            raw = f.read()
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
     except FileNotFoundError as exc:
         raise ImageError(f"image file not found: {path}") from exc
     except IsADirectoryError as exc:
         raise ImageError(f"image path is a folder, not a file: {path}") from exc
     except OSError as exc:
         raise ImageError(f"cannot read image file {path}: {exc}") from exc
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = next((name for test, name in _NOT_REGULAR if test(mode)), "not a regular file")
+            raise ImageError(f"image path is {kind}, not a regular file: {path}")
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # closed by the file object
+            return f.read()
+    except OSError as exc:
+        raise ImageError(f"cannot read image file {path}: {exc}") from exc
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def load_file(path: str, size: int, center_crop: bool = False, image_format: str = "png") -> bytes:
+    """Read an image file, check it decodes whole, crop/resize, return encoded bytes."""
+    raw = read_image_file(path)
     if not raw:
         raise ImageError(f"{path}: cannot decode image (the file is empty)")
     return encode(decode_square(raw, size, center_crop, where=path), image_format)

@@ -3,7 +3,10 @@
 A table is a folder of shards plus a `_SUCCESS` marker written last. On a local disk the
 shards are written to a temporary sibling folder and renamed into place, so a crash never
 leaves a half-written table under the final name; on object stores the marker decides.
-Readers refuse a folder without the marker.
+The marker lists every shard with its size in bytes (RunDir.write_marker), and readers
+check the folder against it: a table without its marker, with a shard missing or of
+another size (truncated, rewritten) is refused, naming the shard, so a damaged table is
+never read as a smaller whole one.
 """
 
 from __future__ import annotations
@@ -56,8 +59,9 @@ def _publish(run: RunDir, rel_dir: str, tmp: str) -> List[str]:
         for info in run.fs.get_file_info(pafs.FileSelector(tmp)):
             run.fs.move(info.path, f"{final}/{info.base_name}")
         run.fs.delete_dir(tmp)
-    run.write_bytes(f"{rel_dir}/{MARKER}", b"")
-    return [n for n in run.listdir(rel_dir) if n.endswith(".parquet")]
+    shards = [n for n in run.listdir(rel_dir) if n.endswith(".parquet")]
+    run.write_marker(rel_dir, shards)
+    return shards
 
 
 def write_table_batches(run: RunDir, rel_dir: str, batches: Iterable[pd.DataFrame]) -> List[str]:
@@ -78,14 +82,17 @@ def write_table_batches(run: RunDir, rel_dir: str, batches: Iterable[pd.DataFram
     return _publish(run, rel_dir, tmp)
 
 
-def _require(run: RunDir, rel_dir: str, what: Optional[str]) -> None:
-    if not run.exists(rel_dir, MARKER):
+def require_table(run: RunDir, rel_dir: str, what: Optional[str] = None) -> None:
+    """TableMissing, naming the folder or the shard, unless the table in `rel_dir` is whole."""
+    problem = run.table_problem(rel_dir)
+    if problem:
         hint = f" (run `raybias {what}` first)" if what else ""
-        state = "is incomplete" if run.exists(rel_dir) else "does not exist"
-        raise TableMissing(f"{run.path(rel_dir)} {state}{hint}")
+        raise TableMissing(f"{run.path(rel_dir)} {problem}{hint}")
 
 
-def shard_paths(run: RunDir, rel_dir: str) -> List[str]:
+def shard_paths(run: RunDir, rel_dir: str, stage: Optional[str] = None) -> List[str]:
+    """The shards of a whole table (checked against its marker: see require_table)."""
+    require_table(run, rel_dir, stage)
     return [run.path(rel_dir, n) for n in run.listdir(rel_dir) if n.endswith(".parquet")]
 
 
@@ -93,15 +100,19 @@ def read_dataset(run: RunDir, rel_dir: str, columns: Optional[List[str]] = None,
     """The table as a (streaming) Ray Dataset."""
     import ray
 
-    _require(run, rel_dir, stage)
-    return ray.data.read_parquet(shard_paths(run, rel_dir), filesystem=run.fs, columns=columns)
+    return ray.data.read_parquet(shard_paths(run, rel_dir, stage), filesystem=run.fs, columns=columns)
 
 
 def read_table(run: RunDir, rel_dir: str, columns: Optional[List[str]] = None,
                stage: Optional[str] = None, split: Optional[str] = None) -> pd.DataFrame:
     """The whole table in memory (small data), shards read in a stable order."""
-    _require(run, rel_dir, stage)
-    parts = [pq.read_table(p, columns=columns, filesystem=run.fs) for p in shard_paths(run, rel_dir)]
+    parts = []
+    for p in shard_paths(run, rel_dir, stage):
+        try:
+            parts.append(pq.read_table(p, columns=columns, filesystem=run.fs))
+        except (pa.ArrowInvalid, OSError) as exc:  # a damaged shard the marker did not catch
+            hint = f"; rerun `raybias {stage}`" if stage else ""
+            raise TableMissing(f"shard {p} cannot be read ({str(exc).splitlines()[0]}){hint}") from exc
     table = pa.concat_tables(parts) if parts else pa.table({})
     df = table.to_pandas()
     if split is not None:

@@ -6,7 +6,7 @@
 - `save_pipeline` / `load_pipeline`: `save_pretrained` (safetensors) and
   `StableDiffusionPipeline.from_pretrained` of "builtin" (the backbone shipped in
   raybias/assets/backbone/), a local folder or a hub id. No safety checker, never remote
-  code, safetensors preferred.
+  code, safetensors only (pickled weights only with `allow_pickle`, i.e. base.allow_pickle).
 - `resolve_base_model(cfg, run)`: which folder `base.model` means for a run.
 """
 
@@ -160,22 +160,20 @@ def _looks_local(model: str) -> bool:
             or model.count("/") != 1)
 
 
-def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device: str = "cpu",
-                  dtype: torch.dtype = torch.float32):
-    """Load a Stable Diffusion pipeline: "builtin", a local folder, or a hub id.
+def check_base_model(model: str) -> str:
+    """What `load_pipeline` loads for `model` ("builtin", a local folder or a hub id).
 
-    Errors name `base.model`: a missing folder, a folder that is not a diffusers pipeline,
-    a hub id that cannot be fetched (e.g. no network and not in the local cache).
+    A local folder must exist and hold a diffusers pipeline (ConfigError naming base.model);
+    a hub id is returned as given (it cannot be checked without fetching it). Needs no Ray
+    and no run directory: `raybias.preflight` calls it before a run starts.
     """
-    from diffusers import StableDiffusionPipeline
-
     if model == "builtin":
         folder = builtin_folder()
         if not is_pipeline_folder(folder):
             raise ConfigError(f"base.model=builtin: the shipped backbone is missing from {folder} "
                               "(rebuild it with `raybias base CONFIG base.model=builtin`)")
-        model = folder
-    elif _looks_local(model):
+        return folder
+    if _looks_local(model):
         model = os.path.expanduser(model)
         if not os.path.isdir(model):
             raise ConfigError(f"base.model={model!r}: folder not found (give a local Stable Diffusion "
@@ -183,6 +181,24 @@ def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device
         if not is_pipeline_folder(model):
             raise ConfigError(f"base.model={model!r}: no {MODEL_INDEX} in this folder; it is not a "
                               "diffusers StableDiffusionPipeline folder")
+    return model
+
+
+def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device: str = "cpu",
+                  dtype: torch.dtype = torch.float32, allow_pickle: bool = False):
+    """Load a Stable Diffusion pipeline: "builtin", a local folder, or a hub id.
+
+    Only safetensors weights load. A model that has only pickled weights (`.bin`/`.ckpt`:
+    loading them can run code, CVE-2025-32434 before torch 2.6) is refused unless
+    `allow_pickle` (config `base.allow_pickle`, default false) opts in for a model whose
+    source you trust. Errors name `base.model`: a missing folder, a folder that is not a
+    diffusers pipeline, a hub id that cannot be fetched (e.g. no network and not in the
+    local cache), weights that are not safetensors.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    _quiet_loading()
+    model = check_base_model(model)  # a missing or non-pipeline local folder (raybias.preflight too)
     # dtype is applied after loading: the keyword's name differs across diffusers releases
     kwargs = dict(revision=revision, safety_checker=None, requires_safety_checker=False)
     try:
@@ -191,15 +207,43 @@ def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device
         except EnvironmentError as exc:
             if "safetensors" not in str(exc).lower():
                 raise
-            log.warning("%s has no safetensors weights; loading its pickled weights", model)
-            pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=False, **kwargs)
+            if not allow_pickle:
+                raise ConfigError(
+                    f"base.model={model!r}" + (f" (revision {revision})" if revision else "")
+                    + " has no safetensors weights, only pickled ones (.bin/.ckpt), which can run code "
+                    f"when loaded ({exc}). Convert the model to safetensors, or, if you trust where it "
+                    "comes from, set base.allow_pickle=true") from exc
+            log.warning("%s has no safetensors weights; loading its pickled weights (base.allow_pickle=true)",
+                        model)
+            # None: each component's safetensors if it has them, its pickled weights otherwise
+            pipe = StableDiffusionPipeline.from_pretrained(model, use_safetensors=None, **kwargs)
     except ConfigError:
         raise
     except (OSError, ValueError) as exc:
         raise ConfigError(f"base.model={model!r}" + (f" (revision {revision})" if revision else "")
                           + f" could not be loaded as a StableDiffusionPipeline: {exc}") from exc
     pipe.set_progress_bar_config(disable=True)
+    if all(p.dtype == dtype for p in pipe.unet.parameters()):
+        # already in that dtype: no cast (diffusers warns on every `.to(dtype=...)` of a model)
+        return pipe.to(device)
     return pipe.to(device=device, dtype=dtype)
+
+
+def _quiet_loading() -> None:
+    """No "Loading pipeline components" / "Loading weights" bar per worker: a run loads the
+    base model in every trainer and sampler actor, and raybias shows its own progress."""
+    try:
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.disable_progress_bar()
+    except ImportError:
+        pass
+    try:
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
+    except ImportError:
+        pass
 
 
 def count_parameters(pipe) -> Dict[str, int]:
@@ -230,26 +274,148 @@ def resolve_base_model(cfg, run=None) -> str:
     return "builtin"
 
 
-def fetch_to_local(run, rel_dir: str) -> str:
-    """Copy a folder of a remote run directory into a local cache folder (once)."""
+CACHE_ENV = "RAYBIAS_CACHE_DIR"  # overrides $XDG_CACHE_HOME/raybias (e.g. for a node's local disk)
+FETCH_MANIFEST = ".raybias-fetch.json"
+
+
+def private_cache_dir() -> str:
+    """This user's raybias cache folder, made private: $RAYBIAS_CACHE_DIR, else
+    $XDG_CACHE_HOME/raybias, else ~/.cache/raybias; created with mode 0700 and refused
+    unless it is a real folder (not a symlink) owned by this user that nobody else can
+    write to (0700 is then restored). Nothing another local user planted is ever used."""
+    base = os.environ.get(CACHE_ENV)
+    if not base:
+        xdg = os.environ.get("XDG_CACHE_HOME")
+        base = os.path.join(xdg if xdg and os.path.isabs(xdg) else os.path.join(os.path.expanduser("~"), ".cache"),
+                            "raybias")
+    base = os.path.abspath(base)
+    os.makedirs(os.path.dirname(base), mode=0o700, exist_ok=True)
+    try:
+        os.mkdir(base, 0o700)
+    except FileExistsError:
+        pass
+    check_private_dir(base)
+    return base
+
+
+def check_private_dir(path: str) -> None:
+    """Refuse a folder that is a symlink, is not owned by this user, or that others can
+    write to; then make it 0700."""
+    import stat
+
+    st = os.lstat(path)
+    why = None
+    if stat.S_ISLNK(st.st_mode):
+        why = "is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        why = "is not a folder"
+    elif hasattr(os, "getuid") and st.st_uid != os.getuid():
+        why = f"is owned by uid {st.st_uid}, not by this user (uid {os.getuid()})"
+    elif st.st_mode & 0o022:
+        why = f"can be written by other users (mode {stat.S_IMODE(st.st_mode):o})"
+    if why:
+        raise ConfigError(f"the raybias cache folder {path} {why}; it must be this user's own private folder. "
+                          f"Remove it (it is recreated with mode 0700) or set {CACHE_ENV} to another folder")
+    if stat.S_IMODE(st.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+
+
+def _sha256(path: str) -> str:
     import hashlib
-    import tempfile
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified(folder: str, listing) -> bool:
+    """True when `folder` holds exactly what its fetch manifest says, with the same hashes,
+    and the manifest was made from the source listing `listing`."""
+    try:
+        with open(os.path.join(folder, FETCH_MANIFEST), encoding="utf-8") as f:
+            manifest = json.load(f)
+    except (OSError, ValueError):
+        return False
+    if manifest.get("listing") != listing:
+        return False
+    found = set()
+    for d, _, names in os.walk(folder):
+        for n in names:
+            found.add(os.path.relpath(os.path.join(d, n), folder).replace(os.sep, "/"))
+    hashes = manifest.get("sha256", {})
+    if found != set(hashes) | {FETCH_MANIFEST}:
+        return False
+    return all(_sha256(os.path.join(folder, rel)) == digest for rel, digest in hashes.items())
+
+
+def fetch_to_local(run, rel_dir: str) -> str:
+    """Copy a folder of a remote run directory into this user's private cache (once per
+    version of the source), verified.
+
+    The copy is `private_cache_dir()/model-<source>-<version>`, where <version> hashes the
+    source's listing (each file's path, size and modification time): a rebuilt model is a
+    new version and is fetched again. Each copy ends with a manifest of its files'
+    sha256, written after the download; a copy is reused only if the manifest matches the
+    source listing and every file its hash. A copy that fails the check is fetched again.
+    """
+    import hashlib
 
     import pyarrow.fs as pafs
 
-    key = hashlib.sha256(run.path(rel_dir).encode()).hexdigest()[:12]
-    target = os.path.join(tempfile.gettempdir(), f"raybias-model-{key}")
-    if is_pipeline_folder(target):
-        return target
-    tmp = f"{target}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
     src = run.path(rel_dir)
+    listing = []
     for info in run.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-        if info.type != pafs.FileType.File:
-            continue
-        dest = os.path.join(tmp, os.path.relpath(info.path, src))
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with run.fs.open_input_stream(info.path) as f_in, open(dest, "wb") as f_out:
-            shutil.copyfileobj(f_in, f_out)
-    os.replace(tmp, target)
-    return target
+        if info.type == pafs.FileType.File:
+            listing.append([os.path.relpath(info.path, src).replace(os.sep, "/"), int(info.size or 0),
+                            info.mtime_ns])
+    listing.sort()
+    if not any(rel == MODEL_INDEX for rel, _, _ in listing):
+        raise ConfigError(f"{run.path(rel_dir)} holds no {MODEL_INDEX}: not a pipeline folder")
+    for rel, _, _ in listing:
+        if ".." in rel.split("/") or rel == FETCH_MANIFEST or os.path.isabs(rel):
+            raise ConfigError(f"{run.path(rel_dir)}: unexpected file {rel!r} in the model folder")
+    source_key = hashlib.sha256(src.encode()).hexdigest()[:16]
+    version = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
+    cache = private_cache_dir()
+    target = os.path.join(cache, f"model-{source_key}-{version}")
+    if os.path.isdir(target) and not os.path.islink(target) and _verified(target, listing):
+        return target
+    import tempfile
+
+    tmp = tempfile.mkdtemp(prefix=f".fetch-{source_key}-", dir=cache)  # mode 0700, a fresh name
+    try:
+        hashes = {}
+        for rel, _, _ in listing:
+            dest = os.path.join(tmp, *rel.split("/"))
+            os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+            h = hashlib.sha256()
+            with run.fs.open_input_stream(f"{src.rstrip('/')}/{rel}") as f_in, open(dest, "wb") as f_out:
+                while True:
+                    block = f_in.read(1 << 20)
+                    if not block:
+                        break
+                    h.update(block)
+                    f_out.write(block)
+            hashes[rel] = h.hexdigest()
+        with open(os.path.join(tmp, FETCH_MANIFEST), "w", encoding="utf-8") as f:
+            json.dump({"source": src, "listing": listing, "sha256": hashes}, f)
+        if os.path.lexists(target):
+            if os.path.isdir(target) and not os.path.islink(target) and _verified(target, listing):
+                return target  # another process finished the same copy first
+            if os.path.isdir(target) and not os.path.islink(target):
+                shutil.rmtree(target)
+            else:
+                os.remove(target)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if os.path.isdir(target) and _verified(target, listing):
+                return target  # lost a race to an identical copy
+            raise
+        tmp = None
+        return target
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -169,9 +169,9 @@ def render_corpus(n: int, size: int = 16, seed: int = 0, palette: Sequence[str] 
     captions = []
     it = range(n)
     if progress:
-        from tqdm.auto import tqdm
+        from raybias.console import bar
 
-        it = tqdm(it, desc="rendering corpus", unit="img", mininterval=2)
+        it = bar(iterable=it, desc="rendering corpus", unit="img", mininterval=2)
     for i in it:
         gray8 = render_digit(int(digits[i]), rng, fonts)
         images[i] = colored(gray8, PALETTE[palette[colors[i]]], size, rng)

@@ -265,11 +265,9 @@ def read_images(run, ids: Sequence[str]) -> List[bytes]:
     import pyarrow.dataset as pads
 
     from raybias.data.info import REAL
-    from raybias.data.io import MARKER, TableMissing, shard_paths
+    from raybias.data.io import shard_paths
 
-    if not run.exists(REAL, MARKER):
-        raise TableMissing(f"{run.path(REAL)} is missing or incomplete (run `raybias prepare` first)")
-    ds = pads.dataset(shard_paths(run, REAL), filesystem=run.fs, format="parquet")
+    ds = pads.dataset(shard_paths(run, REAL, "prepare"), filesystem=run.fs, format="parquet")
     table = ds.to_table(columns=["id", "image"], filter=pads.field("id").isin(list(ids)))
     by_id = dict(zip(table.column("id").to_pylist(), table.column("image").to_pylist()))
     missing = [i for i in ids if i not in by_id]
@@ -635,7 +633,8 @@ def _base_pipeline(bases, ft: Dict[str, Any], device: str, keep: bool):
         pipe, pristine = bases.pop(key)
         pipe.unet = (copy.deepcopy(pristine) if keep else pristine).to(device)
     else:
-        pipe = load_pipeline(ft["base"], revision=ft.get("revision"), device=device)
+        pipe = load_pipeline(ft["base"], revision=ft.get("revision"), device=device,
+                             allow_pickle=bool(ft.get("allow_pickle", False)))
         pipe.set_progress_bar_config(disable=True)
         pristine = copy.deepcopy(pipe.unet).cpu() if keep else None
     if keep:

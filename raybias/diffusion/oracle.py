@@ -94,9 +94,9 @@ def train_oracle(corpus: Corpus, epochs: int = 4, batch_size: int = 128, lr: flo
     start = time.time()
     it = range(steps)
     if progress:
-        from tqdm.auto import tqdm
+        from raybias.console import bar
 
-        it = tqdm(it, desc="training oracle", unit="step", mininterval=2)
+        it = bar(iterable=it, desc="training oracle", unit="step", mininterval=2)
     model.train()
     for _ in it:
         idx = torch.randint(0, n_train, (batch_size,), generator=gen)
@@ -137,6 +137,18 @@ def builtin_oracle_folder() -> str:
 _CACHE: Dict[str, OracleNet] = {}
 
 
+def check_oracle_folder(folder: Optional[str] = None, key: Optional[str] = None) -> str:
+    """The oracle folder `load_oracle(folder)` reads (None: the shipped one); ConfigError if
+    its weights or config are missing. `key`: the config key that named the folder (e.g.
+    filter.oracle), put in the message. Needs no Ray and no run directory (raybias.preflight)."""
+    folder = folder or builtin_oracle_folder()
+    if not (os.path.isfile(os.path.join(folder, WEIGHTS)) and os.path.isfile(os.path.join(folder, CONFIG))):
+        named = f"config key '{key}' has value {folder!r}: " if key else ""
+        raise ConfigError(f"{named}oracle weights missing in {folder} (rebuild with "
+                          "`raybias base CONFIG base.model=builtin`)")
+    return folder
+
+
 def load_oracle(folder: Optional[str] = None) -> OracleNet:
     """The shipped oracle (or one saved in `folder`), in eval mode; cached per folder."""
     from safetensors.torch import load_file
@@ -144,9 +156,8 @@ def load_oracle(folder: Optional[str] = None) -> OracleNet:
     folder = folder or builtin_oracle_folder()
     if folder in _CACHE:
         return _CACHE[folder]
+    check_oracle_folder(folder)
     weights, config = os.path.join(folder, WEIGHTS), os.path.join(folder, CONFIG)
-    if not (os.path.isfile(weights) and os.path.isfile(config)):
-        raise ConfigError(f"oracle weights missing in {folder} (rebuild with `raybias base CONFIG base.model=builtin`)")
     with open(config) as f:
         meta = json.load(f)
     model = OracleNet(len(meta["palette"]))

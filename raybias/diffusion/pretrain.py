@@ -74,9 +74,9 @@ def images_to_tensor(images: np.ndarray) -> torch.Tensor:
 def _iter(n: int, desc: str, progress: bool):
     if not progress:
         return range(n)
-    from tqdm.auto import tqdm
+    from raybias.console import bar
 
-    return tqdm(range(n), desc=desc, unit="step", mininterval=5)
+    return bar(iterable=range(n), desc=desc, unit="step", mininterval=5)
 
 
 def train_vae(vae, images: torch.Tensor, s: PretrainSettings, gen: torch.Generator, progress: bool) -> List[float]:

@@ -47,6 +47,25 @@ def xformers_available() -> bool:
     return True
 
 
+def check_attention(mode: str, on_cuda: bool, check_installed: bool = True) -> None:
+    """Can `set_attention(pipe, mode)` select `mode` for a model on CUDA (`on_cuda`) or not?
+
+    ConfigError for an unknown mode; ResourceError for xformers without xformers installed
+    (`check_installed`: this process's environment is the workers') or off CUDA. Needs no
+    Ray and no model: `raybias.preflight` calls it before a run starts.
+    """
+    if mode not in ("auto", "sdpa", "xformers"):
+        from raybias.config import ConfigError
+
+        raise ConfigError(f"generate.attention={mode!r}: allowed auto, sdpa, xformers")
+    if mode == "xformers" and check_installed and not xformers_available():
+        raise ResourceError("generate.attention=xformers but xformers is not installed (or its kernels do "
+                            "not load with this torch); install raybias[xformers] or use attention=sdpa/auto")
+    if mode == "xformers" and not on_cuda:
+        raise ResourceError("generate.attention=xformers needs the model on a CUDA GPU; use attention=sdpa "
+                            "or auto on CPU")
+
+
 def set_attention(pipe, mode: str = "auto") -> str:
     """Select the attention kernel of the UNet and VAE; returns what is in use ("xformers"/"sdpa").
 
@@ -54,17 +73,8 @@ def set_attention(pipe, mode: str = "auto") -> str:
     """
     from diffusers.models.attention_processor import AttnProcessor2_0
 
-    if mode not in ("auto", "sdpa", "xformers"):
-        from raybias.config import ConfigError
-
-        raise ConfigError(f"generate.attention={mode!r}: allowed auto, sdpa, xformers")
     on_cuda = pipe.unet.device.type == "cuda"
-    if mode == "xformers" and not xformers_available():
-        raise ResourceError("generate.attention=xformers but xformers is not installed (or its kernels do "
-                            "not load with this torch); install raybias[xformers] or use attention=sdpa/auto")
-    if mode == "xformers" and not on_cuda:
-        raise ResourceError("generate.attention=xformers needs the model on a CUDA GPU; use attention=sdpa "
-                            "or auto on CPU")
+    check_attention(mode, on_cuda)
     use_xformers = mode == "xformers" or (mode == "auto" and on_cuda and xformers_available())
     if use_xformers:
         try:
@@ -165,9 +175,9 @@ def sample(pipe, prompts: List[str], seeds: List[int], negative_prompts: Optiona
     out: List[np.ndarray] = []
     starts = range(0, len(prompts), batch_size)
     if progress:
-        from tqdm.auto import tqdm
+        from raybias.console import bar
 
-        starts = tqdm(starts, desc="sampling", unit="batch")
+        starts = bar(iterable=starts, desc="sampling", unit="batch")
     for i in starts:
         j = i + batch_size
         out.extend(_sample_batch(pipe, prompts[i:j], seeds[i:j], negative_prompts[i:j], scheduler, steps,

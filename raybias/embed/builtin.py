@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 
 from raybias.config import ConfigError
-from raybias.data.images import decode
+from raybias.data.images import READ_FORMATS, decode
 from raybias.embed import Embedder, l2_normalize
 
 WORK_SIZE = 16
@@ -91,7 +91,7 @@ def features(rgb: np.ndarray) -> np.ndarray:
 def _decode_rgb(data: bytes, size: int, where: str) -> np.ndarray:
     """raybias.data.images.decode without its copy when the image is RGB already (hot path)."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=READ_FORMATS)
         img.load()
     except Exception:  # noqa: BLE001 - let the shared decoder raise its ImageError with the reason
         return decode(data, size, where=where)

@@ -31,6 +31,21 @@ def _features(out) -> "Any":
     return pooled
 
 
+def check_clip_model(model_id) -> None:
+    """ConfigError if embed.model is unset, or spelled as a local path (/x, ./x, ../x, ~/x,
+    a/b/c) that is not a folder. A hub id (org/name) cannot be checked without fetching it.
+    Needs no Ray and no run directory (raybias.preflight calls it)."""
+    if not model_id:
+        raise ConfigError("config key 'embed.model' is not set: embed.embedder=clip needs a CLIP hub id "
+                          "or a local folder")
+    text = str(model_id)
+    local = os.path.expanduser(text)
+    spelled_as_path = text.startswith(("/", "./", "../", "~")) or text.count("/") >= 2
+    if spelled_as_path and not os.path.isdir(local):
+        raise ConfigError(f"config key 'embed.model' has value {text!r}: folder not found (give a local CLIP "
+                          "folder written by save_pretrained, or a hub id such as openai/clip-vit-base-patch32)")
+
+
 class ClipEmbedder(Embedder):
     name = "clip"
 
@@ -39,9 +54,7 @@ class ClipEmbedder(Embedder):
         from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
         model_id = options.get("model")
-        if not model_id:
-            raise ConfigError("config key 'embed.model' is not set: embed.embedder=clip needs a CLIP hub id "
-                              "or a local folder")
+        check_clip_model(model_id)
         local = os.path.expanduser(str(model_id))
         source = os.path.abspath(local) if os.path.isdir(local) else str(model_id)
         try:

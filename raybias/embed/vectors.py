@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raybias.data.images import ImageError, decode
-from raybias.data.io import MARKER, TableMissing, read_dataset, shard_paths
+from raybias.data.io import read_dataset, shard_paths
 from raybias.embed import VECTORS, embed_options, get_embedder
 from raybias.rundir import RunDir
 
@@ -118,8 +118,9 @@ def write_vectors(run: RunDir, ds, rel_dir: str = VECTORS) -> int:
         for name in run.listdir(tmp):
             run.fs.move(run.path(tmp, name), run.path(rel_dir, name))
         run.delete(tmp)
-    rows = sum(pq.ParquetFile(p, filesystem=run.fs).metadata.num_rows for p in shard_paths(run, rel_dir))
-    run.write_bytes(f"{rel_dir}/{MARKER}", b"")
+    shards = [n for n in run.listdir(rel_dir) if n.endswith(".parquet")]
+    rows = sum(pq.ParquetFile(run.path(rel_dir, n), filesystem=run.fs).metadata.num_rows for n in shards)
+    run.write_marker(rel_dir, shards)
     return rows
 
 
@@ -130,10 +131,8 @@ def vectors_dataset(run: RunDir, rel_dir: str = VECTORS, columns=None):
 
 def read_vectors(run: RunDir, rel_dir: str = VECTORS) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(ids, groups, matrix [N, d] float32) of the whole table, sorted by id: for small runs."""
-    if not run.exists(rel_dir, MARKER):
-        state = "is incomplete" if run.exists(rel_dir) else "does not exist"
-        raise TableMissing(f"{run.path(rel_dir)} {state} (run `raybias embed` first)")
-    parts = [pq.read_table(p, columns=["id", "group", "vector"], filesystem=run.fs) for p in shard_paths(run, rel_dir)]
+    parts = [pq.read_table(p, columns=["id", "group", "vector"], filesystem=run.fs)
+             for p in shard_paths(run, rel_dir, "embed")]
     if not parts:
         return np.array([], dtype=object), np.array([], dtype=np.int64), np.zeros((0, 0), np.float32)
     table = pa.concat_tables(parts)

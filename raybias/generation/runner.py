@@ -40,10 +40,11 @@ def sampling_settings(gen_cfg) -> Dict[str, Any]:
 def run_units(run: RunDir, plan: Dict[str, Any], units: Sequence[Dict[str, Any]], *, base_model: str,
               base_revision: Optional[str], concurrency: int, num_gpus: float, num_cpus: float,
               on_unit: Optional[Callable[[Dict[str, Any]], None]] = None, progress: bool = True,
-              desc: Optional[str] = None) -> Dict[str, Any]:
+              desc: Optional[str] = None, allow_pickle: bool = False) -> Dict[str, Any]:
     """Sample and write `units` through an actor pool; returns runtime facts (attention, device…)."""
     import ray
-    from tqdm import tqdm
+
+    from raybias.console import bar as progress_bar
 
     from raybias.generation.sampler import SamplerActor
 
@@ -56,15 +57,16 @@ def run_units(run: RunDir, plan: Dict[str, Any], units: Sequence[Dict[str, Any]]
         SamplerActor,
         fn_constructor_kwargs=dict(run_spec=run.spec(), generator=generator, base_model=base_model,
                                    base_revision=base_revision, models=plan["models"],
-                                   sampling=plan["sampling"]),
+                                   # base.allow_pickle rides along, outside the saved plan
+                                   sampling=dict(plan["sampling"], allow_pickle=bool(allow_pickle))),
         compute=ray.data.ActorPoolStrategy(size=max(1, min(int(concurrency), len(rows)))),
         num_gpus=num_gpus or None, num_cpus=num_cpus, batch_size=1, batch_format="numpy",
         zero_copy_batch=True)
     total = sum(len(u["ids"]) for u in units)
     facts: Dict[str, Any] = {"units": 0, "images": 0, "sample_seconds": 0.0}
     started = time.perf_counter()
-    with tqdm(total=total, unit="img", desc=desc or f"generate {generator}", disable=not progress,
-              dynamic_ncols=True, smoothing=0.1) as bar:
+    with progress_bar(total=total, unit="img", desc=desc or f"generate {generator}", disable=not progress,
+                      smoothing=0.1) as bar:
         try:
             for row in ds.iter_rows():
                 facts["units"] += 1

@@ -133,7 +133,8 @@ class ModelSwitcher:
             folder = local_folder(self.run, key, self.cache_root)
             name = adapter_name(key)
             try:
-                self.pipe.load_lora_weights(folder, adapter_name=name)
+                # safetensors only: without it diffusers falls back to a pickled .bin
+                self.pipe.load_lora_weights(folder, adapter_name=name, use_safetensors=True)
             except Exception as exc:
                 raise StageFailed(f"cannot load LoRA weights of model {spec['name']!r} from {folder}: {exc}") from exc
             self.adapters[key] = name
@@ -171,9 +172,11 @@ class ModelSwitcher:
         folder = local_folder(self.run, key, self.cache_root)
         comps: Dict[str, Any] = {"text_encoder": self.base["text_encoder"], "tokenizer": self.base["tokenizer"]}
         try:
-            comps["unet"] = self.classes["unet"].from_pretrained(folder, subfolder="unet")
+            # safetensors only (what fine-tuning writes): never unpickle a model folder
+            comps["unet"] = self.classes["unet"].from_pretrained(folder, subfolder="unet", use_safetensors=True)
             if not self._same_as_base_text_encoder(folder):
-                comps["text_encoder"] = self.classes["text_encoder"].from_pretrained(folder, subfolder="text_encoder")
+                comps["text_encoder"] = self.classes["text_encoder"].from_pretrained(
+                    folder, subfolder="text_encoder", use_safetensors=True)
                 if os.path.isdir(os.path.join(folder, "tokenizer")):
                     comps["tokenizer"] = self.classes["tokenizer"].from_pretrained(folder, subfolder="tokenizer")
         except Exception as exc:
@@ -204,7 +207,8 @@ class SamplerActor:
         self.device = resolve_device(float(self.sampling.get("num_gpus", 0.0)))
         self.dtype = resolve_dtype(self.sampling.get("dtype", "fp32"), self.device)
         started = time.perf_counter()
-        self.pipe = load_pipeline(base_model, revision=base_revision, device=self.device, dtype=self.dtype)
+        self.pipe = load_pipeline(base_model, revision=base_revision, device=self.device, dtype=self.dtype,
+                                  allow_pickle=bool(self.sampling.get("allow_pickle", False)))
         self.pipe.set_progress_bar_config(disable=True)
         for module in (self.pipe.unet, self.pipe.vae, self.pipe.text_encoder):
             module.eval().requires_grad_(False)

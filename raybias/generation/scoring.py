@@ -35,15 +35,21 @@ def class_prompt_texts(info, y: int) -> List[str]:
 
 def class_digits(info) -> List[List[int]]:
     """Digit indices of each class's members (colored_digits: the oracle reads digits)."""
+    return member_digits(info.class_words, info.class_names)
+
+
+def member_digits(class_words, class_names) -> List[List[int]]:
+    """Digit indices of each class's member words; ConfigError naming data.class_words if one
+    is not a digit word. Needs no Ray and no run directory (raybias.preflight calls it)."""
     from raybias.diffusion.tokenizer import DIGIT_WORDS
 
     out = []
-    for y, members in enumerate(info.class_words):
+    for y, members in enumerate(class_words):
         unknown = [m for m in members if m not in DIGIT_WORDS]
         if unknown:
-            raise ConfigError(f"filter: class {info.class_names[y]!r} has members {unknown} that are not digit "
-                              "words, so the oracle cannot score the class-prompt term; set filter.embedder=clip "
-                              "(with embed.model) or filter.alpha=0")
+            raise ConfigError(f"filter: class {class_names[y]!r} has members {unknown} (data.class_words[{y}]) "
+                              "that are not digit words, so the oracle cannot score the class-prompt term; set "
+                              "filter.embedder=clip (with embed.model) or filter.alpha=0")
         out.append([DIGIT_WORDS.index(m) for m in members])
     return out
 

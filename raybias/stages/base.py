@@ -30,6 +30,7 @@ from typing import Any, Dict
 
 import numpy as np
 
+from raybias.console import say
 from raybias.methods import BASE
 from raybias.ray_utils import cluster_gpus, cpus_available, init_ray
 from raybias.rundir import RunDir, StageFailed
@@ -125,13 +126,13 @@ def build_builtin(base_cfg: Dict[str, Any], run_spec: str, progress: bool = True
     }
 
 
-def check_external(model: str, revision, run_spec: str) -> Dict[str, Any]:
+def check_external(model: str, revision, run_spec: str, allow_pickle: bool = False) -> Dict[str, Any]:
     """Load a hub id / folder as a StableDiffusionPipeline; runs inside a Ray task."""
     from raybias.diffusion.backbone import count_parameters, load_pipeline
     from raybias.diffusion.sampling import default_size
 
     t0 = time.time()
-    pipe = load_pipeline(model, revision=revision)
+    pipe = load_pipeline(model, revision=revision, allow_pickle=allow_pickle)
     info = {
         "model": model, "revision": revision, "load_seconds": time.time() - t0,
         "components": {name: type(getattr(pipe, name)).__name__
@@ -218,7 +219,7 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
     if st.skip:
         summary = (run.stage_record("base") or {}).get("info", {})
         if verbose:
-            print(f"base: already built in {run.uri} (--resume)")
+            say(f"base: already built in {run.uri} (--resume)")
         return summary
     import ray
 
@@ -239,16 +240,16 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
                    "recognition": quality["best"]["both"], "timings": out["timings"]}
         if verbose:
             t = out["timings"]
-            print(f"rendered {cfg.base.corpus_size} corpus images in {t['render']:.1f}s; oracle held-out "
-                  f"digit {out['oracle']['heldout_digit_acc']:.1%}, colour {out['oracle']['heldout_color_acc']:.1%}")
-            print(f"pretrained VAE {t['pretrain_vae']:.0f}s + UNet {t['pretrain_unet']:.0f}s on {out['device']}")
-            print(format_quality(quality))
-            print(f"backbone written to {out['model']}; later stages of this run use it "
-                  f"(plots in {run.path('base')})")
+            say(f"rendered {cfg.base.corpus_size} corpus images in {t['render']:.1f}s; oracle held-out "
+                f"digit {out['oracle']['heldout_digit_acc']:.1%}, colour {out['oracle']['heldout_color_acc']:.1%}")
+            say(f"pretrained VAE {t['pretrain_vae']:.0f}s + UNet {t['pretrain_unet']:.0f}s on {out['device']}")
+            say(format_quality(quality))
+            say(f"backbone written to {out['model']}; later stages of this run use it "
+                f"(plots in {run.path('base')})")
     else:
         task = _remote(check_external, cfg)
         try:
-            info = ray.get(task.remote(cfg.base.model, cfg.base.revision, run.spec()))
+            info = ray.get(task.remote(cfg.base.model, cfg.base.revision, run.spec(), bool(cfg.base.allow_pickle)))
         except ray.exceptions.RayTaskError as exc:
             cause = exc.cause
             from raybias.config import ConfigError
@@ -259,7 +260,7 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
         summary = {"model": cfg.base.model, "parameters": info["parameters"]}
         if verbose:
             params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info["parameters"].items())
-            print(f"base.model={cfg.base.model} loads as a StableDiffusionPipeline ({params}; "
-                  f"{info['image_size']} px) in {info['load_seconds']:.1f}s")
+            say(f"base.model={cfg.base.model} loads as a StableDiffusionPipeline ({params}; "
+                f"{info['image_size']} px) in {info['load_seconds']:.1f}s")
     run.finish_stage("base", summary)
     return summary

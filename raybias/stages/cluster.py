@@ -1,12 +1,16 @@
 """Stage `cluster`: K-means per group on the image embeddings -> `embed/clusters.*` and plots.
 
-One Ray Data pass over `embed/vectors/` (in file order, so runs are reproducible) splits every
-block by group into float32 matrices kept in Ray's object store (`VectorBlocks.split_dataset`).
-Each group is then clustered there (`raybias.clustering`): k-means++ on a sample of
-cluster.sample_size rows, then distributed Lloyd iterations (cluster.max_iter, cluster.tol).
-A group no larger than the sample is already wholly on the driver and is clustered in-process.
-k is cluster.k, or chosen by silhouette when cluster.k is "auto"; a group with fewer than
-cluster.min_group_size images gets k = 1 and an empty group k = 0 (no clusters).
+One Ray Data pass over `embed/vectors/` splits every block by group into float32 matrices kept
+in Ray's object store, laid out canonically by image id (`VectorBlocks.split_dataset`), so the
+clusters are a function of the vectors and cluster.seed only, whatever the order of the files,
+of their rows, or in which Ray Data delivers its blocks. Each group is then clustered there
+(`raybias.clustering`): k-means++ on a sample of cluster.sample_size rows, then distributed
+Lloyd iterations (cluster.max_iter, cluster.tol). A group no larger than the sample is already
+wholly on the driver and is clustered in-process. k is cluster.k, or chosen by silhouette when
+cluster.k is "auto"; a group with fewer than cluster.min_group_size images gets k = 1 and an
+empty group k = 0 (no clusters). Clusters are numbered by size, largest first, ties by their
+smallest image id, so that names and seeds downstream (one model per group and cluster) are
+stable.
 
 Outputs:
 - embed/clusters.parquet   id, group, cluster  (every embedded training image)
@@ -28,6 +32,7 @@ from raybias.clustering import CLUSTERS_JSON, CLUSTERS_PARQUET, PROJECTION_PNG, 
 from raybias.clustering.kmeans import VectorBlocks, assign_block, squared_distances
 from raybias.clustering.plots import projection_figure, samples_figure
 from raybias.clustering.select_k import cluster_group
+from raybias.console import say
 from raybias.data.images import decode
 from raybias.data.info import REAL, DatasetInfo
 from raybias.data.io import shard_paths
@@ -60,15 +65,14 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     st = run.begin_stage(KEY, cfg, CLUSTER, mode)
     if st.skip:
         if verbose:
-            print("cluster: already done, skipped")
+            say("cluster: already done, skipped")
         return run.read_json(CLUSTERS_JSON)
     init_ray(cfg)
-    from tqdm.auto import tqdm
+    from raybias.console import bar as progress_bar
 
     info = DatasetInfo.load(run)
+    # Any block order will do: split_dataset lays the vectors out canonically by id.
     vectors = vectors_dataset(run, columns=["id", "group", "vector"])
-    # Blocks in file order, so the sample (and with it the clustering) is the same every run.
-    vectors.context.execution_options.preserve_order = True
     c = cfg.cluster
 
     summary: Dict[str, Any] = {}
@@ -81,7 +85,7 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     by_group = VectorBlocks.split_dataset(vectors, "group", [g for g in range(info.n_groups) if info.train_count(g)],
                                           id_column="id")
     try:
-        for g in tqdm(range(info.n_groups), desc="cluster", unit="group", disable=not verbose):
+        for g in progress_bar(iterable=range(info.n_groups), desc="cluster", unit="group", disable=not verbose):
             name = info.group_name(g)
             n_g = info.train_count(g)
             title = f"group {g}: {name} (n={n_g})"
@@ -98,7 +102,7 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
             rows = blocks.sample_rows(int(c.sample_size), int(c.seed))
             sample = blocks.take(rows)
             sample_ids = blocks.take_ids(rows)
-            chosen = cluster_group(blocks, c, sample=sample)
+            chosen = cluster_group(blocks, c, sample=sample, sample_ids=sample_ids)
             fit = chosen.result
             for ids, labels in blocks.iter_labels(fit.centroids):
                 writer.write_table(pa.table({"id": pa.array(ids.tolist(), pa.string()),
@@ -132,14 +136,14 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     run.fs.move(run.path(tmp_parquet), run.path(CLUSTERS_PARQUET))
     run.write_json(CLUSTERS_JSON, summary)
     _write_plots(run, projection, typical)
-    run.finish_stage(KEY, {"k": {g: e["k"] for g, e in summary.items()}})
+    run.finish_stage(KEY, {"k": {g: e["k"] for g, e in summary.items()}}, outputs=(CLUSTERS_PARQUET, CLUSTERS_JSON))
     if verbose:
         for g, e in summary.items():
             extra = ""
             if "silhouette" in e:
                 extra = "  silhouette " + ", ".join(f"k={k}: {v:.3f}" for k, v in e["silhouette"].items())
-            print(f"group {g} {e['name']}: n={e['n']} k={e['k']} ({e['chosen_by']}) sizes={e['sizes']}{extra}")
-        print(f"clusters -> {run.path(CLUSTERS_PARQUET)}, plots in {run.path('embed')}")
+            say(f"group {g} {e['name']}: n={e['n']} k={e['k']} ({e['chosen_by']}) sizes={e['sizes']}{extra}")
+        say(f"clusters -> {run.path(CLUSTERS_PARQUET)}, plots in {run.path('embed')}")
     return summary
 
 

@@ -32,6 +32,7 @@ import time
 from typing import Any, Dict, List
 
 from raybias.config import config_hash
+from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.rundir import RunDir, StageFailed
 
@@ -106,9 +107,10 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
                     "final_loss": float(record["final_loss"])} for c in range(info.n_classes)],
     }
     run.write_json(MANIFEST, manifest)
-    run.finish_stage(key, info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
-                                "wall_seconds": record.get("wall_seconds"),
-                                "seconds_per_step": record.get("seconds_per_step")})
+    run.finish_stage(key, outputs=(MANIFEST,),
+                     info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
+                           "wall_seconds": record.get("wall_seconds"),
+                           "seconds_per_step": record.get("seconds_per_step")})
     return manifest
 
 
@@ -184,7 +186,7 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
         facts = run_units(run, plan, todo, base_model=plan["base"], base_revision=cfg.base.revision,
                           concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
                           on_unit=lambda row: run.mark_units(key, [unit_key(int(row["unit"]))]),
-                          desc="ddb bias-aligned set")
+                          desc="ddb bias-aligned set", allow_pickle=cfg.base.allow_pickle)
     left = missing_units(run, GEN, plan)
     if left:
         raise StageFailed(f"ddb generation: {len(left)} planned unit(s) have no shard (e.g. {unit_key(left[0])}); "
@@ -225,7 +227,7 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     scores["amplifier_synthetic_epochs"] = int(cfg.ddb.amplifier_epochs)
     scores["amplifier_test_acc"] = record["test"].get("acc")
     run.write_json(CONFLICT_JSON, scores)
-    run.finish_stage(key, info=scores)
+    run.finish_stage(key, info=scores, outputs=(CONFLICT_JSON, OUTPUTS))
     return scores
 
 
@@ -254,7 +256,7 @@ def run_ddb(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Any]:
     scores = part("amplifier", AMPLIFIER_KEY, train_amplifier, cfg, run, info, mode)
     took = [f"{k} {v:.0f}s" for k, v in times.items()] + ([f"{', '.join(done_earlier)} done earlier"]
                                                           if done_earlier else [])
-    print(f"ddb: {gen.get('n_images')} bias-aligned images; amplifier's pseudo-conflicting set: precision "
-          f"{scores.get('conflicting_precision')}, recall {scores.get('conflicting_recall')} "
-          f"({scores.get('n_pseudo_conflicting')} flagged of {scores.get('n_train')}); " + "; ".join(took), flush=True)
+    say(f"ddb: {gen.get('n_images')} bias-aligned images; amplifier's pseudo-conflicting set: precision "
+        f"{scores.get('conflicting_precision')}, recall {scores.get('conflicting_recall')} "
+        f"({scores.get('n_pseudo_conflicting')} flagged of {scores.get('n_train')}); " + "; ".join(took), flush=True)
     return {"generate": gen, "amplifier": scores, "seconds": times, "done_earlier": done_earlier}

@@ -11,6 +11,7 @@ from typing import Any, Dict
 
 import pyarrow.parquet as pq
 
+from raybias.console import say
 from raybias.data.images import ImageError
 from raybias.data.info import REAL, DatasetInfo
 from raybias.data.io import read_dataset, shard_paths
@@ -55,7 +56,7 @@ def run_embed(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
     if st.skip:
         info = (run.stage_record(KEY) or {}).get("info", {})
         if verbose:
-            print(f"embed: already done ({info.get('n', '?')} vectors), skipped")
+            say(f"embed: already done ({info.get('n', '?')} vectors), skipped")
         return info
     init_ray(cfg)
     data_info = DatasetInfo.load(run)
@@ -85,8 +86,8 @@ def run_embed(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
         dim = pq.read_schema(path, filesystem=run.fs).field("vector").type.list_size
         break
     info = {"embedder": cfg.embed.embedder, "model": cfg.embed.model, "dim": int(dim), "n": int(n)}
-    run.finish_stage(KEY, info)
+    run.finish_stage(KEY, info, outputs=(VECTORS,))
     if verbose:
-        print(f"embedded {n} training images with embed.embedder={cfg.embed.embedder} "
-              f"(dim {dim}) -> {run.path(VECTORS)}")
+        say(f"embedded {n} training images with embed.embedder={cfg.embed.embedder} "
+            f"(dim {dim}) -> {run.path(VECTORS)}")
     return info

@@ -24,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raybias.config import GENERATORS
+from raybias.console import say
 from raybias.data.info import REAL, DatasetInfo
-from raybias.data.io import MARKER, TableMissing, shard_paths
+from raybias.data.io import TableMissing, shard_paths
 from raybias.data.synthetic import finished_units, shards_dir, synthetic_dir, unit_name
 from raybias.generation.scoring import (FilterScorer, GroupSums, centroids_from_sums, choose_kept,
                                         class_digits, class_prompt_texts, group_sums_from_batches,
@@ -78,16 +79,14 @@ def real_centroids(cfg, run: RunDir, info: DatasetInfo, opts: Dict[str, Any]) ->
     Reuses embed/vectors/ when it was made by the same embedder config; else embeds the real
     training images with an actor pool (per shard: group sums and counts come back).
     """
-    same = (opts["embedder"] == cfg.embed.embedder and run.exists("embed/vectors", MARKER)
+    same = (opts["embedder"] == cfg.embed.embedder and run.table_problem("embed/vectors") is None
             and run.matches(run.stage_record("embed"), cfg, EMBED))
     if same:
         batches = (pq.read_table(p, columns=["group", "vector"], filesystem=run.fs)
                    for p in shard_paths(run, "embed/vectors"))
         sums, counts = group_sums_from_batches(batches, info.n_groups)
         return centroids_from_sums(sums, counts, info.n_bias), "embed/vectors"
-    if not run.exists(REAL, MARKER):
-        raise TableMissing(f"{run.path(REAL)} is not finished (run `raybias prepare` first)")
-    paths = shard_paths(run, REAL)
+    paths = shard_paths(run, REAL, "prepare")
     ds = _shard_dataset(paths).map_batches(
         GroupSums, fn_constructor_kwargs=dict(run_spec=run.spec(), embed_options=opts, n_groups=info.n_groups),
         **_pool(opts, len(paths)))
@@ -141,7 +140,7 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
     if st.skip:
         if run.exists(scores_path(generator)):
             if verbose:
-                print(f"filter {generator}: finished earlier, skipped")
+                say(f"filter {generator}: finished earlier, skipped")
             return (run.stage_record(key) or {}).get("info", {})
         # scores were deleted (a regenerated set): score again
         run.begin_stage(key, cfg, sections, "fresh")
@@ -160,7 +159,7 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
         scores = scores.assign(score=np.nan, prompt_score=np.nan, centroid_score=np.nan, keep=True)
         embedder, term = None, "disabled"
     else:
-        from tqdm import tqdm
+        from raybias.console import bar as progress_bar
 
         opts = filter_embed_options(cfg)
         embedder = opts["embedder"]
@@ -178,13 +177,13 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
             **_pool(opts, len(paths)))
         total = sum(pq.ParquetFile(p, filesystem=run.fs).metadata.num_rows for p in paths)
         parts = []
-        with tqdm(total=total, unit="img", desc=f"filter {generator}", disable=not verbose) as bar:
+        with progress_bar(total=total, unit="img", desc=f"filter {generator}", disable=not verbose) as bar:
             for batch in ds.iter_batches(batch_format="pandas", batch_size=None):
                 parts.append(batch)
                 bar.update(len(batch))
         scores = pd.concat(parts, ignore_index=True)
         if verbose:
-            print(f"filter {generator}: centroids from {centroid_source}; class-prompt term: {term}")
+            say(f"filter {generator}: centroids from {centroid_source}; class-prompt term: {term}")
     scores = choose_kept(scores, float(f.keep_fraction) if f.enabled else 1.0)
     _write_scores(run, generator, scores)
     if f.enabled:
@@ -194,10 +193,10 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
               "keep_fraction": float(f.keep_fraction) if f.enabled else 1.0,
               "kept": {str(int(g)): int(r["sum"]) for g, r in per_group.iterrows()},
               "total": {str(int(g)): int(r["size"]) for g, r in per_group.iterrows()}}
-    run.finish_stage(key, record)
+    run.finish_stage(key, record, outputs=(scores_path(generator),))
     if verbose:
-        print(f"filter {generator}: kept {int(scores['keep'].sum())} of {len(scores)} images "
-              + ", ".join(f"g{g} {record['kept'][g]}/{record['total'][g]}" for g in record["kept"]))
+        say(f"filter {generator}: kept {int(scores['keep'].sum())} of {len(scores)} images "
+            + ", ".join(f"g{g} {record['kept'][g]}/{record['total'][g]}" for g in record["kept"]))
     return record
 
 
@@ -205,6 +204,6 @@ def run_filter(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict[str, Any
     """`raybias filter`: every text-to-image generator named in `methods:`."""
     generators = [g for g in generators_needed(list(cfg.methods)) if g in GENERATORS]
     if not generators:
-        print("filter: no generator in methods (vanilla, lora, dreambooth, clustered_dreambooth); nothing to do")
+        say("filter: no generator in methods (vanilla, lora, dreambooth, clustered_dreambooth); nothing to do")
         return {}
     return {gen: filter_set(cfg, run, gen, mode) for gen in generators}

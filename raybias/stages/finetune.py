@@ -22,7 +22,6 @@ import json
 import logging
 import math
 import os
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -33,6 +32,7 @@ import numpy as np
 from omegaconf import OmegaConf
 
 from raybias.config import ConfigError
+from raybias.console import say
 from raybias.data.info import REAL, DatasetInfo
 from raybias.data.io import TableMissing, read_table
 from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, PREVIEW_JSON, TRAINING_JSON, JobSpec,
@@ -208,15 +208,14 @@ def _progress_board_class():
 
 
 class ProgressMonitor:
-    """One tqdm bar over all jobs' steps, plus a line per job now and then:
-    "[lora g1] step 120/300 loss 0.083"."""
+    """One progress bar over all jobs' steps on the terminal, plus a line per job now and then
+    in the log ("[lora g1] step 120/300 loss 0.083"; on the terminal with -v)."""
 
     def __init__(self, board, total_steps: int, interval_s: float = 1.0, line_every_s: float = 15.0):
-        from tqdm.auto import tqdm
+        from raybias.console import bar
 
         self.board = board
-        self.bar = tqdm(total=total_steps, desc="fine-tuning", unit="step", file=sys.stderr,
-                        disable=not sys.stderr.isatty() and os.environ.get("RAYBIAS_PROGRESS") != "1")
+        self.bar = bar(total=total_steps, desc="fine-tuning", unit="step")
         self.interval_s, self.line_every_s = interval_s, line_every_s
         self.seen: Dict[str, int] = {}
         self.last_line: Dict[str, Tuple[float, str]] = {}
@@ -248,12 +247,11 @@ class ProgressMonitor:
             if s["phase"] != last_phase or now - last_t >= self.line_every_s:
                 gen, name = key.split("/", 1)
                 loss = "" if s["loss"] is None else f" loss {s['loss']:.4f}"
-                self.bar.write(f"[{gen} {name}] step {s['step']}/{s['total']}{loss} ({s['phase']})",
-                               file=sys.stdout)
+                log.info("[%s %s] step %d/%d%s (%s)", gen, name, s["step"], s["total"], loss, s["phase"])
                 self.last_line[key] = (now, s["phase"])
         active = [k for k, s in snap.items() if s["phase"] == "training"]
         if active:
-            self.bar.set_postfix_str(", ".join(sorted(active))[:60])
+            self.bar.set_postfix_str(", ".join(sorted(active))[:60], refresh=False)
 
     def close(self) -> None:
         self._stop.set()
@@ -288,8 +286,8 @@ def _fault_for(generator: str, job: str, run: RunDir) -> Optional[Dict[str, Any]
 
 def _finetune_dict(cfg, run: RunDir, generator: str, base: str, base_folder: Optional[str]) -> Dict[str, Any]:
     ft = OmegaConf.to_container(cfg.finetune, resolve=True)
-    ft.update(run_spec=run.spec(), base=base, revision=cfg.base.revision, base_folder=base_folder,
-              generator_dir=generator_dir(generator))
+    ft.update(run_spec=run.spec(), base=base, revision=cfg.base.revision, allow_pickle=bool(cfg.base.allow_pickle),
+              base_folder=base_folder, generator_dir=generator_dir(generator))
     return ft
 
 
@@ -519,8 +517,8 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     else:
         units = [(job.name, [(job, ft)]) for job, ft in todo]
     skipped = sum(len(r) for r in records.values())
-    print(f"finetune: {len(todo)} job(s) to train" + (f", {skipped} finished earlier" if skipped else "")
-          + (f", in {len(units)} trainer(s)" if per_trainer > 1 else "")
+    say(f"finetune: {len(todo)} job(s) to train" + (f", {skipped} finished earlier" if skipped else "")
+        + (f", in {len(units)} trainer(s)" if per_trainer > 1 else "")
           + f" ({', '.join(g for g, _, _ in pending)}; base {base})", flush=True)
 
     lock = threading.Lock()
@@ -540,7 +538,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         manifest = _manifest(cfg, gen, plan, records[gen], base)
         run.write_json(manifest_path(gen), manifest)
         trained = [records[gen][j.name] for j in plan.jobs]
-        run.finish_stage(key, info={
+        run.finish_stage(key, outputs=(manifest_path(gen),), info={
             "trained": len(plan.jobs), "borrowed": sum(1 for e in plan.entries if e["borrowed_from"]),
             "wall_seconds": round(time.time() - started, 2),
             "job_wall_seconds": {r["name"]: r.get("wall_seconds") for r in trained},
@@ -561,13 +559,13 @@ def _short(exc: Exception, limit: int = 400) -> str:
 
 
 def _print_summary(gen: str, manifest: Dict[str, Any], records: Dict[str, Dict[str, Any]]) -> None:
-    print(f"finetune/{gen}: {len(manifest['models'])} model(s)")
+    say(f"finetune/{gen}: {len(manifest['models'])} model(s)")
     for m in manifest["models"]:
         rec = records.get(m["borrowed_from"] or m["name"], {})
         how = (f"borrows {m['borrowed_from']} (negative prompt {m['negative_prompt']!r})" if m["borrowed_from"]
                else f"{m['n_images']} images, {m['steps']} steps, loss {m['final_loss']:.4f}, "
                     f"{rec.get('wall_seconds', 0):.1f}s")
-        print(f"  {m['name']:<8} weight {m['weight']:.2f}  {m['prompt_template']!r:<28} {how}")
+        say(f"  {m['name']:<8} weight {m['weight']:.2f}  {m['prompt_template']!r:<28} {how}")
 
 
 def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") -> Dict[str, Any]:
@@ -579,6 +577,6 @@ def run_finetune(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict]:
     """Fine-tune every generator of `methods:` that needs it (lora, dreambooth, clustered_dreambooth)."""
     gens = [g for g in generators_needed(list(cfg.methods)) if g in KIND_OF]
     if not gens:
-        print("finetune: no method in `methods:` needs fine-tuning (lora, dreambooth, clustered_dreambooth)")
+        say("finetune: no method in `methods:` needs fine-tuning (lora, dreambooth, clustered_dreambooth)")
         return {}
     return finetune_generators(cfg, run, gens, mode)

@@ -18,6 +18,7 @@ import logging
 from typing import Any, Dict, Optional, Sequence
 
 from raybias.config import GENERATORS, config_hash
+from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.diffusion.backbone import resolve_base_model
 from raybias.data.synthetic import synthetic_dir
@@ -55,7 +56,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
             whole, _ = sort_out_shards(run, generator, plan["units"])
             if len(whole) == len(plan["units"]):
                 if verbose:
-                    print(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
+                    say(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
                 return _summary(run, generator, plan, (previous or {}).get("info", {}))
         # recorded as done but shards are gone or broken: make those again, keeping the rest
         log.warning("generate/%s is marked done but shards are missing or broken; making them again", generator)
@@ -84,11 +85,11 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     done = set(whole)
     todo = [u for u in plan["units"] if u["unit"] not in done]
     if verbose:
-        print(f"generate {generator}: plan ({g.balance})")
-        print(describe_plan(plan, info))
+        say(f"generate {generator}: plan ({g.balance})")
+        say(describe_plan(plan, info))
         if done:
-            print(f"resuming: {len(done)} of {len(plan['units'])} units already whole"
-                  + (f", {len(broken)} broken shard(s) redone" if broken else ""))
+            say(f"resuming: {len(done)} of {len(plan['units'])} units already whole"
+                + (f", {len(broken)} broken shard(s) redone" if broken else ""))
     facts: Dict[str, Any] = {}
     if todo:
         # scores of an older set would silently filter the new one
@@ -98,7 +99,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
         facts = run_units(run, plan, todo, base_model=base_model, base_revision=cfg.base.revision,
                           concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
                           on_unit=lambda row: run.mark_units(key, [unit_key(int(row["unit"]))]),
-                          progress=verbose)
+                          progress=verbose, allow_pickle=cfg.base.allow_pickle)
     left = missing_units(run, generator, plan)
     if left:
         raise StageFailed(f"generate {generator}: {len(left)} planned unit(s) have no shard "
@@ -113,8 +114,8 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     run.finish_stage(key, record)
     if verbose:
         rate = f" at {facts['images_per_s']:.2f} images/s" if facts.get("images") else ""
-        print(f"generate {generator}: {plan['n_images']} images in {run.path(synthetic_dir(generator))}{rate}"
-              + (f"; samples: {grid}" if grid else ""))
+        say(f"generate {generator}: {plan['n_images']} images in {run.path(synthetic_dir(generator))}{rate}"
+            + (f"; samples: {grid}" if grid else ""))
     return _summary(run, generator, plan, record)
 
 
@@ -128,7 +129,7 @@ def run_generate(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict[str, A
     """`raybias generate`: every text-to-image generator named in `methods:`."""
     generators = [g for g in generators_needed(list(cfg.methods)) if g in GENERATORS]
     if not generators:
-        print("generate: no generator in methods (vanilla, lora, dreambooth, clustered_dreambooth); "
-              "nothing to do")
+        say("generate: no generator in methods (vanilla, lora, dreambooth, clustered_dreambooth); "
+            "nothing to do")
         return {}
     return {gen: generate_set(cfg, run, gen, mode) for gen in generators}

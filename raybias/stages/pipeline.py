@@ -12,7 +12,9 @@ import time
 from typing import Callable, Dict, List
 
 from raybias.config import GENERATORS
+from raybias.console import say
 from raybias.methods import generators_needed
+from raybias.preflight import check_run
 from raybias.ray_utils import init_ray
 from raybias.rundir import RunDir
 
@@ -60,17 +62,19 @@ def _stage_fn(name: str) -> Callable:
 
 def run_pipeline(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> Dict[str, float]:
     """Run every stage the config's methods need; returns seconds per stage."""
-    init_ray(cfg)
     stages = plan_stages(cfg)
+    check_run(cfg, stages)  # every check the config allows, before any work
+    init_ray(cfg)
     if verbose:
-        print(f"raybias run: {run.uri}\n  methods: {', '.join(cfg.methods)}; seeds: "
-              f"{', '.join(map(str, cfg.seeds))}\n  stages: {' -> '.join(stages)}", flush=True)
+        say(f"raybias run: {run.uri}\n  methods: {', '.join(cfg.methods)}; seeds: "
+            f"{', '.join(map(str, cfg.seeds))}\n  stages: {' -> '.join(stages)}", flush=True)
     timings: Dict[str, float] = {}
     start = time.time()
+    run.write_json("report/timings.json", {"started_at": start})  # the report (last stage) reads the start
     for name in stages:
         t0 = time.time()
         if verbose:
-            print(f"\n== {name} ==", flush=True)
+            say(f"\n== {name} ==", flush=True)
         fn = _stage_fn(name)
         if name == "prepare":
             fn(cfg, run, mode, verbose=verbose)
@@ -81,10 +85,13 @@ def run_pipeline(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> 
         else:
             fn(cfg, run, mode)
         timings[name] = time.time() - t0
-    total = time.time() - start
+    finished = time.time()
+    total = finished - start
     timings["total"] = total
-    run.write_json("report/timings.json", timings)
+    # wall-clock start and end (epoch seconds) beside the per-stage seconds; the returned dict keeps
+    # stage -> seconds only
+    run.write_json("report/timings.json", dict(timings, started_at=start, finished_at=finished))
     if verbose:
-        print("\nstage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total"))
-        print(f"raybias run finished in {total:.0f}s ({total / 60:.1f} min); report: {run.path('report', 'report.md')}")
+        say("\nstage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total"))
+        say(f"raybias run finished in {total:.0f}s ({total / 60:.1f} min); report: {run.path('report', 'report.md')}")
     return timings

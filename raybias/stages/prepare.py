@@ -9,14 +9,13 @@ one ImageError naming it; nothing is marked done and no `_SUCCESS` is written.
 
 from __future__ import annotations
 
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import Iterator, List
 
 import pandas as pd
-from tqdm.auto import tqdm
 
 from raybias.config import severity_value
+from raybias.console import bar as progress_bar, say
 from raybias.data.images import default_workers, load_files
 from raybias.data.info import INFO, REAL, DatasetInfo
 from raybias.data.io import write_table, write_table_batches
@@ -74,8 +73,7 @@ def _image_batches(table: pd.DataFrame, data_cfg) -> Iterator[pd.DataFrame]:
     rows = max(1, int(data_cfg.shard_rows))
     workers = int(data_cfg.load_workers) or default_workers()
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="raybias-load") as pool, \
-            tqdm(total=len(table), desc="loading images", unit="img", file=sys.stderr,
-                 disable=None, mininterval=1.0) as bar:
+            progress_bar(total=len(table), desc="loading images", unit="img", mininterval=1.0) as bar:
         for start in range(0, len(table), rows):
             part = table.iloc[start:start + rows]
             images = load_files(part[FILE_COLUMN].tolist(), data_cfg.image_size,
@@ -86,7 +84,7 @@ def _image_batches(table: pd.DataFrame, data_cfg) -> Iterator[pd.DataFrame]:
 
 def run_prepare(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> DatasetInfo:
     notes: List[str] = []
-    with run.stage("prepare", cfg, SECTIONS, mode) as st:
+    with run.stage("prepare", cfg, SECTIONS, mode, outputs=(REAL, INFO)) as st:
         if st.skip:
             info = DatasetInfo.load(run)
         else:
@@ -121,8 +119,8 @@ def run_prepare(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
             info.save(run)
     if verbose:
         sev = "original" if info.severity is None else f"{info.severity:g}"
-        print(f"prepared {info.source} (severity {sev}) in {run.path(REAL)}")
-        print(format_counts(info))
+        say(f"prepared {info.source} (severity {sev}) in {run.path(REAL)}")
+        say(format_counts(info))
         for line in notes + empty_group_warnings(info):
-            print(f"warning: {line}")
+            say(f"warning: {line}")
     return info

@@ -2,24 +2,31 @@
 
 For a run: the results table (per method WGA, AGA, accuracy as mean ± std over seeds),
 per-group test accuracies, a bar chart of WGA per method, sample grids of real and
-synthetic images per group, and stage timings. For a sweep directory: the same table per
-severity and a WGA-vs-severity line plot per method.
+synthetic images per group (drawn from the id/group columns; only the drawn images are
+read), stage timings (per stage its wall time; the run's wall clock from report/timings.json,
+never a sum of stages that overlapped) and the machine and package versions. For a sweep
+directory: the same table per severity and a WGA-vs-severity line plot per method.
 """
 
 from __future__ import annotations
 
-import glob
-import json
 import os
-from typing import Dict, List, Optional
+import time
+import zlib
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from raybias.classify.metrics import collect_metrics, pct, summarize
+from raybias.console import say
+from raybias.machine import machine_line
 from raybias.rundir import RunDir
 
 REPORT = "report"
+TIMINGS = f"{REPORT}/timings.json"  # written by `raybias run` (stages.pipeline)
 
 
 def _plt():
@@ -88,42 +95,300 @@ def severity_plot(summary: pd.DataFrame, title: str):
     return fig
 
 
-def sample_grid(run: RunDir, per_group: int = 6):
-    """Rows: groups; column blocks: real training images, then each generator's synthetic set."""
-    from raybias.data.images import decode
-    from raybias.data.info import REAL, DatasetInfo
-    from raybias.data.io import read_table
-    from raybias.data.synthetic import finished_units, read_synthetic
+# --- sample grids: choose the columns and rows from metadata, then read only those images ---
 
-    info = DatasetInfo.load(run)
-    sets = {"real": read_table(run, REAL, columns=["id", "image", "group", "split"], split="train")}
+REAL_SET = "real"
+
+
+@dataclass
+class GridPlan:
+    """What the sample grid draws.
+
+    columns: the image sets drawn, in order (column blocks); left_out: set -> why it is not in
+    the grid; files: set -> its run-relative Parquet files; picks: set -> group -> the rows to
+    draw (columns id, file: index into files[set], row: row number in that file), by id.
+    """
+
+    columns: List[str]
+    left_out: Dict[str, str]
+    files: Dict[str, List[str]]
+    picks: Dict[str, Dict[int, pd.DataFrame]] = field(default_factory=dict)
+
+    def n_drawn(self) -> int:
+        return sum(len(df) for by_group in self.picks.values() for df in by_group.values())
+
+
+def choose_columns(metas: Dict[str, pd.DataFrame], n_groups: int) -> Tuple[List[str], Dict[str, str]]:
+    """(sets drawn, {set: why not}) from each set's metadata (a `group` column per image).
+
+    The grid's rows are the dataset's groups, so a set with no image in any of them is left out
+    rather than drawn as an empty column: DDB's bias-aligned set carries group -1 (its bias is
+    never labelled), and a filter may have dropped everything.
+    """
+    drawn, left_out = [], {}
+    for name, meta in metas.items():
+        if len(meta) == 0:
+            left_out[name] = "no images"
+        elif not meta["group"].between(0, n_groups - 1).any():
+            left_out[name] = "its images carry no group label (group -1)"
+        else:
+            drawn.append(name)
+    return drawn, left_out
+
+
+def choose_rows(meta: pd.DataFrame, n_groups: int, per_group: int, seed: int = 0,
+                name: str = "") -> Dict[int, pd.DataFrame]:
+    """group -> up to `per_group` rows of `meta`, drawn without replacement, ordered by id.
+
+    Deterministic: the draw for (set `name`, group) depends on the seed, the name, the group
+    and that group's ids only, not on the other sets or on shard order.
+    """
+    out = {}
+    for g in range(n_groups):
+        rows = meta[meta["group"] == g].sort_values("id", kind="stable")
+        if rows.empty:
+            continue
+        rng = np.random.default_rng([int(seed), zlib.crc32(name.encode()), g])
+        idx = np.sort(rng.choice(len(rows), size=min(per_group, len(rows)), replace=False))
+        out[g] = rows.iloc[idx][["id", "file", "row"]].reset_index(drop=True)
+    return out
+
+
+def shard_meta(run: RunDir, files: Sequence[str], columns: Sequence[str]) -> pd.DataFrame:
+    """`columns` of every file (no images), plus `file` (index into `files`) and `row` (row number)."""
+    parts = []
+    for i, rel in enumerate(files):
+        df = pq.read_table(run.path(rel), columns=list(columns), filesystem=run.fs).to_pandas()
+        df["file"] = i
+        df["row"] = np.arange(len(df))
+        parts.append(df)
+    if not parts:
+        return pd.DataFrame({c: [] for c in [*columns, "file", "row"]})
+    return pd.concat(parts, ignore_index=True)
+
+
+def real_train_meta(run: RunDir) -> Tuple[List[str], pd.DataFrame]:
+    """(files, metadata) of the real training images (data/real, split train)."""
+    from raybias.data.info import REAL
+    from raybias.data.io import require_table
+
+    require_table(run, REAL, "prepare")
+    files = [f"{REAL}/{n}" for n in run.listdir(REAL) if n.endswith(".parquet")]
+    meta = shard_meta(run, files, ["id", "group", "split"])
+    return files, meta[meta["split"] == "train"].drop(columns=["split"]).reset_index(drop=True)
+
+
+def synthetic_meta(run: RunDir, generator: str) -> Tuple[List[str], pd.DataFrame]:
+    """(files, metadata) of a generator's finished shards, only the rows the filter kept (if it ran)."""
+    from raybias.data.synthetic import finished_units, shards_dir, synthetic_dir, unit_name
+
+    files = [f"{shards_dir(generator)}/{unit_name(u)}" for u in finished_units(run, generator)]
+    meta = shard_meta(run, files, ["id", "group"])
+    scores = f"{synthetic_dir(generator)}/scores.parquet"
+    if run.exists(scores):
+        s = pq.read_table(run.path(scores), columns=["id", "keep"], filesystem=run.fs).to_pandas()
+        meta = meta.merge(s[s["keep"]][["id"]], on="id", how="inner")
+    return files, meta
+
+
+def plan_sample_grid(run: RunDir, n_groups: int, per_group: int = 6, seed: int = 0) -> GridPlan:
+    """The grid's columns and rows, from the sets' id/group columns only (no image is read)."""
+    from raybias.data.synthetic import finished_units
+
+    files, metas = {}, {}
+    files[REAL_SET], metas[REAL_SET] = real_train_meta(run)
     for gen in run.listdir("synthetic"):
         if finished_units(run, gen):
-            sets[gen] = read_synthetic(run, gen, filtered=True, columns=["id", "image", "group"])
+            files[gen], metas[gen] = synthetic_meta(run, gen)
+    columns, left_out = choose_columns(metas, n_groups)
+    picks = {name: choose_rows(metas[name], n_groups, per_group, seed, name) for name in columns}
+    return GridPlan(columns, left_out, {n: files[n] for n in columns}, picks)
+
+
+def read_rows(run: RunDir, rel: str, rows: Sequence[int], column: str = "image", batch_size: int = 32) -> list:
+    """The values of `column` at row numbers `rows` of one Parquet file, in the order of `rows`.
+
+    Only the row groups holding a wanted row are read, streamed `batch_size` rows at a time
+    through a small buffer (not whole column chunks), and a row group is left as soon as its
+    last wanted row is read: memory stays at a batch, however large the file.
+    """
+    wanted = sorted({int(r) for r in rows})
+    got: Dict[int, object] = {}
+    with run.fs.open_input_file(run.path(rel)) as f:
+        pf = pq.ParquetFile(f, buffer_size=1 << 20, pre_buffer=False)
+        start = 0
+        for rg in range(pf.metadata.num_row_groups):
+            n = pf.metadata.row_group(rg).num_rows
+            mine = [r for r in wanted if start <= r < start + n]
+            offset = start
+            if mine:
+                for batch in pf.iter_batches(batch_size=batch_size, row_groups=[rg], columns=[column]):
+                    hit = [r - offset for r in mine if offset <= r < offset + batch.num_rows]
+                    if hit:
+                        got.update(zip((h + offset for h in hit), batch.column(0).take(hit).to_pylist()))
+                    offset += batch.num_rows
+                    if offset > mine[-1]:
+                        break
+            start += n
+    missing = [r for r in wanted if r not in got]
+    if missing:
+        raise IndexError(f"{run.path(rel)} has no row {missing[0]}")
+    return [got[int(r)] for r in rows]
+
+
+def read_picks(run: RunDir, plan: GridPlan) -> Dict[str, Dict[int, List[bytes]]]:
+    """set -> group -> the encoded images of the picked rows (read per file, only those rows)."""
+    want: Dict[Tuple[str, int], List[Tuple[int, int]]] = {}  # (set, file) -> [(group, row)]
+    for name in plan.columns:
+        for g, df in plan.picks[name].items():
+            for f, r in zip(df["file"], df["row"]):
+                want.setdefault((name, int(f)), []).append((g, int(r)))
+    out: Dict[str, Dict[int, List[bytes]]] = {name: {} for name in plan.columns}
+    found: Dict[Tuple[str, int, int], bytes] = {}
+    for (name, f), items in want.items():
+        values = read_rows(run, plan.files[name][f], [r for _, r in items])
+        found.update({(name, f, r): v for (_, r), v in zip(items, values)})
+    for name in plan.columns:
+        for g, df in plan.picks[name].items():
+            out[name][g] = [found[(name, int(f), int(r))] for f, r in zip(df["file"], df["row"])]
+    return out
+
+
+def _column_label(name: str) -> str:
+    return "real (train)" if name == REAL_SET else name
+
+
+def sample_grid(run: RunDir, per_group: int = 6, plan: Optional[GridPlan] = None):
+    """Rows: groups; column blocks: real training images, then each generator's (filtered)
+    synthetic set that has group labels (see choose_columns). Reads only the drawn images."""
+    from raybias.data.images import decode
+    from raybias.data.info import DatasetInfo
+
+    info = DatasetInfo.load(run)
+    plan = plan or plan_sample_grid(run, info.n_groups, per_group)
+    images = read_picks(run, plan)
     plt = _plt()
-    n_cols = per_group * len(sets)
+    n_cols = per_group * max(1, len(plan.columns))
     fig, axes = plt.subplots(info.n_groups, n_cols, figsize=(0.55 * n_cols + 1.5, 0.6 * info.n_groups + 0.8),
                              squeeze=False)
-    rng = np.random.default_rng(0)
     for g in range(info.n_groups):
-        for j, (name, df) in enumerate(sets.items()):
-            imgs = df[df["group"] == g]["image"].tolist()
-            pick = rng.choice(len(imgs), size=min(per_group, len(imgs)), replace=False) if imgs else []
+        for j, name in enumerate(plan.columns):
+            imgs = images[name].get(g, [])
             for i in range(per_group):
                 ax = axes[g, j * per_group + i]
                 ax.set_xticks([])
                 ax.set_yticks([])
                 for s in ax.spines.values():
                     s.set_visible(False)
-                if i < len(pick):
-                    ax.imshow(decode(imgs[pick[i]]), interpolation="nearest")
+                if i < len(imgs):
+                    ax.imshow(decode(imgs[i]), interpolation="nearest")
                 if g == 0 and i == 0:
-                    ax.set_title(name, fontsize=8, loc="left")
-            if j == 0:
-                axes[g, 0].set_ylabel(info.group_name(g), fontsize=7, rotation=0, ha="right", va="center")
+                    ax.set_title(_column_label(name), fontsize=8, loc="left")
+        axes[g, 0].set_ylabel(info.group_name(g), fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle("samples per group: real training images, then each generator's (filtered) synthetic set",
                  fontsize=9)
     return fig
+
+
+def _left_out_note(run: RunDir, plan: GridPlan) -> List[str]:
+    lines = []
+    for name, why in plan.left_out.items():
+        own = f"synthetic/{name}/samples.png"
+        see = f"; its own samples: [../{own}](../{own})" if run.exists(own) else ""
+        lines.append(f"Not in the grid: {name}: {why}{see}.")
+    return lines
+
+
+# --- stage timings -------------------------------------------------------------------------
+
+def stage_of(key: str) -> str:
+    """The stage a manifest key belongs to: `train/erm/0` -> `train`."""
+    return key.split("/", 1)[0]
+
+
+def stage_spans(stages: Dict[str, Dict]) -> List[Dict]:
+    """Per stage, from the manifest's finished keys: wall (first started_at to last finished_at
+    of its keys, None where no key has both), compute (the keys' seconds summed: keys that ran in
+    parallel overlap, so this can exceed the wall time), keys; in order of first start."""
+    out: Dict[str, Dict] = {}
+    for key, rec in stages.items():
+        if not rec.get("done"):
+            continue
+        s = out.setdefault(stage_of(key), {"stage": stage_of(key), "start": None, "end": None,
+                                           "compute": 0.0, "keys": 0})
+        s["compute"] += float(rec.get("seconds", 0.0))
+        s["keys"] += 1
+        t0, t1 = rec.get("started_at"), rec.get("finished_at")
+        if t0 is not None and t1 is not None:
+            s["start"] = t0 if s["start"] is None else min(s["start"], t0)
+            s["end"] = t1 if s["end"] is None else max(s["end"], t1)
+    for s in out.values():
+        s["wall"] = None if s["start"] is None else s["end"] - s["start"]
+    return sorted(out.values(), key=lambda s: (s["start"] is None, s["start"] or 0.0))
+
+
+def union_seconds(spans: Sequence[Tuple[float, float]]) -> float:
+    """Seconds covered by at least one of the (start, end) spans (overlaps counted once)."""
+    total, cur_start, cur_end = 0.0, None, None
+    for t0, t1 in sorted(spans):
+        if cur_end is None or t0 > cur_end:
+            if cur_end is not None:
+                total += cur_end - cur_start
+            cur_start, cur_end = t0, t1
+        else:
+            cur_end = max(cur_end, t1)
+    if cur_end is not None:
+        total += cur_end - cur_start
+    return total
+
+
+def run_wall_clock(timings: Optional[Dict], stages: Dict[str, Dict], now: float) -> Optional[Tuple[float, str]]:
+    """(seconds, what they are) for the run's wall-clock time, never a sum of stage times.
+
+    From report/timings.json, written by `raybias run`: its start and end; only its start while
+    the run is still going (the report is its last stage): start to `now`; an older file's
+    `total`. Without that file (stages run one by one): the time some stage key was running.
+    """
+    timings = timings or {}
+    t0, t1 = timings.get("started_at"), timings.get("finished_at")
+    if t0 is not None and t1 is not None:
+        return float(t1) - float(t0), "wall clock of `raybias run`, start to finish"
+    if t0 is not None:
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(float(t0)))
+        return float(now) - float(t0), (f"wall clock of `raybias run` so far, from its start ({when}) to this "
+                                        "report; it had not recorded its end (the report is its last stage)")
+    if "total" in timings:
+        return float(timings["total"]), "wall clock of `raybias run`"
+    spans = [(r["started_at"], r["finished_at"]) for r in stages.values()
+             if r.get("done") and r.get("started_at") is not None and r.get("finished_at") is not None]
+    if not spans:
+        return None
+    return union_seconds(spans), "wall clock with some stage running (no `raybias run` timing recorded)"
+
+
+def timings_table(stages: Dict[str, Dict], timings: Optional[Dict] = None, now: Optional[float] = None) -> str:
+    """Markdown: per stage its wall time and summed compute seconds; the run's wall clock last."""
+    spans = stage_spans(stages)
+    if not spans:
+        return "(no stage timings recorded)"
+    lines = ["| stage | wall s | compute s (sum over keys) | keys |", "|---|---|---|---|"]
+    for s in spans:
+        wall = "–" if s["wall"] is None else f"{s['wall']:.1f}"
+        lines.append(f"| {s['stage']} | {wall} | {s['compute']:.1f} | {s['keys']} |")
+    total = run_wall_clock(timings, stages, time.time() if now is None else now)
+    if total is not None:
+        lines.append(f"| **run (wall clock)** | {total[0]:.1f} | | |")
+    lines += ["", "wall s: first start to last finish of the stage's keys in manifest.json (e.g. every "
+              "`train/…` key is the train stage); compute s: the keys' own seconds added up, which counts "
+              "keys that ran in parallel once each, so it can exceed the wall time."]
+    if total is not None:
+        lines.append(f"run (wall clock): {total[1]}.")
+    return "\n".join(lines)
+
+
+def _timings_table(run: RunDir) -> str:
+    timings = run.read_json(TIMINGS) if run.exists(TIMINGS) else None
+    return timings_table(run.manifest()["stages"], timings)
 
 
 # --- the report ----------------------------------------------------------------------------
@@ -138,17 +403,6 @@ def _group_table(summary: pd.DataFrame, info) -> str:
             m = r.get(f"g{g}_mean")
             cells.append("–" if m is None or np.isnan(m) else pct(m, r.get(f"g{g}_std")))
         lines.append(f"| {r.method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def _timings_table(run: RunDir) -> str:
-    secs = run.stage_seconds()
-    if not secs:
-        return "(no stage timings recorded)"
-    lines = ["| stage | seconds |", "|---|---|"]
-    for k, v in secs.items():
-        lines.append(f"| {k} | {v:.1f} |")
-    lines.append(f"| **all stages** | {sum(secs.values()):.1f} |")
     return "\n".join(lines)
 
 
@@ -179,11 +433,15 @@ def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Op
         df.to_csv(run.path(REPORT, "results_by_seed.csv"), index=False) if run.is_local else \
             run.write_text(f"{REPORT}/results_by_seed.csv", df.to_csv(index=False))
     try:
-        run.write_figure(f"{REPORT}/samples.png", sample_grid(run))
+        plan = plan_sample_grid(run, info.n_groups)
+        run.write_figure(f"{REPORT}/samples.png", sample_grid(run, plan=plan))
         parts += ["## Samples", "", "![samples per group](samples.png)", ""]
+        note = _left_out_note(run, plan)
+        parts += [*note, ""] if note else []
     except Exception as exc:  # a report must not fail on a missing picture
         parts += ["## Samples", "", f"(sample grid unavailable: {exc})", ""]
     parts += ["## Stage timings", "", _timings_table(run), ""]
+    parts += ["## Machine", "", f"Report written on: {machine_line()}", ""]
     text = "\n".join(parts)
     run.write_text(f"{REPORT}/report.md", text)
     _close_figures()
@@ -200,9 +458,9 @@ def run_report(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> s
     if verbose:
         summary = summarize(collect_metrics(run, list(cfg.methods)), order=list(cfg.methods))
         if not summary.empty:
-            print("\nResults (test accuracy %, mean ± std over seeds):")
-            print(results_text(summary))
-        print(f"\nreport: {run.path(REPORT, 'report.md')}")
+            say("\nResults (test accuracy %, mean ± std over seeds):")
+            say(results_text(summary))
+        say(f"\nreport: {run.path(REPORT, 'report.md')}")
     return text
 
 
@@ -236,7 +494,7 @@ def report_directory(path: str) -> str:
     """`raybias report DIR`: a run directory or a sweep directory."""
     if os.path.exists(os.path.join(path, "results.csv")):
         text = write_sweep_report(path)
-        print(f"report: {os.path.join(path, 'report.md')}")
+        say(f"report: {os.path.join(path, 'report.md')}")
         return text
     run = RunDir(path)
     if not run.exists("data/info.json"):
@@ -246,6 +504,6 @@ def report_directory(path: str) -> str:
     text = write_run_report(run, methods)
     summary = summarize(collect_metrics(run, methods), order=methods)
     if not summary.empty:
-        print(results_text(summary))
-    print(f"report: {run.path(REPORT, 'report.md')}")
+        say(results_text(summary))
+    say(f"report: {run.path(REPORT, 'report.md')}")
     return text

@@ -18,6 +18,7 @@ from typing import Any, Dict, List
 import pandas as pd
 
 from raybias.config import GENERATORS, severity_value, with_overrides
+from raybias.console import say
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir
 
@@ -76,7 +77,7 @@ def prepare_shared_stages(cfg, sweep_root: str, mode: str) -> None:
         for stage in plan_stages(sub):
             if stage in ("train", "report"):
                 continue
-            print(f"[sweep] severity {name}: {stage}", flush=True)
+            say(f"[sweep] severity {name}: {stage}", flush=True)
             fn = _stage_fn(stage)
             if stage == "prepare":
                 fn(sub, run, mode, verbose=False)
@@ -128,18 +129,20 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     from ray.tune.schedulers import ASHAScheduler
 
     from raybias.classify.metrics import summarize
+    from raybias.preflight import check_sweep
     from raybias.stages.report import write_sweep_report
 
+    check_sweep(cfg)  # every stage of every severity, before any work
     init_ray(cfg)
     sw = cfg.sweep
     require_gpus(sw.gpus_per_trial, "sweep trials (sweep.gpus_per_trial)")
     sweep_root = run.child_spec("sweeps", sw.name)
     sweep_dir = RunDir(sweep_root)
-    print(f"raybias sweep '{sw.name}': {sweep_root}", flush=True)
+    say(f"raybias sweep '{sw.name}': {sweep_root}", flush=True)
     prepare_shared_stages(cfg, sweep_root, "resume" if mode == "resume" else "auto")
 
     grid = trial_grid(cfg)
-    print(f"[sweep] {len(grid)} trials, up to {sw.max_concurrent} at a time", flush=True)
+    say(f"[sweep] {len(grid)} trials, up to {sw.max_concurrent} at a time", flush=True)
     from omegaconf import OmegaConf
 
     param_space = {
@@ -175,14 +178,14 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     df = collect_results(cfg, sweep_root)
     sweep_dir.write_text("results.csv", df.to_csv(index=False))
     if errors:
-        print(f"[sweep] {len(errors)} trial(s) failed; first error: {errors[0]}", flush=True)
+        say(f"[sweep] {len(errors)} trial(s) failed; first error: {errors[0]}", flush=True)
     if not df.empty:
         write_sweep_report(sweep_root)
         df2 = df.copy()
         summary = summarize(df2, keys=["severity", "synthetic_ratio", "method"])
-        print(summary[["severity", "synthetic_ratio", "method", "wga_mean", "wga_std", "n_seeds"]]
-              .to_string(index=False, float_format=lambda v: f"{100 * v:.1f}"))
-    print(f"[sweep] results: {sweep_dir.path('results.csv')}; report: {sweep_dir.path('report.md')}")
+        say(summary[["severity", "synthetic_ratio", "method", "wga_mean", "wga_std", "n_seeds"]]
+            .to_string(index=False, float_format=lambda v: f"{100 * v:.1f}"))
+    say(f"[sweep] results: {sweep_dir.path('results.csv')}; report: {sweep_dir.path('report.md')}")
     if errors:
         from raybias.rundir import StageFailed
 

@@ -12,6 +12,7 @@ from typing import Any, Dict, List, Tuple
 
 from raybias.classify.metrics import collect_metrics, format_runs, format_summary, summarize
 from raybias.classify.runner import train_classifier, train_methods  # noqa: F401  (public API)
+from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.rundir import RunDir
 
@@ -28,9 +29,9 @@ def run_train(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
     if verbose:
         info = DatasetInfo.load(run)
         names = [info.group_name(g) for g in range(info.n_groups)]
-        print(f"test accuracy per group ({method}; model chosen by validation worst-group accuracy):")
-        print(format_runs([results[(method, s)] for s in seeds], names))
+        say(f"test accuracy per group ({method}; model chosen by validation worst-group accuracy):")
+        say(format_runs([results[(method, s)] for s in seeds], names))
         if len(seeds) > 1:
-            print()
-            print(format_summary(summarize(collect_metrics(run, [method], seeds)), names))
+            say()
+            say(format_summary(summarize(collect_metrics(run, [method], seeds)), names))
     return results

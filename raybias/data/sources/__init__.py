@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import importlib
 import os
+import stat
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -125,35 +127,48 @@ def read_csv_strings(path: Path, required: Sequence[str], what: str = "") -> pd.
 
 
 def int_column(df: pd.DataFrame, column: str, where: Path, allowed: Optional[Sequence[int]] = None,
-               minimum: Optional[int] = None, first_line: int = 2) -> np.ndarray:
+               minimum: Optional[int] = None, first_line: int = 2,
+               maximum: Optional[int] = None, why: str = "") -> np.ndarray:
     """Column of integer strings -> int64 array; the first bad cell is named by file and line.
 
-    `first_line` is the file line of the first data row (2 under a header row)."""
+    Range checks (`allowed`, `minimum`, `maximum`) run on the parsed numbers before
+    anything else uses them, so a typo such as 30000000 fails at once, naming its line.
+    `first_line` is the file line of the first data row (2 under a header row); `why`
+    explains the bound in the message."""
     raw = df[column].astype(str).str.strip()
     num = pd.to_numeric(raw, errors="coerce")
-    bad = num.isna() | (num != np.floor(num))
+    with np.errstate(invalid="ignore"):
+        bad = num.isna() | ~np.isfinite(num.astype(float)) | (num != np.floor(num))
     if bad.any():
         i = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(f"{where}, line {i + first_line}: column '{column}' has {raw.iloc[i]!r}; "
-                        f"expected an integer{_allowed_text(allowed, minimum)}")
-    values = num.to_numpy().astype(np.int64)
-    out = np.zeros(len(values), dtype=bool)
+                        f"expected an integer{_allowed_text(allowed, minimum, maximum)}")
+    as_float = num.to_numpy(dtype=float)
+    out = np.zeros(len(as_float), dtype=bool)
     if allowed is not None:
-        out |= ~np.isin(values, list(allowed))
+        out |= ~np.isin(as_float, [float(v) for v in allowed])
     if minimum is not None:
-        out |= values < minimum
+        out |= as_float < minimum
+    if maximum is not None:
+        out |= as_float > maximum
+    # Whatever the bounds, a label must fit int64 (pandas parses 1e300 as a float).
+    out |= np.abs(as_float) >= 2.0 ** 62
     if out.any():
         i = int(np.flatnonzero(out)[0])
         raise DataError(f"{where}, line {i + first_line}: column '{column}' has {raw.iloc[i]!r}, "
-                        f"out of range;{_allowed_text(allowed, minimum)[1:]}")
-    return values
+                        f"out of range{_allowed_text(allowed, minimum, maximum)}{why}")
+    return as_float.astype(np.int64)
 
 
-def _allowed_text(allowed, minimum) -> str:
+def _allowed_text(allowed, minimum, maximum=None) -> str:
     if allowed is not None:
         return " (allowed: " + ", ".join(str(a) for a in allowed) + ")"
+    if minimum is not None and maximum is not None:
+        return f" (allowed: an integer >= {minimum} and <= {maximum})"
     if minimum is not None:
         return f" (allowed: an integer >= {minimum})"
+    if maximum is not None:
+        return f" (allowed: an integer <= {maximum})"
     return ""
 
 
@@ -171,22 +186,143 @@ def split_column(df: pd.DataFrame, column: str, where: Path, first_line: int = 2
     return mapped.to_numpy(dtype=object)
 
 
+def _inside(resolved: str, root: str) -> bool:
+    return resolved == root or resolved.startswith(root if root.endswith(os.sep) else root + os.sep)
+
+
+_KINDS = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a named pipe (FIFO)"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def _kind(mode: int) -> str:
+    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
+
+
+# A folder that this many entries point into is listed once (one readdir) instead of one
+# lstat per file: much faster on network file systems (CelebA: 200k files in one folder).
+_LIST_FOLDER_AT = 32
+
+
+def _listing(folder: str) -> Dict[str, os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return {e.name: e for e in it}
+    except OSError:
+        return {}
+
+
+def _file_mode(path: str, entry: Optional[os.DirEntry], listed: bool) -> Optional[int]:
+    """lstat's mode of `path` (None: missing), from the folder listing when there is one."""
+    if listed:
+        if entry is None:
+            return None
+        try:
+            if entry.is_symlink():
+                return stat.S_IFLNK
+            if entry.is_file(follow_symlinks=False):
+                return stat.S_IFREG
+        except OSError:
+            return None
+    try:
+        return os.lstat(path).st_mode
+    except OSError:
+        return None
+
+
+def safe_files(root: Path, entries: Sequence[str], where: str,
+               labels: Optional[Sequence[str]] = None) -> Tuple[List[str], List[str]]:
+    """THE safe-path helper every on-disk source goes through (via `file_table`).
+
+    Each entry (an image path as the metadata writes it: relative to root, or absolute) is
+    refused, naming `where` and its label (e.g. "line 7"), when it
+    - is empty or has a `..` component,
+    - is an absolute path outside root, or resolves outside root through a symlink (of the
+      file or of any folder on the way),
+    - exists but is not a regular file (a folder, a named pipe, a device ...),
+    - resolves to the same file as an earlier entry (a symlink alias, two spellings of one
+      path), which would put one image in two rows and so possibly in train and test;
+      both entries are named.
+    A file that does not exist is not refused here: loading it reports it.
+
+    Returns (absolute paths to open, paths relative to root), in order. String operations
+    and one lstat per file (one listing per large folder; folders resolved once each), so
+    CelebA's 200k names cost about a second.
+    """
+    root_s = os.path.realpath(str(root))
+
+    def at(i: int) -> str:
+        return f"{where}, {labels[i]}" if labels is not None else where
+
+    parsed = []  # (text, relative text or None, path, folder, name)
+    for i, entry in enumerate(entries):
+        text = str(entry).strip()
+        if not text:
+            raise DataError(f"{at(i)}: the image path is empty")
+        if ".." in text.replace("\\", "/").split("/"):
+            raise DataError(f"{at(i)}: image path {text!r} contains '..'; paths must stay inside data.root "
+                            f"{root_s!r}")
+        # Absolute paths may name root by another spelling (a symlinked data.root): the
+        # resolved file decides. (Strings, not pathlib: pathlib costs seconds per 200k names.)
+        if os.path.isabs(text):
+            rel_text, path = None, os.path.normpath(text)
+        else:
+            rel_text = text
+            if "//" in text or "./" in text or text.endswith(("/", "/.")) or text == "." or os.sep != "/":
+                rel_text = os.path.normpath(text)
+            path = f"{root_s}/{rel_text}" if root_s != "/" else f"/{rel_text}"
+        folder, _, name = path.rpartition("/")
+        parsed.append((text, rel_text, path, folder or "/", name))
+
+    per_folder = Counter(p[3] for p in parsed)
+    real_folders: Dict[str, str] = {}
+    listings: Dict[str, Dict[str, os.DirEntry]] = {}
+    seen: Dict[str, int] = {}
+    files: List[str] = []
+    rels: List[str] = []
+    for i, (text, rel_text, path, folder, name) in enumerate(parsed):
+        real_folder = real_folders.get(folder)
+        if real_folder is None:
+            real_folder = real_folders[folder] = os.path.realpath(folder)
+        listed = per_folder[folder] >= _LIST_FOLDER_AT
+        if listed and folder not in listings:
+            listings[folder] = _listing(folder)
+        mode = _file_mode(path, listings[folder].get(name) if listed else None, listed)
+        if mode is not None and stat.S_ISLNK(mode):
+            resolved = os.path.realpath(path)
+            try:
+                mode = os.stat(resolved).st_mode
+            except OSError:
+                mode = None  # a broken link: loading reports the missing file
+        else:
+            resolved = f"{real_folder}/{name}" if real_folder != "/" else f"/{name}"
+        if not _inside(resolved, root_s):
+            how = "is" if rel_text is None else "is a symlink that resolves"
+            raise DataError(f"{at(i)}: image path {text!r} {how} outside data.root {root_s!r} "
+                            f"({resolved!r}); paths must stay inside the dataset folder")
+        if mode is not None and not stat.S_ISREG(mode):
+            raise DataError(f"{at(i)}: image path {text!r} is {_kind(mode)}, not a regular image file")
+        first = seen.setdefault(resolved, i)
+        if first != i:
+            mine, other = (labels[i], labels[first]) if labels is not None else (f"#{i + 1}", f"#{first + 1}")
+            prep = "on" if other.startswith("line") else "as"
+            first_text = parsed[first][0]
+            alias = "" if first_text == text else f" as {first_text!r}"
+            raise DataError(f"{where}, {mine}: image {text!r} is already listed {prep} {other}{alias} "
+                            f"(both are the file {resolved!r}); each image may be listed once, or one "
+                            "image could land in two splits (train and test)")
+        files.append(path)
+        if rel_text is not None:
+            rels.append(rel_text.replace(os.sep, "/"))
+        else:
+            shown = next(p for p in (path, f"{real_folder}/{name}", resolved) if _inside(p, root_s))
+            rels.append(os.path.relpath(shown, root_s).replace(os.sep, "/"))
+    return files, rels
+
+
 def safe_file(root: Path, rel: str, where: str) -> Path:
-    """`rel` joined to `root`, refused if it leaves the dataset folder: a `..` component,
-    an absolute path outside root, or a symlink that resolves outside root."""
-    text = str(rel).strip()
-    if not text:
-        raise DataError(f"{where}: the image path is empty")
-    parts = Path(text.replace("\\", "/")).parts
-    if ".." in parts:
-        raise DataError(f"{where}: image path {text!r} contains '..'; paths must stay inside data.root {str(root)!r}")
-    p = Path(text) if os.path.isabs(text) else root / text
-    resolved = Path(os.path.realpath(p))
-    if os.path.commonpath([str(resolved), str(root)]) != str(root):
-        kind = "is a symlink that resolves" if not os.path.isabs(text) else "is"
-        raise DataError(f"{where}: image path {text!r} {kind} outside data.root {str(root)!r} "
-                        f"({str(resolved)!r}); paths must stay inside the dataset folder")
-    return p
+    """One entry through `safe_files` (same checks, minus the duplicate check across entries)."""
+    files, _ = safe_files(root, [rel], where)
+    return Path(files[0])
 
 
 def relative_to_root(path: Path, root: Path) -> str:
@@ -196,13 +332,27 @@ def relative_to_root(path: Path, root: Path) -> str:
         return path.as_posix()
 
 
-def file_table(ids, files, rel_paths, y, a, split, n_bias: int, where: str) -> pd.DataFrame:
-    """The schema's columns for a source that reads files (images are loaded by prepare)."""
+def file_table(ids, paths, y, a, split, n_bias: int, root: Path, where: str,
+               labels: Optional[Sequence[str]] = None) -> pd.DataFrame:
+    """The schema's columns for a source that reads files (images are loaded by prepare).
+
+    `paths`: each row's image path as the metadata gives it (relative to `root`, or
+    absolute inside it); every path goes through `safe_files` here, so every on-disk
+    source refuses escapes and duplicates the same way. `labels`: where each row comes
+    from, for messages ("line 7", "line 7 (img_id 12)"); default the row's id. `ids`: a
+    list, or a function of the checked relative paths that makes them."""
+    if callable(ids):
+        files, rel_paths = safe_files(root, paths, where, labels)
+        ids = list(ids(rel_paths))
+    else:
+        ids = list(ids)
+        files, rel_paths = safe_files(root, paths, where, labels if labels is not None
+                                      else [f"image id {i!r}" for i in ids])
     y = np.asarray(y, dtype=np.int64)
     a = np.asarray(a, dtype=np.int64)
     table = pd.DataFrame({
-        "id": list(ids), "y": y, "a": a, "group": y * n_bias + a, "split": list(split),
-        "source": "real", "path": list(rel_paths), FILE_COLUMN: [str(f) for f in files],
+        "id": ids, "y": y, "a": a, "group": y * n_bias + a, "split": list(split),
+        "source": "real", "path": rel_paths, FILE_COLUMN: files,
     })
     dup = table["id"].duplicated()
     if dup.any():

@@ -60,7 +60,7 @@ def _unknown_attr(key: str, attr: str, names: Sequence[str], where: Path) -> Dat
                      f"its attributes are: {', '.join(names)}")
 
 
-def _read_attr_txt(path: Path, target: str, bias: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
+def _read_attr_txt(path: Path, target: str, bias: str) -> Tuple[List[str], np.ndarray, np.ndarray, List[int]]:
     with open(path, encoding="utf-8", errors="replace") as f:
         lines = f.read().splitlines()
     if len(lines) < 2:
@@ -100,10 +100,10 @@ def _read_attr_txt(path: Path, target: str, bias: str) -> Tuple[List[str], np.nd
             i = int(np.flatnonzero(~ok)[0])
             raise DataError(f"{path}, line {line_no[i]}: attribute {attr} has {column[i]!r}; allowed: 1, -1")
         out.append((column == "1").astype(np.int64))
-    return files, out[0], out[1]
+    return files, out[0], out[1], line_no
 
 
-def _read_attr_csv(path: Path, target: str, bias: str) -> Tuple[List[str], np.ndarray, np.ndarray]:
+def _read_attr_csv(path: Path, target: str, bias: str) -> Tuple[List[str], np.ndarray, np.ndarray, List[int]]:
     df = read_csv_strings(path, ["image_id"], "CelebA attribute")
     names = [c for c in df.columns if c != "image_id"]
     for key, attr in (("data.target_attr", target), ("data.bias_attr", bias)):
@@ -111,7 +111,7 @@ def _read_attr_csv(path: Path, target: str, bias: str) -> Tuple[List[str], np.nd
             raise _unknown_attr(key, attr, names, path)
     y = (int_column(df, target, path, allowed=(-1, 1)) == 1).astype(np.int64)
     a = (int_column(df, bias, path, allowed=(-1, 1)) == 1).astype(np.int64)
-    return df["image_id"].str.strip().tolist(), y, a
+    return df["image_id"].str.strip().tolist(), y, a, list(range(2, len(df) + 2))
 
 
 def _read_partition(path: Path) -> Dict[str, str]:
@@ -148,7 +148,7 @@ def load(cfg) -> SourceData:
                         f"{' or '.join(d + '/' for d in IMAGE_DIRS)}")
 
     reader = _read_attr_csv if attr_file.suffix == ".csv" else _read_attr_txt
-    files, y, a = reader(attr_file, target, bias)
+    files, y, a, lines = reader(attr_file, target, bias)
     for name in files:
         # Entries are bare file names inside the image folder.
         if "/" in name or "\\" in name or name in (".", ".."):
@@ -159,12 +159,13 @@ def load(cfg) -> SourceData:
         raise DataError(f"{len(missing)} image(s) of {attr_file.name} have no line in {part_file} "
                         f"(e.g. {missing[0]!r}); every image needs a partition 0, 1 or 2")
     split = [partition[f] for f in files]
-    # Plain string joins: pathlib costs seconds per 200k names.
-    folder, rel_folder = str(image_dir), relative_to_root(image_dir, root)
+    # Plain string joins: pathlib costs seconds per 200k names. file_table checks each file
+    # (inside data.root, also through symlinks of the file or its folder; listed once).
+    rel_folder = relative_to_root(image_dir, root)
     table = file_table(
-        ids=[f"celeba-{f.rsplit('.', 1)[0]}" for f in files], files=[f"{folder}/{f}" for f in files],
-        rel_paths=[f"{rel_folder}/{f}" for f in files], y=y, a=a, split=split, n_bias=2,
-        where=str(attr_file))
+        ids=[f"celeba-{f.rsplit('.', 1)[0]}" for f in files], paths=[f"{rel_folder}/{f}" for f in files],
+        y=y, a=a, split=split, n_bias=2, root=root, where=str(attr_file),
+        labels=[f"line {n}" for n in lines])
 
     class_words, class_names, class_adj = attribute_words(target)
     bias_members, bias_names, bias_adj = attribute_words(bias)

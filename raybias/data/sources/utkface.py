@@ -107,8 +107,10 @@ def load(cfg) -> SourceData:
     split = stratified_split(y * 2 + a, cfg.val_fraction, cfg.test_fraction, cfg.seed)
     rel = [f.relative_to(root).as_posix() for f in files]
     stems = [f.name.split(".")[0] for f in files]
-    table = file_table(ids=[f"utk-{s}" for s in stems], files=files, rel_paths=rel, y=y, a=a,
-                       split=split, n_bias=2, where=str(root))
+    # Found by walking data.root, but a file may still be a symlink to elsewhere, or an
+    # alias of another: file_table refuses both, naming the files.
+    table = file_table(ids=[f"utk-{s}" for s in stems], paths=rel, y=y, a=a, split=split, n_bias=2,
+                       root=root, where=str(root), labels=[f"file {r!r}" for r in rel])
     bias_names = [f"age {young[0]}-{young[1]}", f"age {old[0]}-{old[1]}"]
     return SourceData(
         table=table, n_classes=2, n_bias=2,

@@ -19,7 +19,7 @@ from typing import List
 import numpy as np
 
 from raybias.data.sources import (DataError, SourceData, dataset_root, file_table, int_column,
-                                  read_csv_strings, relative_to_root, safe_file, split_column)
+                                  read_csv_strings, split_column)
 
 METADATA = "metadata.csv"
 REQUIRED = ("img_filename", "y", "split", "place")
@@ -47,14 +47,16 @@ def load(cfg) -> SourceData:
     a = int_column(meta, "place", meta_path, allowed=(0, 1))
     split = split_column(meta, "split", meta_path)
     rel = meta["img_filename"].str.strip().tolist()
-    files = [safe_file(root, r, f"{meta_path}, line {i + 2}") for i, r in enumerate(rel)]
     if "img_id" in meta.columns:
         raw_ids = meta["img_id"].str.strip()
         ids = [f"wb-{v}" if v else f"wb-row{i}" for i, v in enumerate(raw_ids)]
+        labels = [f"line {i + 2} (img_id {v})" if v else f"line {i + 2}" for i, v in enumerate(raw_ids)]
     else:
         ids = [f"wb-row{i}" for i in range(len(meta))]
-    table = file_table(ids=ids, files=files, rel_paths=[relative_to_root(f, root) for f in files],
-                       y=y, a=a, split=split, n_bias=2, where=str(meta_path))
+        labels = [f"line {i + 2}" for i in range(len(meta))]
+    # Paths are checked (inside data.root, no file listed twice) in file_table.
+    table = file_table(ids=ids, paths=rel, y=y, a=a, split=split, n_bias=2, root=root, where=str(meta_path),
+                       labels=labels)
 
     class_words: List[List[str]] = []
     for label in (0, 1):
