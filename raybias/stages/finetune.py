@@ -418,8 +418,24 @@ def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[s
 # --------------------------------------------------------------------------- outputs
 
 
+# A thousand per-cluster models make no sheet anyone reads, and a figure of one subplot per
+# row cost matplotlib's layout ~M^4 (184 s at 200 models). The sheet shows an even sample of
+# at most this many models, drawn as one image; every model keeps its own preview files.
+MAX_PREVIEW_MODELS = 32
+
+
+def preview_sample(names: Sequence[str], limit: int = MAX_PREVIEW_MODELS) -> List[str]:
+    """At most `limit` of `names`, evenly spread, in their order (all of them if fewer)."""
+    names = list(names)
+    if len(names) <= limit:
+        return names
+    step = len(names) / limit
+    return [names[int(i * step)] for i in range(limit)]
+
+
 def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None:
-    """generators/<gen>/samples.png: per trained model, the base model's and its own samples."""
+    """generators/<gen>/samples.png: per trained model (an even sample of at most
+    MAX_PREVIEW_MODELS), the base model's and its own samples. Cost O(models shown)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -427,8 +443,9 @@ def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None
 
     from raybias.data.images import decode
 
+    shown = preview_sample(names)
     rows: List[Tuple[str, np.ndarray]] = []
-    for name in names:
+    for name in shown:
         rel = model_folder(generator_dir(generator), name)
         if not run.exists(rel, PREVIEW_JSON):
             continue
@@ -438,15 +455,19 @@ def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None
     if not rows:
         return
     width = max(r.shape[1] for _, r in rows)
-    height = rows[0][1].shape[0]
-    fig, axes = plt.subplots(len(rows), 1, figsize=(max(3.0, width / height * 0.9), 0.9 * len(rows) + 0.4),
-                             squeeze=False, constrained_layout=True)
-    for ax, (label, img) in zip(axes[:, 0], rows):
-        ax.imshow(img, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_ylabel(label, rotation=0, ha="right", va="center", fontsize=7)
-    fig.suptitle(f"{generator}: samples before / after fine-tuning", fontsize=9)
+    height = max(r.shape[0] for _, r in rows)
+    gap = max(1, height // 16)
+    sheet = np.full((len(rows) * (height + gap), width, 3), 255, np.uint8)
+    for i, (_, img) in enumerate(rows):
+        sheet[i * (height + gap):i * (height + gap) + img.shape[0], :img.shape[1]] = img
+    fig, ax = plt.subplots(figsize=(max(3.0, width / height * 0.9), 0.9 * len(rows) + 0.4))
+    ax.imshow(sheet, interpolation="nearest", aspect="auto")
+    ax.set_xticks([])
+    ax.set_yticks([i * (height + gap) + height / 2 for i in range(len(rows))])
+    ax.set_yticklabels([label for label, _ in rows], fontsize=7)
+    ax.tick_params(length=0)
+    more = f" ({len(shown)} of {len(names)} models)" if len(shown) < len(names) else ""
+    ax.set_title(f"{generator}: samples before / after fine-tuning{more}", fontsize=9)
     run.write_figure(f"{generator_dir(generator)}/samples.png", fig)
     plt.close(fig)
 
@@ -534,9 +555,12 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     for gen, plan, key in pending:
         if gen in failed_gens:
             continue
-        write_samples_png(run, gen, [j.name for j in plan.jobs])
         manifest = _manifest(cfg, gen, plan, records[gen], base)
         run.write_json(manifest_path(gen), manifest)
+        try:  # a preview never stands in the way of the stage's result
+            write_samples_png(run, gen, [j.name for j in plan.jobs])
+        except Exception as exc:
+            log.warning("finetune/%s: samples.png not written (%s)", gen, exc)
         trained = [records[gen][j.name] for j in plan.jobs]
         run.finish_stage(key, outputs=(manifest_path(gen),), info={
             "trained": len(plan.jobs), "borrowed": sum(1 for e in plan.entries if e["borrowed_from"]),

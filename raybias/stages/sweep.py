@@ -124,6 +124,37 @@ def collect_results(cfg, sweep_root: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _trials_bar_class():
+    from ray import tune
+
+    class TrialsBar(tune.Callback):
+        """One progress bar over the sweep's trials (Tune's own tables go to the log)."""
+
+        def __init__(self, total: int):
+            from raybias.console import bar
+
+            self.bar = bar(total=total, desc="sweep trials", unit="trial")
+
+        def on_trial_complete(self, iteration, trials, trial, **info):
+            wga = (trial.last_result or {}).get("test_wga")
+            if wga is not None:
+                self.bar.set_postfix_str(f"last test WGA {100 * wga:.1f}", refresh=False)
+            self.bar.update(1)
+
+        def on_trial_error(self, iteration, trials, trial, **info):
+            self.bar.update(1)
+
+        def on_experiment_end(self, trials, **info):
+            self.bar.close()
+
+    return TrialsBar
+
+
+def _trials_bar(total: int):
+    """A TrialsBar (the class is made on first use: ray.tune is imported only by the sweep)."""
+    return _trials_bar_class()(total)
+
+
 def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
@@ -171,7 +202,8 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
             trainable, param_space=param_space,
             tune_config=tune.TuneConfig(max_concurrent_trials=sw.max_concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name=sw.name, storage_path=storage, verbose=0,
-                                      failure_config=tune.FailureConfig(max_failures=1)),
+                                      failure_config=tune.FailureConfig(max_failures=1),
+                                      callbacks=[_trials_bar(len(grid))]),
         )
     result = tuner.fit()
     errors = [r.error for r in result if r.error is not None]
