@@ -438,16 +438,20 @@ class RunDir:
             self._save_manifest(m)
 
     def finish_stage(self, key: str, info: Optional[Dict[str, Any]] = None,
-                     outputs: Sequence[str] = ()) -> None:
+                     outputs: Sequence[str] = (), units: Optional[Sequence[str]] = None) -> None:
         """Mark stage `key` done: only a record this object began (see `_owned_record`).
         `outputs` (tables, folders, files relative to the run) are recorded and checked
-        whole before the stage is ever skipped as done."""
+        whole before the stage is ever skipped as done. `units`: the stage's whole list of
+        units, for a stage whose units keep their own record (generation's shards) and are
+        summarised here once instead of written one by one."""
         record = self.output_record(outputs) if outputs else None
         with self._manifest_locked():
             m = self.manifest()
             rec = self._owned_record(m, key, "finish")
             if record is not None:
                 rec["outputs"] = record
+            if units is not None:
+                rec["units"] = list(units)
             rec["done"] = True
             rec["finished_at"] = time.time()
             rec["seconds"] = rec.get("seconds", 0.0) + rec["finished_at"] - rec.get("started_at", rec["finished_at"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import io
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import pyarrow as pa
@@ -100,9 +101,14 @@ def sort_out_shards(run: RunDir, generator: str, units: Iterable[Dict[str, Any]]
     remove_temporaries(run, generator)
     planned = {u["unit"]: u for u in units}
     whole, broken = [], []
-    for number in finished_units(run, generator):
+    found = finished_units(run, generator)  # one listing
+    # footers read in parallel: on an object store each is a few requests of latency
+    with ThreadPoolExecutor(max_workers=16, thread_name_prefix="raybias-shards") as pool:
+        ok = list(pool.map(lambda n: planned.get(n) is not None and shard_is_whole(run, generator, planned[n]),
+                           found))
+    for number, is_whole in zip(found, ok):
         unit = planned.get(number)
-        if unit is not None and shard_is_whole(run, generator, unit):
+        if is_whole:
             whole.append(number)
             continue
         run.delete(shard_rel(generator, number))

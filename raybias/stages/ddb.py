@@ -175,9 +175,7 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     if mode == "fresh" or not same or old is None or plan_signature(old) != plan_signature(plan):
         run.delete(synthetic_dir(GEN))
     save_plan(run, plan)
-    whole, _ = sort_out_shards(run, GEN, plan["units"])
-    if whole:
-        run.mark_units(key, [unit_key(u) for u in whole])
+    whole, _ = sort_out_shards(run, GEN, plan["units"])  # the shards are the units' record
     todo = [u for u in plan["units"] if u["unit"] not in set(whole)]
     g = cfg.generate
     facts: Dict[str, Any] = {}
@@ -185,7 +183,6 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
         require_gpus(g.num_gpus, "ddb generation (generate.num_gpus)")
         facts = run_units(run, plan, todo, base_model=plan["base"], base_revision=cfg.base.revision,
                           concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
-                          on_unit=lambda row: run.mark_units(key, [unit_key(int(row["unit"]))]),
                           desc="ddb bias-aligned set", allow_pickle=cfg.base.allow_pickle)
     left = missing_units(run, GEN, plan)
     if left:
@@ -195,7 +192,7 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     sample_grid(run, shown, _ClassLabels(info), f"{synthetic_dir(GEN)}/samples.png")
     record = {"n_images": plan["n_images"], "units": len(plan["units"]), "made_now": facts.get("images", 0),
               "images_per_s": round(facts.get("images_per_s", 0.0), 3)}
-    run.finish_stage(key, record)
+    run.finish_stage(key, record, units=[unit_key(u["unit"]) for u in plan["units"]])
     return record
 
 

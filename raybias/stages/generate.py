@@ -79,9 +79,9 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
         _wipe(run, generator)
     plan = new_plan
     save_plan(run, plan)
+    # A unit's shard is its record: finishing one costs no manifest write (a rewrite per unit
+    # was quadratic over a stage), and resume reads the shards' footers (sort_out_shards).
     whole, broken = sort_out_shards(run, generator, plan["units"])
-    if whole:
-        run.mark_units(key, [unit_key(u) for u in whole])
     done = set(whole)
     todo = [u for u in plan["units"] if u["unit"] not in done]
     if verbose:
@@ -98,7 +98,6 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
         require_gpus(g.num_gpus, f"generate ({generator})")
         facts = run_units(run, plan, todo, base_model=base_model, base_revision=cfg.base.revision,
                           concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
-                          on_unit=lambda row: run.mark_units(key, [unit_key(int(row["unit"]))]),
                           progress=verbose, allow_pickle=cfg.base.allow_pickle)
     left = missing_units(run, generator, plan)
     if left:
@@ -111,7 +110,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     record = {"n_images": plan["n_images"], "units": len(plan["units"]),
               "made_now": facts.get("images", 0), "images_per_s": round(facts.get("images_per_s", 0.0), 3),
               **plan.get("runtime", {})}
-    run.finish_stage(key, record)
+    run.finish_stage(key, record, units=[unit_key(u["unit"]) for u in plan["units"]])
     if verbose:
         rate = f" at {facts['images_per_s']:.2f} images/s" if facts.get("images") else ""
         say(f"generate {generator}: {plan['n_images']} images in {run.path(synthetic_dir(generator))}{rate}"

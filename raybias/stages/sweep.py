@@ -16,6 +16,7 @@ import os
 from typing import Any, Dict, List
 
 import pandas as pd
+from ray.tune import Callback
 
 from raybias.config import GENERATORS, severity_value, with_overrides
 from raybias.console import say
@@ -124,35 +125,38 @@ def collect_results(cfg, sweep_root: str) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _trials_bar_class():
-    from ray import tune
+class TrialsBar(Callback):
+    """One progress bar over the sweep's trials (Tune's own tables go to the log).
 
-    class TrialsBar(tune.Callback):
-        """One progress bar over the sweep's trials (Tune's own tables go to the log)."""
+    Tune pickles its callbacks with the experiment's state, so the bar (which holds the
+    terminal's stream) is made on first use and left out of the pickle."""
 
-        def __init__(self, total: int):
+    def __init__(self, total: int):
+        self.total = int(total)
+        self._bar = None
+
+    def __getstate__(self):
+        return {"total": self.total, "_bar": None}
+
+    def _get_bar(self):
+        if self._bar is None:
             from raybias.console import bar
 
-            self.bar = bar(total=total, desc="sweep trials", unit="trial")
+            self._bar = bar(total=self.total, desc="sweep trials", unit="trial")
+        return self._bar
 
-        def on_trial_complete(self, iteration, trials, trial, **info):
-            wga = (trial.last_result or {}).get("test_wga")
-            if wga is not None:
-                self.bar.set_postfix_str(f"last test WGA {100 * wga:.1f}", refresh=False)
-            self.bar.update(1)
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        wga = (trial.last_result or {}).get("test_wga")
+        if wga is not None:
+            self._get_bar().set_postfix_str(f"last test WGA {100 * wga:.1f}", refresh=False)
+        self._get_bar().update(1)
 
-        def on_trial_error(self, iteration, trials, trial, **info):
-            self.bar.update(1)
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._get_bar().update(1)
 
-        def on_experiment_end(self, trials, **info):
-            self.bar.close()
-
-    return TrialsBar
-
-
-def _trials_bar(total: int):
-    """A TrialsBar (the class is made on first use: ray.tune is imported only by the sweep)."""
-    return _trials_bar_class()(total)
+    def on_experiment_end(self, trials, **info):
+        if self._bar is not None:
+            self._bar.close()
 
 
 def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
@@ -203,7 +207,7 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
             tune_config=tune.TuneConfig(max_concurrent_trials=sw.max_concurrent, scheduler=scheduler),
             run_config=tune.RunConfig(name=sw.name, storage_path=storage, verbose=0,
                                       failure_config=tune.FailureConfig(max_failures=1),
-                                      callbacks=[_trials_bar(len(grid))]),
+                                      callbacks=[TrialsBar(len(grid))]),
         )
     result = tuner.fit()
     errors = [r.error for r in result if r.error is not None]
