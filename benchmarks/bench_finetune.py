@@ -155,6 +155,7 @@ def bench_kind(kind: str, args, device, amp) -> dict:
 def overhead(args) -> None:
     """One Ray Train job per group on the small builtin backbone: job wall time vs. the loop's own time."""
     from raybias.config import config_from_dict
+    from raybias.layout import finetune_key, training_json
     from raybias.ray_utils import init_ray
     from raybias.rundir import RunDir
     from raybias.stages.finetune import finetune_generator
@@ -180,9 +181,9 @@ def overhead(args) -> None:
         total = time.perf_counter() - start
         print(f"\nRay Train, lora on the builtin backbone, 4 groups, {args.overhead_steps} steps, "
               f"{args.cpus_per_job} CPU per job: stage {total:.1f}s")
-        walls = run.stage_record("finetune/lora")["info"]["job_wall_seconds"]
+        walls = run.stage_record(finetune_key("lora"))["info"]["job_wall_seconds"]
         for g in range(4):
-            rec = run.read_json(f"generators/lora/g{g}/training.json")
+            rec = run.read_json(training_json("lora", f"g{g}"))
             rec["wall_seconds"] = walls[f"g{g}"]
             known = rec["startup_seconds"] + rec["setup_seconds"] + rec["train_seconds"] + rec["preview_seconds"]
             print(f"  g{g}: job wall {rec['wall_seconds']:.1f}s = Ray Train start-up {rec['startup_seconds']:.1f}s "

@@ -38,8 +38,8 @@ def repeat_training_rows(run, repeat: int) -> None:
     """Rewrite data/real with every training row `repeat` times (ids "<id>~<copy>")."""
     import pandas as pd
 
-    from raybias.data.info import REAL
     from raybias.data.io import read_table, write_table
+    from raybias.layout import REAL
 
     table = read_table(run, REAL)
     train = table[table["split"] == "train"]

@@ -23,6 +23,8 @@ import time
 from contextlib import contextmanager
 from typing import Iterator, Optional, TextIO
 
+from raybias.layout import LOGS, log_file
+
 _out: Optional[TextIO] = None  # the terminal's stdout while captured
 _err: Optional[TextIO] = None  # the terminal's stderr while captured
 _log_path: Optional[str] = None
@@ -91,7 +93,7 @@ def capture(run=None, command: str = "run", verbose: bool = False) -> Iterator[O
     local_dir = None
     if run is not None and run.is_local:
         try:
-            local_dir = run.makedirs("logs")
+            local_dir = run.makedirs(LOGS)
             if not os.access(local_dir, os.W_OK):
                 local_dir = None
         except OSError:
@@ -142,6 +144,6 @@ def capture(run=None, command: str = "run", verbose: bool = False) -> Iterator[O
         if run is not None and not run.is_local:
             try:  # the log of a run on an object store goes there too
                 with open(path, "rb") as f:
-                    run.write_bytes(f"logs/{name}", f.read())
+                    run.write_bytes(log_file(name), f.read())
             except Exception:
                 pass

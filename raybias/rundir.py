@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 import pyarrow.fs as pafs
 
 from raybias.config import EXECUTION_KEYS, config_hash, same_values, section_values
+from raybias.layout import LEASE, LOGS, MANIFEST, MANIFEST_LOCK
 from raybias.paths import absolute, is_uri
 
 log = logging.getLogger("raybias")
@@ -300,7 +301,7 @@ class RunDir:
             return removed
         for info in self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True)):
             name = info.base_name
-            if ".tmp-" not in name or "/logs/" in info.path:
+            if ".tmp-" not in name or f"/{LOGS}/" in info.path:
                 continue
             try:
                 if info.type == pafs.FileType.Directory:
@@ -313,21 +314,20 @@ class RunDir:
         return removed
 
     # --- manifest ----------------------------------------------------------
-    MANIFEST = "manifest.json"
 
     def manifest(self) -> Dict[str, Any]:
-        if not self.exists(self.MANIFEST):
+        if not self.exists(MANIFEST):
             return {"stages": {}, "versions": package_versions(), "created": time.time()}
-        m = self.read_json(self.MANIFEST)
+        m = self.read_json(MANIFEST)
         problem = _manifest_problem(m)
         if problem:
-            raise StageFailed(f"{self.path(self.MANIFEST)} is not a raybias manifest ({problem}); move it away "
+            raise StageFailed(f"{self.path(MANIFEST)} is not a raybias manifest ({problem}); move it away "
                               "to start this run directory afresh, or use a new --run-dir")
         return m
 
     def _save_manifest(self, m: Dict[str, Any]) -> None:
         m["versions"] = dict(package_versions())
-        self.write_json(self.MANIFEST, m)
+        self.write_json(MANIFEST, m)
 
     @contextmanager
     def _manifest_locked(self) -> Iterator[None]:
@@ -341,7 +341,7 @@ class RunDir:
                 return
             import fcntl
 
-            with open(self.path(".manifest.lock"), "a") as f:
+            with open(self.path(MANIFEST_LOCK), "a") as f:
                 fcntl.flock(f, fcntl.LOCK_EX)
                 try:
                     yield
@@ -353,7 +353,7 @@ class RunDir:
         rec = m["stages"].get(key)
         if rec is None:
             raise StageFailed(f"cannot {action} stage '{key}' in {self.uri}: its record is gone from "
-                              f"{self.MANIFEST} (another process reset it); nothing is marked done")
+                              f"{MANIFEST} (another process reset it); nothing is marked done")
         if rec.get("owner") not in (None, self.owner):
             holder = rec.get("owner_info", "another process")
             raise StageFailed(f"cannot {action} stage '{key}' in {self.uri}: {holder} began it again while this "
@@ -475,7 +475,6 @@ class RunDir:
 
 # --- the lease: one writing command per run directory ---------------------------------------
 
-LEASE = "lease.json"
 LEASE_TTL_S = 90.0  # a lease whose heartbeat is older than this is a dead writer's
 HEARTBEAT_S = 15.0
 

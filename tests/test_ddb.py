@@ -75,7 +75,7 @@ def _fake_run_with_outputs(tmp_path, meta_train, meta_val, pred_train, pred_val)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from raybias.classify.ddb import OUTPUTS
+    from raybias.layout import DDB_AMPLIFIER_OUTPUTS as OUTPUTS
     from raybias.rundir import RunDir
 
     run = RunDir(str(tmp_path / "run"))

@@ -28,7 +28,8 @@ import pyarrow.parquet as pq
 from omegaconf import OmegaConf
 from PIL import Image
 
-from raybias.data.synthetic import finished_units, shards_dir, unit_name
+from raybias.data.synthetic import finished_units
+from raybias.layout import shards_dir, unit_name
 from raybias.rundir import RunDir
 from test_generate import _check_set, _info, gen_config
 

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from raybias.data.info import REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, read_table
 from raybias.data.synthetic import read_synthetic
 from raybias.generation.scoring import centroids_from_sums, choose_kept, class_prompt_texts, keep_count
+from raybias.layout import REAL
 from conftest import save_tiny_clip
 from test_generate import gen_config, make_small_run, save_tiny_base
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from test_pipeline import QUICKSTART, REPO, tiny_overrides
+from test_pipeline import QUICKSTART, tiny_overrides
 
 # Lines of Ray's, diffusers' or Python's internals that must never reach the console.
 NOISE = ("core_worker.cc", "PYTHON worker processes", "Loading pipeline components", "should be kept in float32",
@@ -96,7 +96,7 @@ def test_relative_run_dirs_from_another_directory_and_two_runs_at_once(tiny_base
     # both at once: two local Rays on one machine
     run_p = _start(_run_args("both/run", tiny_base_folder), elsewhere)
     sweep_p = _start(_sweep_args("both/sweep"), elsewhere)
-    (run_out, run_err), (sw_out, sw_err) = _finish(run_p), _finish(sweep_p)
+    (run_out, run_err), _ = _finish(run_p), _finish(sweep_p)
     assert _run_metrics(elsewhere / "both" / "run") == alone
     pd.testing.assert_frame_equal(_sweep_results(elsewhere / "both" / "sweep"), sweep_alone)
     for folder in (elsewhere / "both" / "run", elsewhere / "both" / "sweep"):

@@ -26,12 +26,13 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from raybias.data.images import decode, encode_png
-from raybias.data.info import REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, read_table, write_table
 from raybias.data.schema import SchemaError
-from raybias.data.synthetic import finished_units, read_synthetic, shards_dir
+from raybias.data.synthetic import finished_units, read_synthetic
 from raybias.generation.plan import (build_plan, group_targets, image_draw, split_by_weight, vanilla_models,
                                      read_generator_manifest)
+from raybias.layout import REAL, shards_dir
 from raybias.rundir import ResumeRefused, RunDir
 
 TRAIN_COUNTS = {0: 12, 1: 3, 2: 5, 3: 10}  # a biased little training set: groups 1, 2 are the minority

@@ -22,7 +22,8 @@ import psutil
 import pytest
 
 from raybias.config import config_from_dict
-from raybias.rundir import LEASE, Lease, RunDir, RunDirBusy, StageFailed
+from raybias.layout import LEASE
+from raybias.rundir import Lease, RunDir, RunDirBusy, StageFailed
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")

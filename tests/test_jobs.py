@@ -156,8 +156,9 @@ def ray_head():
 
 
 def _check_prepare(run_dir: Path, logs: str) -> None:
-    from raybias.data.info import REAL, DatasetInfo
+    from raybias.data.info import DatasetInfo
     from raybias.data.io import MARKER
+    from raybias.layout import REAL
     from raybias.rundir import RunDir
 
     run = RunDir(str(run_dir))

@@ -71,7 +71,8 @@ def test_run_every_stage_and_method_then_skip_on_rerun(ray_session, tiny_base_fo
 
 def test_run_resumes_after_being_killed_during_generation(tiny_base_folder, tmp_path):
     """A real `raybias run` process is killed mid-generation; --resume completes the set exactly."""
-    from raybias.data.synthetic import finished_units, read_synthetic, shards_dir, unit_name
+    from raybias.data.synthetic import finished_units, read_synthetic
+    from raybias.layout import shards_dir, unit_name
     from raybias.rundir import RunDir
 
     run_dir = str(tmp_path / "run")

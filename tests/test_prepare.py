@@ -12,10 +12,10 @@ import pytest
 
 from conftest import small_config
 from raybias.cli import main
-from raybias.data.info import REAL
 from raybias.data.io import read_table
 from raybias.data.severity import aligned_values, apply_severity, group_counts
 from raybias.data.sources import DataError
+from raybias.layout import REAL
 from raybias.rundir import RunDir
 from raybias.stages.prepare import run_prepare
 

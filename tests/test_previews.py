@@ -10,8 +10,8 @@ import numpy as np
 from PIL import Image
 
 from raybias.rundir import RunDir
-from raybias.stages.finetune import MAX_PREVIEW_MODELS, PREVIEW_JSON, generator_dir, model_folder, preview_sample, \
-    write_samples_png
+from raybias.layout import generator_samples, preview_png, previews_json
+from raybias.stages.finetune import MAX_PREVIEW_MODELS, preview_sample, write_samples_png
 
 
 def test_preview_sample_is_an_even_deterministic_sample():
@@ -30,10 +30,9 @@ def test_a_thousand_models_give_one_sheet_of_the_sample(tmp_path):
     Image.fromarray(np.full((16, 48, 3), 200, np.uint8)).save(buf, format="PNG")
     names = [f"g{i}-c0" for i in range(1000)]
     for n in names:
-        rel = model_folder(generator_dir("lora"), n)
-        run.write_text(f"{rel}/{PREVIEW_JSON}", json.dumps(["base", "tuned"]))
+        run.write_text(previews_json("lora", n), json.dumps(["base", "tuned"]))
         for k in range(2):
-            run.write_bytes(f"{rel}/preview-{k}.png", buf.getvalue())
+            run.write_bytes(preview_png("lora", n, k), buf.getvalue())
     write_samples_png(run, "lora", names)
-    sheet = Image.open(run.path(generator_dir("lora"), "samples.png"))
+    sheet = Image.open(run.path(generator_samples("lora")))
     assert sheet.height < 100 * 2 * MAX_PREVIEW_MODELS  # one figure for the sample, not 2,000 rows

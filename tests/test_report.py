@@ -19,9 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from raybias.data.images import encode_png
-from raybias.data.info import REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import write_table_batches
 from raybias.generation.shards import unit_table, write_shard
+from raybias.layout import MANIFEST, REAL
 from raybias.rundir import RunDir
 from raybias.stages import report
 
@@ -233,7 +234,7 @@ def test_union_seconds_counts_overlaps_once():
 def test_report_md_has_timings_from_the_manifest_and_pipeline(run_dir):
     m = run_dir.manifest()
     m["stages"] = _manifest_stages()
-    run_dir.write_json(run_dir.MANIFEST, m)
+    run_dir.write_json(MANIFEST, m)
     run_dir.write_json("report/timings.json", {"started_at": 999.0, "finished_at": 1215.0, "total": 216.0})
     rows = _rows(report.write_run_report(run_dir))
     assert rows["**run (wall clock)**"][0] == "216.0" and rows["train"][0] == "200.0"

@@ -65,8 +65,9 @@ def prepared_s3(s3_server, ray_session):
 
 
 def test_prepare_writes_the_run_to_s3(prepared_s3, s3_server):
-    from raybias.data.info import REAL, DatasetInfo
+    from raybias.data.info import DatasetInfo
     from raybias.data.io import read_table
+    from raybias.layout import REAL
     from raybias.rundir import RunDir
 
     keys = _keys(s3_server, "prepared/")
@@ -155,7 +156,7 @@ def test_the_filesystem_travels_to_ray_workers(prepared_s3, ray_session):
     """Workers get the endpoint through the pickled filesystem, credentials from their env."""
     import ray
 
-    from raybias.data.info import REAL
+    from raybias.layout import REAL
     from raybias.data.io import read_dataset, read_table
     from raybias.rundir import RunDir
 

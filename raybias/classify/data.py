@@ -60,8 +60,8 @@ class DataSet:
 
 def real_sets(run) -> Dict[str, DataSet]:
     """train/val/test metadata of the prepared real data (data/real)."""
-    from raybias.data.info import REAL
     from raybias.data.io import read_table
+    from raybias.layout import REAL
 
     table = read_table(run, REAL, columns=META_COLUMNS + ["split"], stage="prepare")
     files = [f"{REAL}/{n}" for n in run.listdir(REAL) if n.endswith(".parquet")]
@@ -74,10 +74,11 @@ def real_sets(run) -> Dict[str, DataSet]:
 
 def synthetic_set(run, generator_name: str) -> DataSet:
     """The generator's (filtered) synthetic set, as written by the generate/filter stages."""
-    from raybias.data.synthetic import finished_units, read_synthetic, shards_dir, unit_name
+    from raybias.data.synthetic import finished_units, read_synthetic
+    from raybias.layout import shard_path
 
     meta = read_synthetic(run, generator_name, filtered=True, columns=META_COLUMNS)
-    files = [f"{shards_dir(generator_name)}/{unit_name(u)}" for u in finished_units(run, generator_name)]
+    files = [shard_path(generator_name, u) for u in finished_units(run, generator_name)]
     return DataSet(meta[META_COLUMNS].reset_index(drop=True), files, None)
 
 

@@ -40,10 +40,7 @@ import torch.nn.functional as F
 
 from raybias.classify.methods import (GroupDROMethod, LossHook, LossInput, Method, Phase,
                                       register)
-
-AMPLIFIER_DIR = "generators/ddb/amplifier"
-OUTPUTS = f"{AMPLIFIER_DIR}/outputs.parquet"
-SYNTHETIC_SET = "ddb"  # the generator name of DDB's synthetic set (synthetic/ddb/)
+from raybias.layout import DDB, DDB_AMPLIFIER_OUTPUTS
 
 
 def pseudo_groups(y: np.ndarray, pred: np.ndarray) -> np.ndarray:
@@ -73,7 +70,7 @@ class Amplifier(Method):
     def prepare(self, cfg, run, sets, seed):
         from raybias.classify.data import synthetic_set
 
-        sets["stage1"] = synthetic_set(run, SYNTHETIC_SET)
+        sets["stage1"] = synthetic_set(run, DDB)
         return {"q": float(cfg.ddb.lff_q)}
 
     def train_groups(self, phase, ctx):
@@ -87,12 +84,12 @@ class Amplifier(Method):
 def read_outputs(run) -> pd.DataFrame:
     from raybias.data.io import TableMissing
 
-    if not run.exists(OUTPUTS):
-        raise TableMissing(f"{run.path(OUTPUTS)} does not exist (run `raybias ddb` first: it trains the bias "
-                           "amplifier whose predictions the DDB recipes use)")
+    if not run.exists(DDB_AMPLIFIER_OUTPUTS):
+        raise TableMissing(f"{run.path(DDB_AMPLIFIER_OUTPUTS)} does not exist (run `raybias ddb` first: it trains "
+                           "the bias amplifier whose predictions the DDB recipes use)")
     import pyarrow.parquet as pq
 
-    return pq.read_table(run.path(OUTPUTS), filesystem=run.fs).to_pandas()
+    return pq.read_table(run.path(DDB_AMPLIFIER_OUTPUTS), filesystem=run.fs).to_pandas()
 
 
 def _aligned(meta: pd.DataFrame, out: pd.DataFrame, split: str, what: str) -> pd.DataFrame:
@@ -101,8 +98,8 @@ def _aligned(meta: pd.DataFrame, out: pd.DataFrame, split: str, what: str) -> pd
     part = out[out["split"] == split].set_index("id")
     missing = ~meta["id"].isin(part.index)
     if missing.any():
-        raise SchemaError(f"{OUTPUTS}: no amplifier output for {int(missing.sum())} {split} example(s) "
-                          f"(e.g. {meta['id'][missing].iloc[0]!r}) needed by {what}; rerun `raybias ddb`")
+        raise SchemaError(f"{DDB_AMPLIFIER_OUTPUTS}: no amplifier output for {int(missing.sum())} {split} "
+                          f"example(s) (e.g. {meta['id'][missing].iloc[0]!r}) needed by {what}; rerun `raybias ddb`")
     return part.loc[meta["id"].tolist()]
 
 

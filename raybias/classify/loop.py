@@ -32,6 +32,7 @@ from raybias.classify.methods import LossInput, Phase, get_method
 from raybias.classify.metrics import metrics_from_counts
 from raybias.classify.models import (Classifier, build_model, model_bytes, state_from_safetensors,
                                      state_to_safetensors)
+from raybias.layout import CLASSIFIER_MODEL
 
 EVAL_BATCH = 512
 TRAIN_SETS = ("train", "stage1")  # data sets that phases train on (streamed through Ray Data)
@@ -423,6 +424,6 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         info = state.best_info or {"phase": phases[-1].name, "epoch": phases[-1].epochs}
         state.result = {"best_epoch": info["epoch"], "best_phase": info["phase"], "val": val, "test": test,
                         "data_seconds": data_seconds}
-        state.artifacts["model.safetensors"] = model_bytes(model, t.model)
+        state.artifacts[CLASSIFIER_MODEL] = model_bytes(model, t.model)
     # not "done": Tune reads that key as "stop this trial" and kills it before metrics.json is written
     report({"final": 1, "test_wga": state.result["test"]["wga"], "val_wga": state.result["val"]["wga"]}, "final")

@@ -15,6 +15,8 @@ from typing import Dict, Iterable, List, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from raybias.layout import CLASSIFIERS_DIR, metrics_path
+
 
 def metrics_from_counts(correct: Sequence[float], total: Sequence[float]) -> Dict:
     """{group_acc: {g: acc or None}, wga, aga, acc, n: {g: total}} from per-group counts.
@@ -46,10 +48,6 @@ def group_metrics(pred: Sequence[int], y: Sequence[int], groups: Sequence[int], 
     return metrics_from_counts(correct, total)
 
 
-def metrics_path(method: str, seed: int) -> str:
-    return f"classifiers/{method}/{seed}/metrics.json"
-
-
 def collect_metrics(run, methods: Optional[Iterable[str]] = None, seeds: Optional[Iterable[int]] = None,
                     split: str = "test") -> pd.DataFrame:
     """One row per (method, seed) with a classifiers/<method>/<seed>/metrics.json: method, seed,
@@ -58,10 +56,10 @@ def collect_metrics(run, methods: Optional[Iterable[str]] = None, seeds: Optiona
     wanted_methods = None if methods is None else list(methods)
     wanted_seeds = None if seeds is None else {int(s) for s in seeds}
     rows = []
-    for method in run.listdir("classifiers"):
+    for method in run.listdir(CLASSIFIERS_DIR):
         if wanted_methods is not None and method not in wanted_methods:
             continue
-        for seed in run.listdir("classifiers", method):
+        for seed in run.listdir(CLASSIFIERS_DIR, method):
             rel = metrics_path(method, seed)
             if not run.exists(rel):
                 continue

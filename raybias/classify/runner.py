@@ -29,10 +29,10 @@ from omegaconf import OmegaConf
 from raybias.classify.data import DataSet, real_sets, stream_dataset
 from raybias.classify.loop import TrainJob, train_loop_per_worker
 from raybias.classify.methods import get_method
-from raybias.classify.metrics import metrics_path
 from raybias.classify.models import check_pretrained
 from raybias.config import config_hash
 from raybias.data.info import DatasetInfo
+from raybias.layout import classifier_dir, curves_png, metrics_path, train_key, trainer_name
 from raybias.methods import method_config, train_method_of, train_sections
 from raybias.rundir import RunDir, StageFailed
 
@@ -40,18 +40,6 @@ log = logging.getLogger("raybias.train")
 
 # RunDir's manifest is a read-modify-write JSON file: trainer threads take turns with it.
 _MANIFEST_LOCK = threading.Lock()
-
-
-def classifier_dir(method: str, seed: int) -> str:
-    return f"classifiers/{method}/{seed}"
-
-
-def trainer_name(method: str, seed: int) -> str:
-    return f"train-{method}-{seed}"
-
-
-def stage_key(method: str, seed: int) -> str:
-    return f"train/{method}/{seed}"
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -216,7 +204,7 @@ def _write_outputs(run: RunDir, job: TrainJob, result, mcfg, seconds: float) -> 
     }
     for name, data in sorted(state.artifacts.items()):
         run.write_bytes(f"{out}/{name}", data)
-    run.write_bytes(f"{out}/curves.png", _curves_png(state.history, f"{job.method} seed {job.seed}"))
+    run.write_bytes(curves_png(job.method, job.seed), _curves_png(state.history, f"{job.method} seed {job.seed}"))
     run.write_json(metrics_path(job.method, job.seed), record)
     return record
 
@@ -239,7 +227,7 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     mcfg = method_config(cfg, method)
     t = mcfg.train
     name = name or method
-    key = stage_key(name, seed)
+    key = train_key(name, seed)
     sections = train_sections(method)
     with _MANIFEST_LOCK:
         prev = run.stage_record(key)
@@ -271,7 +259,7 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     run.delete(classifier_dir(name, seed), trainer_name(name, seed))
     with _MANIFEST_LOCK:
         run.finish_stage(key, info={"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]},
-                         outputs=(f"{classifier_dir(name, seed)}/metrics.json",))
+                         outputs=(metrics_path(name, seed),))
     return record
 
 

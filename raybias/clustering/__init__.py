@@ -13,13 +13,9 @@ from __future__ import annotations
 
 from typing import Any, Dict, Tuple
 
-CLUSTERS_PARQUET = "embed/clusters.parquet"
-CLUSTERS_JSON = "embed/clusters.json"
-PROJECTION_PNG = "embed/clusters_projection.png"
-SAMPLES_PNG = "embed/clusters_samples.png"
-
-from raybias.clustering.kmeans import (  # noqa: E402
+from raybias.clustering.kmeans import (
     KMeansResult, LocalBlocks, VectorBlocks, assign, kmeans_dataset, kmeans_plusplus)
+from raybias.layout import CLUSTERS_JSON, CLUSTERS_PARQUET
 
 
 def read_clusters(run) -> Tuple["Any", Dict[int, Dict[str, Any]]]:
@@ -36,5 +32,5 @@ def read_clusters(run) -> Tuple["Any", Dict[int, Dict[str, Any]]]:
     return df, summary
 
 
-__all__ = ["CLUSTERS_JSON", "CLUSTERS_PARQUET", "KMeansResult", "LocalBlocks", "PROJECTION_PNG", "SAMPLES_PNG",
-           "VectorBlocks", "assign", "kmeans_dataset", "kmeans_plusplus", "read_clusters"]
+__all__ = ["KMeansResult", "LocalBlocks", "VectorBlocks", "assign", "kmeans_dataset", "kmeans_plusplus",
+           "read_clusters"]

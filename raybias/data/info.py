@@ -5,10 +5,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Dict, List, Optional
 
+from raybias.layout import INFO
 from raybias.rundir import RunDir
-
-INFO = "data/info.json"
-REAL = "data/real"
 
 
 @dataclass

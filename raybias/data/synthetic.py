@@ -1,4 +1,4 @@
-"""Where a generator's synthetic set lives in the run directory, and how it is read.
+"""How a generator's synthetic set is read (where it lives: `raybias.layout`).
 
 synthetic/<generator>/plan.json              the generation plan (units, counts, prompts)
 synthetic/<generator>/shards/unit-NNNNN.parquet   one finished work unit each (schema + seed,
@@ -16,28 +16,14 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from raybias.data.io import TableMissing
+from raybias.layout import scores_path, shard_path, shards_dir, unit_of
 from raybias.rundir import RunDir
-
-
-def synthetic_dir(generator: str) -> str:
-    return f"synthetic/{generator}"
-
-
-def shards_dir(generator: str) -> str:
-    return f"synthetic/{generator}/shards"
-
-
-def unit_name(unit: int) -> str:
-    return f"unit-{unit:05d}.parquet"
 
 
 def finished_units(run: RunDir, generator: str) -> List[int]:
     """Units whose shard was renamed into place (temporary names never count)."""
-    out = []
-    for name in run.listdir(shards_dir(generator)):
-        if name.startswith("unit-") and name.endswith(".parquet"):
-            out.append(int(name[5:-8]))
-    return sorted(out)
+    units = (unit_of(name) for name in run.listdir(shards_dir(generator)))
+    return sorted(u for u in units if u is not None)
 
 
 def read_synthetic(run: RunDir, generator: str, filtered: bool = True, columns=None) -> pd.DataFrame:
@@ -46,10 +32,10 @@ def read_synthetic(run: RunDir, generator: str, filtered: bool = True, columns=N
     if not units:
         raise TableMissing(f"{run.path(shards_dir(generator))} has no synthetic shards "
                            f"(run `raybias generate` for generator {generator!r} first)")
-    parts = [pq.read_table(run.path(shards_dir(generator), unit_name(u)), columns=columns, filesystem=run.fs)
+    parts = [pq.read_table(run.path(shard_path(generator, u)), columns=columns, filesystem=run.fs)
              for u in units]
     df = pa.concat_tables(parts).to_pandas()
-    scores = f"{synthetic_dir(generator)}/scores.parquet"
+    scores = scores_path(generator)
     if filtered and run.exists(scores):
         s = pq.read_table(run.path(scores), filesystem=run.fs).to_pandas()
         df = df.merge(s[["id", "score", "keep"]], on="id", how="inner")

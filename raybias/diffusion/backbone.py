@@ -23,6 +23,7 @@ import torch
 
 from raybias.config import ConfigError
 from raybias.diffusion.tokenizer import build_tokenizer
+from raybias.layout import BASE_KEY, BASE_MODEL_DIR
 
 log = logging.getLogger("raybias")
 
@@ -251,10 +252,6 @@ def count_parameters(pipe) -> Dict[str, int]:
             for name in ("unet", "vae", "text_encoder")}
 
 
-BASE_DIR = "base"
-BASE_MODEL_DIR = "base/model"
-
-
 def resolve_base_model(cfg, run=None) -> str:
     """What `base.model` names, as something `load_pipeline` takes.
 
@@ -267,7 +264,7 @@ def resolve_base_model(cfg, run=None) -> str:
         return model
     if cfg.base.cache_dir and is_pipeline_folder(os.path.expanduser(cfg.base.cache_dir)):
         return os.path.expanduser(cfg.base.cache_dir)
-    if run is not None and run.is_done("base") and run.exists(BASE_MODEL_DIR, MODEL_INDEX):
+    if run is not None and run.is_done(BASE_KEY) and run.exists(BASE_MODEL_DIR, MODEL_INDEX):
         if run.is_local:
             return run.local_path(BASE_MODEL_DIR)
         return fetch_to_local(run, BASE_MODEL_DIR)

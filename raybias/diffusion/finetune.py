@@ -42,6 +42,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from raybias.layout import PREVIEWS_JSON, TRAINING_JSON, class_images_path, model_dir, preview_name, training_json
+
 log = logging.getLogger("raybias")
 
 # generator (config `methods:` entry) -> kind of model it trains
@@ -49,13 +51,6 @@ KIND_OF = {"lora": "lora", "dreambooth": "dreambooth", "clustered_dreambooth": "
 FINETUNED_GENERATORS = tuple(KIND_OF)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
-TRAINING_JSON = "training.json"
-PREVIEW_JSON = "previews.json"
-
-
-def model_folder(generator_dir: str, job_name: str) -> str:
-    """Run-relative folder a job publishes its model to; its TRAINING_JSON is written last."""
-    return f"{generator_dir}/{job_name}"
 
 PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -264,8 +259,8 @@ def read_images(run, ids: Sequence[str]) -> List[bytes]:
     """Encoded images of the real table's rows `ids`, in that order (reads only those rows)."""
     import pyarrow.dataset as pads
 
-    from raybias.data.info import REAL
     from raybias.data.io import shard_paths
+    from raybias.layout import REAL
 
     ds = pads.dataset(shard_paths(run, REAL, "prepare"), filesystem=run.fs, format="parquet")
     table = ds.to_table(columns=["id", "image"], filter=pads.field("id").isin(list(ids)))
@@ -525,7 +520,7 @@ def class_images(pipe, job: JobSpec, ft: Dict[str, Any], run=None) -> List[np.nd
     seeds = [int(ft["seed"]) * 100_003 + i for i in range(n)]
     settings = dict(steps=int(ft["sample_steps"]), guidance=float(ft["sample_guidance"]))
     key = zlib.crc32(json.dumps([ft["base"], prompts, seeds, settings]).encode())
-    rel = f"{ft['generator_dir']}/_class/{job.group}-{key:08x}.npz"
+    rel = class_images_path(job.generator, job.group, key)
     if run is not None and run.exists(rel):
         with np.load(io.BytesIO(run.read_bytes(rel)), allow_pickle=False) as z:
             return list(z["images"])
@@ -599,7 +594,7 @@ def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
         from raybias.rundir import RunDir
 
         items = [item for item in items if not RunDir(item["finetune"]["run_spec"]).exists(
-            model_folder(item["finetune"]["generator_dir"], item["job"]["name"]), TRAINING_JSON)]
+            training_json(item["job"]["generator"], item["job"]["name"]))]
     bases: Dict[Tuple[str, Optional[str]], Tuple[Any, Any]] = {}
     started = time.time()
     launched = float(cfg.get("launched_at", started))  # the driver's fit(): start-up is the first job's
@@ -725,7 +720,7 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
         "precision": "fp32" if loop.amp_dtype is None else str(loop.amp_dtype).replace("torch.", ""),
         "prompt_template": job.prompt_template, "trainable_parameters": int(sum(p.numel() for p in loop.trainable)),
     }
-    publish_model(run, loop.method, pipe, model_folder(ft["generator_dir"], job.name), record, previews,
+    publish_model(run, loop.method, pipe, model_dir(job.generator, job.name), record, previews,
                   ft.get("base_folder"))
     if board is not None:
         board.update.remote(job.generator, job.name, steps, steps, state["losses"][-1], "done")
@@ -742,10 +737,10 @@ def publish_model(run, method: Method, pipe, rel: str, record: Dict[str, Any],
         method.save(pipe, folder, base_folder if base_folder and os.path.isdir(base_folder) else None, link)
         labels = []
         for k, (label, row) in enumerate(previews):
-            with open(os.path.join(folder, f"preview-{k}.png"), "wb") as f:
+            with open(os.path.join(folder, preview_name(k)), "wb") as f:
                 f.write(_encode_png(row))
             labels.append(label)
-        with open(os.path.join(folder, PREVIEW_JSON), "w") as f:
+        with open(os.path.join(folder, PREVIEWS_JSON), "w") as f:
             json.dump(labels, f)
         with open(os.path.join(folder, TRAINING_JSON), "w") as f:  # written last: marks the folder whole
             json.dump(record, f, indent=1)

@@ -24,8 +24,6 @@ import numpy as np
 
 from raybias.config import EMBEDDERS, ConfigError
 
-VECTORS = "embed/vectors"
-
 
 class Embedder(ABC):
     """Base class: subclasses set `name` and `dim` and implement `_images`/`_texts`."""
@@ -123,5 +121,5 @@ def _pick_device(num_gpus: float) -> str:
 from raybias.embed.vectors import (  # noqa: E402  (after get_embedder: vectors uses it)
     EmbedBatches, embed_dataset, read_vectors, vectors_dataset, write_vectors)
 
-__all__ = ["Embedder", "EmbedBatches", "VECTORS", "embed_dataset", "embedder_names", "get_embedder",
+__all__ = ["Embedder", "EmbedBatches", "embed_dataset", "embedder_names", "get_embedder",
            "l2_normalize", "read_vectors", "register_embedder", "vectors_dataset", "write_vectors"]

@@ -26,19 +26,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing
 from raybias.data.schema import SchemaError
-from raybias.data.synthetic import synthetic_dir
+from raybias.layout import generator_manifest, plan_path
 from raybias.rundir import RunDir
 
 PLAN_VERSION = 1
 MODEL_KINDS = ("base", "lora", "dreambooth")
-
-
-def plan_path(generator: str) -> str:
-    return f"{synthetic_dir(generator)}/plan.json"
-
-
-def generator_manifest_path(generator: str) -> str:
-    return f"generators/{generator}/manifest.json"
 
 
 class _KeepUnknown(dict):
@@ -145,7 +137,7 @@ def read_generator_manifest(run: RunDir, generator: str, info: DatasetInfo,
     the manifest's negative prompt (the source group's bias word, set by `raybias finetune`);
     `negative_prompts=False` (generate.negative_prompt) drops them all.
     """
-    rel = generator_manifest_path(generator)
+    rel = generator_manifest(generator)
     if not run.exists(rel):
         raise TableMissing(f"{run.path(rel)} does not exist (run `raybias finetune` for generator "
                            f"{generator!r} first)")
@@ -235,7 +227,7 @@ def build_plan(generator: str, info: DatasetInfo, models: List[ModelSpec], *, ba
         if not group_models:
             raise SchemaError(
                 f"generator {generator!r} has no model for group {g} ({info.group_name(g)}), which needs "
-                f"{n} images; check generators/{generator}/manifest.json (or re-run `raybias finetune`)")
+                f"{n} images; check {generator_manifest(generator)} (or re-run `raybias finetune`)")
         y, a = info.y_a(g)
         split = split_by_weight(n, [m.weight for m in group_models])
         index = 0

@@ -106,7 +106,7 @@ def sample_grid(run: RunDir, plan: Dict[str, Any], info, rel: str, per_row: int 
     import pyarrow.parquet as pq
 
     from raybias.data.images import decode
-    from raybias.generation.shards import shard_rel
+    from raybias.layout import shard_path
 
     units_of: Dict[str, List[Dict[str, Any]]] = {}
     for u in plan["units"]:
@@ -122,7 +122,7 @@ def sample_grid(run: RunDir, plan: Dict[str, Any], info, rel: str, per_row: int 
         for u in units_of[unit["model"]]:  # a model's first units, until the row is full
             if len(images) >= per_row:
                 break
-            table = pq.read_table(run.path(shard_rel(plan["generator"], u["unit"])),
+            table = pq.read_table(run.path(shard_path(plan["generator"], u["unit"])),
                                   columns=["image", "prompt"], filesystem=run.fs).slice(0, per_row - len(images))
             images += table.column("image").to_pylist()
             prompts += table.column("prompt").to_pylist()

@@ -18,7 +18,8 @@ from typing import Any, Dict, Iterable, List, Sequence, Tuple
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raybias.data.synthetic import finished_units, shards_dir, unit_name
+from raybias.data.synthetic import finished_units
+from raybias.layout import shard_path, shards_dir, unit_name
 from raybias.rundir import RunDir
 
 log = logging.getLogger("raybias.generation")
@@ -37,10 +38,6 @@ SHARD_SCHEMA = pa.schema([
     ("cluster", pa.int64()),
     ("generator", pa.string()),
 ])
-
-
-def shard_rel(generator: str, unit: int) -> str:
-    return f"{shards_dir(generator)}/{unit_name(unit)}"
 
 
 def unit_table(generator: str, unit: Dict[str, Any], images_png: Sequence[bytes]) -> pa.Table:
@@ -68,7 +65,7 @@ def write_shard(run: RunDir, generator: str, unit: int, table: pa.Table) -> str:
     """Serialise and write atomically; returns the final path."""
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
-    rel = shard_rel(generator, unit)
+    rel = shard_path(generator, unit)
     run.write_bytes(rel, buf.getvalue())
     return run.path(rel)
 
@@ -76,7 +73,7 @@ def write_shard(run: RunDir, generator: str, unit: int, table: pa.Table) -> str:
 def shard_is_whole(run: RunDir, generator: str, unit: Dict[str, Any]) -> bool:
     """True when the unit's shard reads and holds exactly the planned ids, in order."""
     try:
-        ids = pq.read_table(run.path(shard_rel(generator, unit["unit"])), columns=["id"],
+        ids = pq.read_table(run.path(shard_path(generator, unit["unit"])), columns=["id"],
                             filesystem=run.fs).column("id").to_pylist()
     except Exception:  # any read failure (truncated footer, bad pages) means: redo it
         return False
@@ -111,7 +108,7 @@ def sort_out_shards(run: RunDir, generator: str, units: Iterable[Dict[str, Any]]
         if is_whole:
             whole.append(number)
             continue
-        run.delete(shard_rel(generator, number))
+        run.delete(shard_path(generator, number))
         if unit is not None:
             broken.append(number)
             log.warning("shard %s of %s is unreadable or incomplete; redoing unit %d",

@@ -31,13 +31,14 @@ from typing import Any, Dict
 import numpy as np
 
 from raybias.console import say
+from raybias.layout import (BASE_CORPUS_PNG, BASE_DIR, BASE_GUIDANCE_PNG, BASE_KEY, BASE_LOSS_PNG, BASE_MODEL_DIR,
+                            BASE_MODEL_INFO, BASE_ORACLE_DIR, BASE_QUALITY, BASE_SAMPLES_PNG)
 from raybias.methods import BASE
 from raybias.ray_utils import cluster_gpus, cpus_available, init_ray
 from raybias.rundir import RunDir, StageFailed
 
 BUILTIN_SIZE = 16  # the builtin backbone's native image size
 QUALITY_BAR = 0.90
-QUALITY = "base/quality.json"
 
 
 def _settings(cfg):
@@ -66,7 +67,6 @@ def build_builtin(base_cfg: Dict[str, Any], run_spec: str, progress: bool = True
     import torch
 
     from raybias.config import config_from_dict
-    from raybias.diffusion.backbone import BASE_MODEL_DIR
     from raybias.diffusion.corpus import render_corpus
     from raybias.diffusion.oracle import save_oracle, train_oracle
     from raybias.diffusion.pretrain import pretrain, quality_check, save_backbone
@@ -110,7 +110,7 @@ def build_builtin(base_cfg: Dict[str, Any], run_spec: str, progress: bool = True
         else:
             upload_folder(run, model_dir, BASE_MODEL_DIR)
             model_where = run.path(BASE_MODEL_DIR)
-        upload_folder(run, os.path.join(tmp, "oracle"), "base/oracle")
+        upload_folder(run, os.path.join(tmp, "oracle"), BASE_ORACLE_DIR)
     best = f"{quality['best_guidance']:g}"
     return {
         "model": model_where,
@@ -140,7 +140,7 @@ def check_external(model: str, revision, run_spec: str, allow_pickle: bool = Fal
         "parameters": count_parameters(pipe), "image_size": default_size(pipe),
         "tokenizer_max_length": int(pipe.tokenizer.model_max_length),
     }
-    RunDir(run_spec).write_json("base/model_info.json", info)
+    RunDir(run_spec).write_json(BASE_MODEL_INFO, info)
     return info
 
 
@@ -181,10 +181,10 @@ def _plots(run: RunDir, out: Dict[str, Any]) -> None:
     firsts = images[::per_pair]
     fig = sample_grid(firsts, len(q["colors"]), 10, row_labels=q["colors"], col_labels=DIGIT_WORDS,
                       title=f"builtin backbone, guidance {q['best_guidance']:g}, {q['steps']} {q['scheduler']} steps")
-    run.write_figure("base/samples.png", fig)
+    run.write_figure(BASE_SAMPLES_PNG, fig)
     plt.close(fig)
     fig = sample_grid(out["corpus_images"], 4, 12, title="rendered font corpus (sample)")
-    run.write_figure("base/corpus.png", fig)
+    run.write_figure(BASE_CORPUS_PNG, fig)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(5, 3.2))
     gs = [float(g) for g in q["by_guidance"]]
@@ -195,7 +195,7 @@ def _plots(run: RunDir, out: Dict[str, Any]) -> None:
     ax.set_ylabel("oracle recognition")
     ax.set_ylim(0, 1.02)
     ax.legend()
-    run.write_figure("base/guidance.png", fig)
+    run.write_figure(BASE_GUIDANCE_PNG, fig)
     plt.close(fig)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3))
     for ax, key in zip(axes, ("vae", "unet")):
@@ -207,7 +207,7 @@ def _plots(run: RunDir, out: Dict[str, Any]) -> None:
             ax.set_yscale("log")
         ax.set_title(f"{key} loss")
         ax.set_xlabel("step")
-    run.write_figure("base/loss.png", fig)
+    run.write_figure(BASE_LOSS_PNG, fig)
     plt.close(fig)
 
 
@@ -215,9 +215,9 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
     """`raybias base`: returns the stage summary (also stored in the manifest)."""
     from omegaconf import OmegaConf
 
-    st = run.begin_stage("base", cfg, BASE, mode)
+    st = run.begin_stage(BASE_KEY, cfg, BASE, mode)
     if st.skip:
-        summary = (run.stage_record("base") or {}).get("info", {})
+        summary = (run.stage_record(BASE_KEY) or {}).get("info", {})
         if verbose:
             say(f"base: already built in {run.uri} (--resume)")
         return summary
@@ -232,7 +232,7 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
         except ray.exceptions.RayTaskError as exc:
             raise StageFailed(f"base: building the builtin backbone failed: {exc.cause!r}") from exc
         quality = out["quality"]
-        run.write_json(QUALITY, {"quality": quality, "oracle": out["oracle"], "timings": out["timings"],
+        run.write_json(BASE_QUALITY, {"quality": quality, "oracle": out["oracle"], "timings": out["timings"],
                                  "model": out["model"], "scaling_factor": out["scaling_factor"],
                                  "device": out["device"]})
         _plots(run, out)
@@ -245,7 +245,7 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
             say(f"pretrained VAE {t['pretrain_vae']:.0f}s + UNet {t['pretrain_unet']:.0f}s on {out['device']}")
             say(format_quality(quality))
             say(f"backbone written to {out['model']}; later stages of this run use it "
-                f"(plots in {run.path('base')})")
+                f"(plots in {run.path(BASE_DIR)})")
     else:
         task = _remote(check_external, cfg)
         try:
@@ -262,5 +262,5 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
             params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info["parameters"].items())
             say(f"base.model={cfg.base.model} loads as a StableDiffusionPipeline ({params}; "
                 f"{info['image_size']} px) in {info['load_seconds']:.1f}s")
-    run.finish_stage("base", summary)
+    run.finish_stage(BASE_KEY, summary)
     return summary

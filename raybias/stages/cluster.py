@@ -21,6 +21,7 @@ Outputs:
 
 from __future__ import annotations
 
+import posixpath
 import uuid
 from typing import Any, Dict, List
 
@@ -28,20 +29,20 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raybias.clustering import CLUSTERS_JSON, CLUSTERS_PARQUET, PROJECTION_PNG, SAMPLES_PNG
 from raybias.clustering.kmeans import VectorBlocks, assign_block, squared_distances
 from raybias.clustering.plots import projection_figure, samples_figure
 from raybias.clustering.select_k import cluster_group
 from raybias.console import say
 from raybias.data.images import decode
-from raybias.data.info import REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import shard_paths
 from raybias.embed import vectors_dataset
+from raybias.layout import (CLUSTER_KEY, CLUSTERS_JSON, CLUSTERS_PARQUET, CLUSTERS_PROJECTION_PNG,
+                            CLUSTERS_SAMPLES_PNG, EMBED_DIR, REAL, VECTORS)
 from raybias.methods import CLUSTER
 from raybias.ray_utils import init_ray
 from raybias.rundir import RunDir, StageFailed
 
-KEY = "cluster"
 PLOT_POINTS = 1500  # points per group in the projection plot
 PER_CLUSTER = 6  # images per cluster in the sample grid
 
@@ -62,7 +63,7 @@ def _images_by_id(run: RunDir, ids: List[str]) -> Dict[str, np.ndarray]:
 
 def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Any]:
     """Cluster every group's embeddings; returns the contents of embed/clusters.json."""
-    st = run.begin_stage(KEY, cfg, CLUSTER, mode)
+    st = run.begin_stage(CLUSTER_KEY, cfg, CLUSTER, mode)
     if st.skip:
         if verbose:
             say("cluster: already done, skipped")
@@ -78,8 +79,9 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     summary: Dict[str, Any] = {}
     projection: List[Dict[str, Any]] = []
     typical: List[Dict[str, Any]] = []
-    tmp_parquet = f"embed/.tmp-{uuid.uuid4().hex[:8]}-clusters.parquet"
-    run.makedirs("embed")
+    folder, final_name = posixpath.split(CLUSTERS_PARQUET)
+    tmp_parquet = f"{folder}/.tmp-{uuid.uuid4().hex[:8]}-{final_name}"
+    run.makedirs(folder)
     writer = pq.ParquetWriter(run.path(tmp_parquet), ASSIGNMENT_SCHEMA, filesystem=run.fs)
     # One pass over embed/vectors puts each group's vectors in the object store as its own blocks.
     by_group = VectorBlocks.split_dataset(vectors, "group", [g for g in range(info.n_groups) if info.train_count(g)],
@@ -97,8 +99,8 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
                 continue
             blocks = by_group.pop(g)
             if blocks.n != n_g:
-                raise StageFailed(f"{run.path('embed/vectors')} has {blocks.n} vectors of group {g} ({name}) but "
-                                  f"data/real has {n_g} training images: rerun `raybias embed`")
+                raise StageFailed(f"{run.path(VECTORS)} has {blocks.n} vectors of group {g} ({name}) but "
+                                  f"{REAL} has {n_g} training images: rerun `raybias embed`")
             rows = blocks.sample_rows(int(c.sample_size), int(c.seed))
             sample = blocks.take(rows)
             sample_ids = blocks.take_ids(rows)
@@ -136,14 +138,15 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     run.fs.move(run.path(tmp_parquet), run.path(CLUSTERS_PARQUET))
     run.write_json(CLUSTERS_JSON, summary)
     _write_plots(run, projection, typical)
-    run.finish_stage(KEY, {"k": {g: e["k"] for g, e in summary.items()}}, outputs=(CLUSTERS_PARQUET, CLUSTERS_JSON))
+    run.finish_stage(CLUSTER_KEY, {"k": {g: e["k"] for g, e in summary.items()}},
+                     outputs=(CLUSTERS_PARQUET, CLUSTERS_JSON))
     if verbose:
         for g, e in summary.items():
             extra = ""
             if "silhouette" in e:
                 extra = "  silhouette " + ", ".join(f"k={k}: {v:.3f}" for k, v in e["silhouette"].items())
             say(f"group {g} {e['name']}: n={e['n']} k={e['k']} ({e['chosen_by']}) sizes={e['sizes']}{extra}")
-        say(f"clusters -> {run.path(CLUSTERS_PARQUET)}, plots in {run.path('embed')}")
+        say(f"clusters -> {run.path(CLUSTERS_PARQUET)}, plots in {run.path(EMBED_DIR)}")
     return summary
 
 
@@ -151,12 +154,12 @@ def _write_plots(run: RunDir, projection: List[Dict[str, Any]], typical: List[Di
     import matplotlib.pyplot as plt
 
     fig = projection_figure(projection)
-    run.write_figure(PROJECTION_PNG, fig)
+    run.write_figure(CLUSTERS_PROJECTION_PNG, fig)
     plt.close(fig)
     wanted = [i for panel in typical for _, ids in panel["rows"] for i in ids]
     images = _images_by_id(run, wanted)
     panels = [{"title": p["title"], "rows": [(label, [images[i] for i in ids if i in images])
                                              for label, ids in p["rows"]]} for p in typical]
     fig = samples_figure(panels, PER_CLUSTER)
-    run.write_figure(SAMPLES_PNG, fig)
+    run.write_figure(CLUSTERS_SAMPLES_PNG, fig)
     plt.close(fig)

@@ -34,13 +34,11 @@ from typing import Any, Dict, List
 from raybias.config import config_hash
 from raybias.console import say
 from raybias.data.info import DatasetInfo
+from raybias.layout import (DDB, DDB_AMPLIFIER_KEY, DDB_AMPLIFIER_MODEL, DDB_AMPLIFIER_OUTPUTS, DDB_CONFLICT_JSON,
+                            DDB_GENERATE_KEY, DDB_MANIFEST, DDB_MODEL_DIR, DDB_MODEL_KEY, DDB_MODEL_NAME,
+                            TRAINING_JSON, classifier_model, generator_dir, synthetic_dir, synthetic_samples)
 from raybias.rundir import RunDir, StageFailed
 
-GEN = "ddb"
-MODEL_NAME = "cond"
-MODEL_DIR = f"generators/{GEN}/{MODEL_NAME}"
-MANIFEST = f"generators/{GEN}/manifest.json"
-CONFLICT_JSON = f"generators/{GEN}/amplifier/conflict.json"
 PROMPT = "a {member}"
 
 MODEL_SECTIONS = ("data", "base", "ddb")
@@ -49,8 +47,6 @@ AMPLIFIER_SECTIONS = GENERATE_SECTIONS + ("train",)
 # Keys of the `ddb` section that only the recipes' classifier training reads: changing one
 # retrains the recipes, not the diffusion model, its set or the amplifier.
 RECIPE_KEYS = ("ddb.lff_ema", "ddb.lff_min_weight")
-# manifest keys of the stage's three parts
-MODEL_KEY, GENERATE_KEY, AMPLIFIER_KEY = "ddb/model", "ddb/generate", "ddb/amplifier"
 
 
 def class_prompts(ids: List[str], ys: List[int], info: DatasetInfo, seed: int) -> List[str]:
@@ -64,7 +60,7 @@ def _ddb_finetune_dict(cfg, run: RunDir) -> Dict[str, Any]:
     from raybias.stages.finetune import _base_model, _finetune_dict
 
     base, base_folder = _base_model(cfg, run)
-    ft = _finetune_dict(cfg, run, GEN, base, base_folder)
+    ft = _finetune_dict(cfg, run, base, base_folder)
     d = cfg.ddb
     ft.update(steps=int(d.steps), batch_size=int(d.batch_size), dreambooth_lr=float(d.lr), seed=int(d.seed),
               cond_drop=float(d.cond_drop), prior_preservation=False, n_samples=0,
@@ -75,39 +71,39 @@ def _ddb_finetune_dict(cfg, run: RunDir) -> Dict[str, Any]:
 def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any]:
     """`ddb/model`: the class-conditional CFG diffusion model (see the module docstring)."""
     from raybias.classify.data import real_sets
-    from raybias.diffusion.finetune import TRAINING_JSON, JobSpec
+    from raybias.diffusion.finetune import JobSpec
     from raybias.ray_utils import require_gpus
     from raybias.stages.finetune import _run_job
 
-    key = MODEL_KEY
+    key = DDB_MODEL_KEY
     prev = run.stage_record(key)
     same = run.matches(prev, cfg, MODEL_SECTIONS, RECIPE_KEYS)
     st = run.begin_stage(key, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS)
-    if st.skip and run.exists(MANIFEST) and run.exists(MODEL_DIR, TRAINING_JSON):
-        return run.read_json(MANIFEST)
+    if st.skip and run.exists(DDB_MANIFEST) and run.exists(DDB_MODEL_DIR, TRAINING_JSON):
+        return run.read_json(DDB_MANIFEST)
     if mode == "fresh" or not same:
-        run.delete(f"generators/{GEN}")  # nothing of another config may be resumed
+        run.delete(generator_dir(DDB))  # nothing of another config may be resumed
     require_gpus(cfg.finetune.num_gpus_per_job, "ddb (finetune.num_gpus_per_job)")
     train = real_sets(run)["train"].meta  # id and y only are used
     ids = train["id"].astype(str).tolist()
     ys = [int(v) for v in train["y"]]
     members = [info.class_words[c][0] for c in range(info.n_classes)]
-    job = JobSpec(name=MODEL_NAME, generator=GEN, kind="dreambooth", group=-1, cluster=None,
+    job = JobSpec(name=DDB_MODEL_NAME, generator=DDB, kind="dreambooth", group=-1, cluster=None,
                   prompt_template=PROMPT, members=members, ids=ids,
                   prompts=class_prompts(ids, ys, info, int(cfg.ddb.seed)))
     ft = _ddb_finetune_dict(cfg, run)
     record = _run_job(cfg, run, job, ft, None)
     manifest = {
-        "generator": GEN, "base": cfg.base.model, "base_resolved": ft["base"], "identifier": None,
+        "generator": DDB, "base": cfg.base.model, "base_resolved": ft["base"], "identifier": None,
         "conditioning": "class-only prompts, classifier-free guidance", "cond_drop": float(cfg.ddb.cond_drop),
         "models": [{"name": f"y{c}", "group": -1, "y": c, "cluster": None, "weight": 1.0, "kind": "dreambooth",
-                    "folder": MODEL_DIR, "prompt_template": PROMPT, "members": list(info.class_words[c]),
+                    "folder": DDB_MODEL_DIR, "prompt_template": PROMPT, "members": list(info.class_words[c]),
                     "negative_prompt": None, "n_images": int(sum(1 for y in ys if y == c)),
                     "group_images": None, "borrowed_from": None, "steps": int(record["steps"]),
                     "final_loss": float(record["final_loss"])} for c in range(info.n_classes)],
     }
-    run.write_json(MANIFEST, manifest)
-    run.finish_stage(key, outputs=(MANIFEST,),
+    run.write_json(DDB_MANIFEST, manifest)
+    run.finish_stage(key, outputs=(DDB_MANIFEST,),
                      info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
                            "wall_seconds": record.get("wall_seconds"),
                            "seconds_per_step": record.get("seconds_per_step")})
@@ -133,12 +129,12 @@ def build_ddb_plan(cfg, info: DatasetInfo, manifest: Dict[str, Any], base_model:
         for start in range(0, n, int(g.unit_size)):
             u = Unit(unit=len(units), model=spec.name, group=-1, y=c, a=-1, cluster=None, negative_prompt=None)
             for i in range(start, min(n, start + int(g.unit_size))):
-                s, draw = image_draw(int(d.seed), GEN, c, i)
-                u.ids.append(f"{GEN}-y{c}-{i:06d}")
+                s, draw = image_draw(int(d.seed), DDB, c, i)
+                u.ids.append(f"{DDB}-y{c}-{i:06d}")
                 u.seeds.append(s)
                 u.prompts.append(fill_template(spec.prompt_template, member=spec.members[draw % len(spec.members)]))
             units.append(u)
-    return {"version": PLAN_VERSION, "generator": GEN, "base": base_model,
+    return {"version": PLAN_VERSION, "generator": DDB, "base": base_model,
             "config_hash": config_hash(cfg, GENERATE_SECTIONS), "balance": "per_class", "seed": int(d.seed),
             "unit_size": int(g.unit_size), "class_counts": {str(c): int(d.per_class) for c in range(info.n_classes)},
             "models": models, "sampling": sampling, "n_images": sum(len(u.ids) for u in units),
@@ -157,25 +153,24 @@ class _ClassLabels:
 
 def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, Any], mode: str) -> Dict[str, Any]:
     """`ddb/generate`: the bias-aligned synthetic set through the generation path."""
-    from raybias.data.synthetic import synthetic_dir
     from raybias.diffusion.backbone import resolve_base_model
     from raybias.generation.plan import load_plan, plan_signature, save_plan
     from raybias.generation.runner import missing_units, run_units, sample_grid, unit_key
     from raybias.generation.shards import sort_out_shards
     from raybias.ray_utils import require_gpus
 
-    key = GENERATE_KEY
+    key = DDB_GENERATE_KEY
     prev = run.stage_record(key)
     same = run.matches(prev, cfg, GENERATE_SECTIONS, RECIPE_KEYS)
     st = run.begin_stage(key, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS)
-    old = load_plan(run, GEN)
+    old = load_plan(run, DDB)
     plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
-    if st.skip and old is not None and not missing_units(run, GEN, old):
+    if st.skip and old is not None and not missing_units(run, DDB, old):
         return (prev or {}).get("info", {})
     if mode == "fresh" or not same or old is None or plan_signature(old) != plan_signature(plan):
-        run.delete(synthetic_dir(GEN))
+        run.delete(synthetic_dir(DDB))
     save_plan(run, plan)
-    whole, _ = sort_out_shards(run, GEN, plan["units"])  # the shards are the units' record
+    whole, _ = sort_out_shards(run, DDB, plan["units"])  # the shards are the units' record
     todo = [u for u in plan["units"] if u["unit"] not in set(whole)]
     g = cfg.generate
     facts: Dict[str, Any] = {}
@@ -184,12 +179,12 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
         facts = run_units(run, plan, todo, base_model=plan["base"], base_revision=cfg.base.revision,
                           concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
                           desc="ddb bias-aligned set", allow_pickle=cfg.base.allow_pickle)
-    left = missing_units(run, GEN, plan)
+    left = missing_units(run, DDB, plan)
     if left:
         raise StageFailed(f"ddb generation: {len(left)} planned unit(s) have no shard (e.g. {unit_key(left[0])}); "
                           "rerun with --resume")
     shown = dict(plan, units=[dict(u, group=u["y"]) for u in plan["units"]])
-    sample_grid(run, shown, _ClassLabels(info), f"{synthetic_dir(GEN)}/samples.png")
+    sample_grid(run, shown, _ClassLabels(info), synthetic_samples(DDB))
     record = {"n_images": plan["n_images"], "units": len(plan["units"]), "made_now": facts.get("images", 0),
               "images_per_s": round(facts.get("images_per_s", 0.0), 3)}
     run.finish_stage(key, record, units=[unit_key(u["unit"]) for u in plan["units"]])
@@ -202,29 +197,29 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     import pyarrow.parquet as pq
 
     from raybias.classify.data import real_sets
-    from raybias.classify.ddb import AMPLIFIER_DIR, OUTPUTS, amplifier_outputs, conflict_scores
-    from raybias.classify.runner import classifier_dir, train_classifier
+    from raybias.classify.ddb import amplifier_outputs, conflict_scores
+    from raybias.classify.runner import train_classifier
 
-    key = AMPLIFIER_KEY
+    key = DDB_AMPLIFIER_KEY
     st = run.begin_stage(key, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS)
-    if st.skip and run.exists(OUTPUTS) and run.exists(CONFLICT_JSON):
-        return run.read_json(CONFLICT_JSON)
+    if st.skip and run.exists(DDB_AMPLIFIER_OUTPUTS) and run.exists(DDB_CONFLICT_JSON):
+        return run.read_json(DDB_CONFLICT_JSON)
     amp = cfg.copy()
     amp.train.epochs = int(cfg.ddb.amplifier_epochs)
     seed = int(cfg.ddb.seed)
     record = train_classifier(amp, run, "ddb_amplifier", seed, "fresh" if mode == "fresh" else "auto")
-    model = run.read_bytes(f"{classifier_dir('ddb_amplifier', seed)}/model.safetensors")
-    run.write_bytes(f"{AMPLIFIER_DIR}/model.safetensors", model)
+    model = run.read_bytes(classifier_model("ddb_amplifier", seed))
+    run.write_bytes(DDB_AMPLIFIER_MODEL, model)
     outputs = amplifier_outputs(run, model, int(info.image_size), max(1, int(cfg.train.cpus_per_worker)))
     buf = pa.BufferOutputStream()
     pq.write_table(pa.Table.from_pandas(outputs, preserve_index=False), buf)
-    run.write_bytes(OUTPUTS, buf.getvalue().to_pybytes())
+    run.write_bytes(DDB_AMPLIFIER_OUTPUTS, buf.getvalue().to_pybytes())
     # evaluation only: how well the pseudo split matches the true (bias-labelled) one
     scores = conflict_scores(outputs, real_sets(run)["train"].meta, info)
     scores["amplifier_synthetic_epochs"] = int(cfg.ddb.amplifier_epochs)
     scores["amplifier_test_acc"] = record["test"].get("acc")
-    run.write_json(CONFLICT_JSON, scores)
-    run.finish_stage(key, info=scores, outputs=(CONFLICT_JSON, OUTPUTS))
+    run.write_json(DDB_CONFLICT_JSON, scores)
+    run.finish_stage(key, info=scores, outputs=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS))
     return scores
 
 
@@ -248,9 +243,9 @@ def run_ddb(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Any]:
             times[name] = time.time() - t0
         return out
 
-    manifest = part("model", MODEL_KEY, train_model, cfg, run, info, mode)
-    gen = part("generate", GENERATE_KEY, generate_aligned, cfg, run, info, manifest, mode)
-    scores = part("amplifier", AMPLIFIER_KEY, train_amplifier, cfg, run, info, mode)
+    manifest = part("model", DDB_MODEL_KEY, train_model, cfg, run, info, mode)
+    gen = part("generate", DDB_GENERATE_KEY, generate_aligned, cfg, run, info, manifest, mode)
+    scores = part("amplifier", DDB_AMPLIFIER_KEY, train_amplifier, cfg, run, info, mode)
     took = [f"{k} {v:.0f}s" for k, v in times.items()] + ([f"{', '.join(done_earlier)} done earlier"]
                                                           if done_earlier else [])
     say(f"ddb: {gen.get('n_images')} bias-aligned images; amplifier's pseudo-conflicting set: precision "

@@ -13,14 +13,13 @@ import pyarrow.parquet as pq
 
 from raybias.console import say
 from raybias.data.images import ImageError
-from raybias.data.info import REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import read_dataset, shard_paths
-from raybias.embed import VECTORS, embed_dataset, write_vectors
+from raybias.embed import embed_dataset, write_vectors
+from raybias.layout import EMBED_KEY, REAL, VECTORS
 from raybias.methods import EMBED
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
-
-KEY = "embed"
 
 
 def _cause(exc: BaseException, kind: type):
@@ -52,9 +51,9 @@ def run_embed(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
         # Fail before touching the manifest: a finished stage stays finished.
         init_ray(cfg)
         require_gpus(cfg.embed.num_gpus, "embed (embed.num_gpus)")
-    st = run.begin_stage(KEY, cfg, EMBED, mode)
+    st = run.begin_stage(EMBED_KEY, cfg, EMBED, mode)
     if st.skip:
-        info = (run.stage_record(KEY) or {}).get("info", {})
+        info = (run.stage_record(EMBED_KEY) or {}).get("info", {})
         if verbose:
             say(f"embed: already done ({info.get('n', '?')} vectors), skipped")
         return info
@@ -80,13 +79,13 @@ def run_embed(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
             raise ConfigError(str(bad)) from exc
         raise StageFailed(f"embed failed while embedding {run.path(REAL)}: {exc}") from exc
     if n != expected:
-        raise StageFailed(f"embed wrote {n} vectors but data/real has {expected} training images")
+        raise StageFailed(f"embed wrote {n} vectors but {REAL} has {expected} training images")
     dim = 0
     for path in shard_paths(run, VECTORS):
         dim = pq.read_schema(path, filesystem=run.fs).field("vector").type.list_size
         break
     info = {"embedder": cfg.embed.embedder, "model": cfg.embed.model, "dim": int(dim), "n": int(n)}
-    run.finish_stage(KEY, info, outputs=(VECTORS,))
+    run.finish_stage(EMBED_KEY, info, outputs=(VECTORS,))
     if verbose:
         say(f"embedded {n} training images with embed.embedder={cfg.embed.embedder} "
             f"(dim {dim}) -> {run.path(VECTORS)}")

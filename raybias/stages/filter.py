@@ -25,28 +25,19 @@ import pyarrow.parquet as pq
 
 from raybias.config import GENERATORS
 from raybias.console import say
-from raybias.data.info import REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, shard_paths
-from raybias.data.synthetic import finished_units, shards_dir, synthetic_dir, unit_name
+from raybias.data.synthetic import finished_units
 from raybias.generation.scoring import (FilterScorer, GroupSums, centroids_from_sums, choose_kept,
                                         class_digits, class_prompt_texts, group_sums_from_batches,
                                         prompt_term_kind)
+from raybias.layout import (EMBED_KEY, REAL, VECTORS, filter_key, generate_key, scores_path, scores_png, shard_path,
+                            shards_dir, synthetic_dir)
 from raybias.methods import EMBED, filter_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir
 
 log = logging.getLogger("raybias.generation")
-
-SCORES = "scores.parquet"
-SCORES_PNG = "scores.png"
-
-
-def stage_key(generator: str) -> str:
-    return f"filter/{generator}"
-
-
-def scores_path(generator: str) -> str:
-    return f"{synthetic_dir(generator)}/{SCORES}"
 
 
 def filter_embed_options(cfg) -> Dict[str, Any]:
@@ -79,13 +70,13 @@ def real_centroids(cfg, run: RunDir, info: DatasetInfo, opts: Dict[str, Any]) ->
     Reuses embed/vectors/ when it was made by the same embedder config; else embeds the real
     training images with an actor pool (per shard: group sums and counts come back).
     """
-    same = (opts["embedder"] == cfg.embed.embedder and run.table_problem("embed/vectors") is None
-            and run.matches(run.stage_record("embed"), cfg, EMBED))
+    same = (opts["embedder"] == cfg.embed.embedder and run.table_problem(VECTORS) is None
+            and run.matches(run.stage_record(EMBED_KEY), cfg, EMBED))
     if same:
         batches = (pq.read_table(p, columns=["group", "vector"], filesystem=run.fs)
-                   for p in shard_paths(run, "embed/vectors"))
+                   for p in shard_paths(run, VECTORS))
         sums, counts = group_sums_from_batches(batches, info.n_groups)
-        return centroids_from_sums(sums, counts, info.n_bias), "embed/vectors"
+        return centroids_from_sums(sums, counts, info.n_bias), VECTORS
     paths = shard_paths(run, REAL, "prepare")
     ds = _shard_dataset(paths).map_batches(
         GroupSums, fn_constructor_kwargs=dict(run_spec=run.spec(), embed_options=opts, n_groups=info.n_groups),
@@ -128,13 +119,13 @@ def _score_plot(run: RunDir, generator: str, scores: pd.DataFrame, info: Dataset
     axes[0][0].legend(fontsize=7)
     fig.suptitle(f"{generator}: filter scores per group", fontsize=9)
     fig.tight_layout()
-    run.write_figure(f"{synthetic_dir(generator)}/{SCORES_PNG}", fig)
+    run.write_figure(scores_png(generator), fig)
     plt.close(fig)
 
 
 def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: bool = True) -> Dict[str, Any]:
     """Score and cut `generator`'s synthetic set; returns kept/total counts per group."""
-    key = stage_key(generator)
+    key = filter_key(generator)
     sections = filter_sections(generator)
     st = run.begin_stage(key, cfg, sections, mode)
     if st.skip:
@@ -144,11 +135,11 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
             return (run.stage_record(key) or {}).get("info", {})
         # scores were deleted (a regenerated set): score again
         run.begin_stage(key, cfg, sections, "fresh")
-    if not run.is_done(f"generate/{generator}"):
+    if not run.is_done(generate_key(generator)):
         raise TableMissing(f"{run.path(synthetic_dir(generator))} is not finished "
                            f"(run `raybias generate` for generator {generator!r} first)")
     info = DatasetInfo.load(run)
-    paths = [run.path(shards_dir(generator), unit_name(u)) for u in finished_units(run, generator)]
+    paths = [run.path(shard_path(generator, u)) for u in finished_units(run, generator)]
     if not paths:
         raise TableMissing(f"{run.path(shards_dir(generator))} has no shards (run `raybias generate` first)")
     f = cfg.filter

@@ -12,7 +12,7 @@ paying Ray Train's start-up and the base model's loading once per pack.
 Writes, per generator:
   generators/<gen>/<g>[-c<k>]/      the model (LoRA weights or a DreamBooth pipeline folder),
                                     training.json (loss per step, attempts, timings), previews
-  generators/<gen>/manifest.json    the contract with `generate` (see GENERATOR_MANIFEST)
+  generators/<gen>/manifest.json    the contract with `generate` (read_generator_manifest)
   generators/<gen>/samples.png      base vs. fine-tuned samples per model
 """
 
@@ -33,34 +33,22 @@ from omegaconf import OmegaConf
 
 from raybias.config import ConfigError
 from raybias.console import say
-from raybias.data.info import REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, read_table
-from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, PREVIEW_JSON, TRAINING_JSON, JobSpec,
-                                        model_folder, model_name, prompt_template, train_loop_per_worker)
+from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, JobSpec, model_name, prompt_template,
+                                        train_loop_per_worker)
+from raybias.layout import (CLUSTERS_PARQUET, REAL, fault_marker, finetune_key, finetune_storage, generator_dir,
+                            generator_manifest, generator_samples, model_dir, preview_png, previews_json,
+                            training_json)
 from raybias.methods import finetune_sections, generators_needed
 from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias")
 
-CLUSTERS_TABLE = "embed/clusters.parquet"
-CLUSTERS_JSON = "embed/clusters.json"
 # Test hook: "<job>:<step>" (or "<generator>/<job>:<step>") kills that job's worker once after
 # the step, so tests can check recovery from the last checkpoint.
 FAULT_ENV = "RAYBIAS_FINETUNE_FAULT"
-
-
-def generator_dir(generator: str) -> str:
-    return f"generators/{generator}"
-
-
-def training_json(job: JobSpec) -> str:
-    """Run-relative path of a job's training record, written last: the model is published."""
-    return f"{model_folder(generator_dir(job.generator), job.name)}/{TRAINING_JSON}"
-
-
-def manifest_path(generator: str) -> str:
-    return f"generators/{generator}/manifest.json"
 
 
 # --------------------------------------------------------------------------- planning
@@ -83,15 +71,15 @@ def _clusters(run: RunDir, train_ids: Dict[int, List[str]]) -> Dict[int, Dict[in
     """group -> cluster -> ids (training images only), from embed/clusters.parquet."""
     import pyarrow.parquet as pq
 
-    if not run.exists(CLUSTERS_TABLE):
-        raise TableMissing(f"{run.path(CLUSTERS_TABLE)} does not exist: clustered_dreambooth needs the "
+    if not run.exists(CLUSTERS_PARQUET):
+        raise TableMissing(f"{run.path(CLUSTERS_PARQUET)} does not exist: clustered_dreambooth needs the "
                            "clusters of each group (run `raybias embed` and `raybias cluster` first)")
-    table = pq.read_table(run.path(CLUSTERS_TABLE), filesystem=run.fs).to_pandas()
+    table = pq.read_table(run.path(CLUSTERS_PARQUET), filesystem=run.fs).to_pandas()
     missing = {"id", "group", "cluster"} - set(table.columns)
     if missing:
         from raybias.data.schema import SchemaError
 
-        raise SchemaError(f"{run.path(CLUSTERS_TABLE)}: missing column(s) {', '.join(sorted(missing))}; "
+        raise SchemaError(f"{run.path(CLUSTERS_PARQUET)}: missing column(s) {', '.join(sorted(missing))}; "
                           "it needs id, group, cluster")
     out: Dict[int, Dict[int, List[str]]] = {}
     for g, ids in train_ids.items():
@@ -131,7 +119,7 @@ def plan_generator(cfg, run: RunDir, info: DatasetInfo, generator: str,
             parts = [(None, ids[g])]
         else:
             if not clusters.get(g):
-                raise TableMissing(f"{run.path(CLUSTERS_TABLE)} has no clusters for group {g} "
+                raise TableMissing(f"{run.path(CLUSTERS_PARQUET)} has no clusters for group {g} "
                                    f"({info.group_name(g)}, {counts[g]} training images); rerun `raybias cluster`")
             parts = sorted(clusters[g].items())
         total = sum(len(p) for _, p in parts)
@@ -177,7 +165,7 @@ def plan_generator(cfg, run: RunDir, info: DatasetInfo, generator: str,
 def _entry(cfg, generator: str, job: JobSpec, weight: float, n_images: int, group_images: int) -> Dict[str, Any]:
     return {
         "name": job.name, "group": job.group, "cluster": job.cluster, "weight": float(weight),
-        "kind": job.kind, "folder": model_folder(generator_dir(generator), job.name),
+        "kind": job.kind, "folder": model_dir(generator, job.name),
         "prompt_template": job.prompt_template, "members": list(job.members), "negative_prompt": None,
         "n_images": int(n_images), "group_images": int(group_images), "borrowed_from": None,
         "steps": None, "final_loss": None,
@@ -281,13 +269,13 @@ def _fault_for(generator: str, job: str, run: RunDir) -> Optional[Dict[str, Any]
     target, step = spec.rsplit(":", 1)
     if target not in (job, f"{generator}/{job}"):
         return None
-    return {"step": int(step), "marker": run.local_path(generator_dir(generator), "_train", f"{job}.fault-marker")}
+    return {"step": int(step), "marker": run.local_path(fault_marker(generator, job))}
 
 
-def _finetune_dict(cfg, run: RunDir, generator: str, base: str, base_folder: Optional[str]) -> Dict[str, Any]:
+def _finetune_dict(cfg, run: RunDir, base: str, base_folder: Optional[str]) -> Dict[str, Any]:
     ft = OmegaConf.to_container(cfg.finetune, resolve=True)
     ft.update(run_spec=run.spec(), base=base, revision=cfg.base.revision, allow_pickle=bool(cfg.base.allow_pickle),
-              base_folder=base_folder, generator_dir=generator_dir(generator))
+              base_folder=base_folder)
     return ft
 
 
@@ -328,7 +316,7 @@ def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], boar
         loop_cfg.update(items[0])
     else:
         loop_cfg["pack"] = items
-    storage = run.path(generator_dir(first.generator), "_train")
+    storage = run.path(finetune_storage(first.generator))
     start = loop_cfg["launched_at"] = time.time()
     trainer = TorchTrainer(
         train_loop_per_worker, train_loop_config=loop_cfg,
@@ -341,7 +329,7 @@ def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], boar
     wall = time.time() - start
     records = {}
     for job, _ in unit:
-        rel = training_json(job)
+        rel = training_json(job.generator, job.name)
         if not run.exists(rel):
             raise StageFailed(f"{job.generator} {job.name}: training finished but {run.path(rel)} was not written")
         record = run.read_json(rel)
@@ -399,8 +387,8 @@ def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[s
             except Exception as exc:  # one trainer failing must not stop the others
                 # a pack's jobs published before the failure are kept; the others failed
                 for job, _ in unit:
-                    if len(unit) > 1 and run.exists(training_json(job)):
-                        on_done(job, run.read_json(training_json(job)))
+                    if len(unit) > 1 and run.exists(training_json(job.generator, job.name)):
+                        on_done(job, run.read_json(training_json(job.generator, job.name)))
                     else:
                         errors[job.key] = exc
     except BaseException:
@@ -434,7 +422,7 @@ def preview_sample(names: Sequence[str], limit: int = MAX_PREVIEW_MODELS) -> Lis
 
 
 def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None:
-    """generators/<gen>/samples.png: per trained model (an even sample of at most
+    """The generator's samples.png: per trained model (an even sample of at most
     MAX_PREVIEW_MODELS), the base model's and its own samples. Cost O(models shown)."""
     import matplotlib
 
@@ -446,12 +434,11 @@ def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None
     shown = preview_sample(names)
     rows: List[Tuple[str, np.ndarray]] = []
     for name in shown:
-        rel = model_folder(generator_dir(generator), name)
-        if not run.exists(rel, PREVIEW_JSON):
+        if not run.exists(previews_json(generator, name)):
             continue
-        labels = json.loads(run.read_text(f"{rel}/{PREVIEW_JSON}"))
+        labels = json.loads(run.read_text(previews_json(generator, name)))
         for k, label in enumerate(labels):
-            rows.append((f"{name}: {label}", decode(run.read_bytes(f"{rel}/preview-{k}.png"))))
+            rows.append((f"{name}: {label}", decode(run.read_bytes(preview_png(generator, name, k)))))
     if not rows:
         return
     width = max(r.shape[1] for _, r in rows)
@@ -468,7 +455,7 @@ def write_samples_png(run: RunDir, generator: str, names: Sequence[str]) -> None
     ax.tick_params(length=0)
     more = f" ({len(shown)} of {len(names)} models)" if len(shown) < len(names) else ""
     ax.set_title(f"{generator}: samples before / after fine-tuning{more}", fontsize=9)
-    run.write_figure(f"{generator_dir(generator)}/samples.png", fig)
+    run.write_figure(generator_samples(generator), fig)
     plt.close(fig)
 
 
@@ -495,13 +482,13 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         if gen not in KIND_OF:
             raise ConfigError(f"finetune: {gen!r} needs no fine-tuning (fine-tuned generators: "
                               + ", ".join(FINETUNED_GENERATORS) + ")")
-        key = f"finetune/{gen}"
+        key = finetune_key(gen)
         sections = finetune_sections(gen)
         prev = run.stage_record(key)
         same_config = run.matches(prev, cfg, sections)
         st = run.begin_stage(key, cfg, sections, mode)
-        if st.skip and run.exists(manifest_path(gen)):
-            out[gen] = run.read_json(manifest_path(gen))
+        if st.skip and run.exists(generator_manifest(gen)):
+            out[gen] = run.read_json(generator_manifest(gen))
             continue
         if mode == "fresh" or not same_config:
             run.delete(generator_dir(gen))  # nothing of another config may be resumed
@@ -512,7 +499,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
             train_ids = _train_ids(run)
         plan = plan_generator(cfg, run, info, gen, train_ids)
         pending.append((gen, plan, key))
-        run.delete(manifest_path(gen))
+        run.delete(generator_manifest(gen))
     if not pending:
         return out
 
@@ -522,11 +509,12 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     finished = set()
     done_units = {gen: set(run.stage_record(key).get("units", [])) for gen, _, key in pending}
     for gen, plan, key in pending:
-        ft = _finetune_dict(cfg, run, gen, base, base_folder)
+        ft = _finetune_dict(cfg, run, base, base_folder)
         for job in plan.jobs:
             every_job.append((job, ft))
-            if job.name in done_units[gen] and run.exists(training_json(job)):
-                records[gen][job.name] = run.read_json(training_json(job))  # finished earlier: not trained again
+            record = training_json(job.generator, job.name)
+            if job.name in done_units[gen] and run.exists(record):
+                records[gen][job.name] = run.read_json(record)  # finished earlier: not trained again
                 finished.add(job.key)
     every_job = _interleave_groups(every_job)
     todo = [(job, ft) for job, ft in every_job if job.key not in finished]
@@ -547,7 +535,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     def on_done(job: JobSpec, record: Dict[str, Any]) -> None:
         with lock:  # the manifest is read-modify-write
             records[job.generator][job.name] = record
-            run.mark_units(f"finetune/{job.generator}", [job.name])
+            run.mark_units(finetune_key(job.generator), [job.name])
 
     started = time.time()
     errors = _run_all(cfg, run, units, on_done, total_steps=int(cfg.finetune.steps) * len(todo))
@@ -556,13 +544,13 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         if gen in failed_gens:
             continue
         manifest = _manifest(cfg, gen, plan, records[gen], base)
-        run.write_json(manifest_path(gen), manifest)
+        run.write_json(generator_manifest(gen), manifest)
         try:  # a preview never stands in the way of the stage's result
             write_samples_png(run, gen, [j.name for j in plan.jobs])
         except Exception as exc:
-            log.warning("finetune/%s: samples.png not written (%s)", gen, exc)
+            log.warning("fine-tuning %s: its samples.png was not written (%s)", gen, exc)
         trained = [records[gen][j.name] for j in plan.jobs]
-        run.finish_stage(key, outputs=(manifest_path(gen),), info={
+        run.finish_stage(key, outputs=(generator_manifest(gen),), info={
             "trained": len(plan.jobs), "borrowed": sum(1 for e in plan.entries if e["borrowed_from"]),
             "wall_seconds": round(time.time() - started, 2),
             "job_wall_seconds": {r["name"]: r.get("wall_seconds") for r in trained},
@@ -583,7 +571,7 @@ def _short(exc: Exception, limit: int = 400) -> str:
 
 
 def _print_summary(gen: str, manifest: Dict[str, Any], records: Dict[str, Dict[str, Any]]) -> None:
-    say(f"finetune/{gen}: {len(manifest['models'])} model(s)")
+    say(f"{finetune_key(gen)}: {len(manifest['models'])} model(s)")
     for m in manifest["models"]:
         rec = records.get(m["borrowed_from"] or m["name"], {})
         how = (f"borrows {m['borrowed_from']} (negative prompt {m['negative_prompt']!r})" if m["borrowed_from"]

@@ -21,21 +21,15 @@ from raybias.config import GENERATORS, config_hash
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.diffusion.backbone import resolve_base_model
-from raybias.data.synthetic import synthetic_dir
 from raybias.generation.plan import build_plan, describe_plan, load_plan, models_for, plan_signature, save_plan
 from raybias.generation.runner import missing_units, run_units, sample_grid, sampling_settings, unit_key
 from raybias.generation.shards import sort_out_shards
+from raybias.layout import generate_key, generator_dir, scores_path, synthetic_dir, synthetic_samples
 from raybias.methods import generate_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias.generation")
-
-SAMPLES_PNG = "samples.png"
-
-
-def stage_key(generator: str) -> str:
-    return f"generate/{generator}"
 
 
 def _wipe(run: RunDir, generator: str) -> None:
@@ -45,7 +39,7 @@ def _wipe(run: RunDir, generator: str) -> None:
 def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbose: bool = True,
                  sections: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Make (or finish) `generator`'s synthetic set; returns a summary (counts, images/s, paths)."""
-    key = stage_key(generator)
+    key = generate_key(generator)
     sections = tuple(sections or generate_sections(generator))
     previous = run.stage_record(key)
     same_config = run.matches(previous, cfg, sections)
@@ -59,7 +53,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
                     say(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
                 return _summary(run, generator, plan, (previous or {}).get("info", {}))
         # recorded as done but shards are gone or broken: make those again, keeping the rest
-        log.warning("generate/%s is marked done but shards are missing or broken; making them again", generator)
+        log.warning("%s is marked done but shards are missing or broken; making them again", key)
         run.begin_stage(key, cfg, sections, "fresh")
         mode = "resume"
 
@@ -68,8 +62,8 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     manifest_base, models = models_for(run, generator, info, g.negative_prompt)
     base_model = resolve_base_model(cfg, run)
     if manifest_base and manifest_base not in (cfg.base.model, base_model):
-        log.warning("generators/%s was fine-tuned from %r; sampling with base.model=%r",
-                    generator, manifest_base, base_model)
+        log.warning("%s was fine-tuned from %r; sampling with base.model=%r",
+                    generator_dir(generator), manifest_base, base_model)
     new_plan = build_plan(generator, info, models, balance=g.balance, per_group=g.per_group,
                           unit_size=g.unit_size, seed=g.seed, sampling=sampling_settings(g),
                           base_model=base_model, config_hash=config_hash(cfg, sections))
@@ -93,7 +87,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     facts: Dict[str, Any] = {}
     if todo:
         # scores of an older set would silently filter the new one
-        run.delete(synthetic_dir(generator), "scores.parquet")
+        run.delete(scores_path(generator))
         init_ray(cfg)
         require_gpus(g.num_gpus, f"generate ({generator})")
         facts = run_units(run, plan, todo, base_model=base_model, base_revision=cfg.base.revision,
@@ -106,7 +100,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     if facts:
         plan["runtime"] = {k: facts[k] for k in ("attention", "device", "dtype") if k in facts}
         save_plan(run, plan)
-    grid = sample_grid(run, plan, info, f"{synthetic_dir(generator)}/{SAMPLES_PNG}") if plan["units"] else None
+    grid = sample_grid(run, plan, info, synthetic_samples(generator)) if plan["units"] else None
     record = {"n_images": plan["n_images"], "units": len(plan["units"]),
               "made_now": facts.get("images", 0), "images_per_s": round(facts.get("images_per_s", 0.0), 3),
               **plan.get("runtime", {})}

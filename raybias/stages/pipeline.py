@@ -13,6 +13,7 @@ from typing import Callable, Dict, List
 
 from raybias.config import GENERATORS
 from raybias.console import say
+from raybias.layout import REPORT_MD, TIMINGS
 from raybias.methods import generators_needed
 from raybias.preflight import check_run
 from raybias.ray_utils import init_ray
@@ -70,7 +71,7 @@ def run_pipeline(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> 
             f"{', '.join(map(str, cfg.seeds))}\n  stages: {' -> '.join(stages)}", flush=True)
     timings: Dict[str, float] = {}
     start = time.time()
-    run.write_json("report/timings.json", {"started_at": start})  # the report (last stage) reads the start
+    run.write_json(TIMINGS, {"started_at": start})  # the report (last stage) reads the start
     for name in stages:
         t0 = time.time()
         if verbose:
@@ -90,8 +91,8 @@ def run_pipeline(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> 
     timings["total"] = total
     # wall-clock start and end (epoch seconds) beside the per-stage seconds; the returned dict keeps
     # stage -> seconds only
-    run.write_json("report/timings.json", dict(timings, started_at=start, finished_at=finished))
+    run.write_json(TIMINGS, dict(timings, started_at=start, finished_at=finished))
     if verbose:
         say("\nstage timings: " + ", ".join(f"{k} {v:.0f}s" for k, v in timings.items() if k != "total"))
-        say(f"raybias run finished in {total:.0f}s ({total / 60:.1f} min); report: {run.path('report', 'report.md')}")
+        say(f"raybias run finished in {total:.0f}s ({total / 60:.1f} min); report: {run.path(REPORT_MD)}")
     return timings

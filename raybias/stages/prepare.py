@@ -17,11 +17,12 @@ import pandas as pd
 from raybias.config import severity_value
 from raybias.console import bar as progress_bar, say
 from raybias.data.images import default_workers, load_files
-from raybias.data.info import INFO, REAL, DatasetInfo
+from raybias.data.info import DatasetInfo
 from raybias.data.io import write_table, write_table_batches
 from raybias.data.schema import SchemaError
 from raybias.data.severity import aligned_values, apply_severity, group_counts
 from raybias.data.sources import FILE_COLUMN, DataError, load_source
+from raybias.layout import INFO, PREPARE_KEY, REAL
 from raybias.ray_utils import init_ray
 from raybias.rundir import RunDir
 
@@ -84,7 +85,7 @@ def _image_batches(table: pd.DataFrame, data_cfg) -> Iterator[pd.DataFrame]:
 
 def run_prepare(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> DatasetInfo:
     notes: List[str] = []
-    with run.stage("prepare", cfg, SECTIONS, mode, outputs=(REAL, INFO)) as st:
+    with run.stage(PREPARE_KEY, cfg, SECTIONS, mode, outputs=(REAL, INFO)) as st:
         if st.skip:
             info = DatasetInfo.load(run)
         else:

@@ -22,11 +22,17 @@ import pyarrow.parquet as pq
 
 from raybias.classify.metrics import collect_metrics, pct, summarize
 from raybias.console import say
+from raybias.layout import (CLASSIFIERS_DIR, INFO, REAL, REPORT_DIR, REPORT_MD, REPORT_SAMPLES_PNG,
+                            RESULTS_BY_SEED_CSV, SWEEP_REPORT, SWEEP_RESULTS, SYNTHETIC_DIR, TIMINGS, WGA_PNG,
+                            scores_path, severity_png, shard_path, stage_of, synthetic_samples)
 from raybias.machine import machine_line
 from raybias.rundir import RunDir
 
-REPORT = "report"
-TIMINGS = f"{REPORT}/timings.json"  # written by `raybias run` (stages.pipeline)
+
+def _from_report(rel: str) -> str:
+    """A run-relative path as report.md links it (relative to the report's folder)."""
+    inside = f"{REPORT_DIR}/"
+    return rel[len(inside):] if rel.startswith(inside) else f"../{rel}"
 
 
 def _plt():
@@ -169,7 +175,6 @@ def shard_meta(run: RunDir, files: Sequence[str], columns: Sequence[str]) -> pd.
 
 def real_train_meta(run: RunDir) -> Tuple[List[str], pd.DataFrame]:
     """(files, metadata) of the real training images (data/real, split train)."""
-    from raybias.data.info import REAL
     from raybias.data.io import require_table
 
     require_table(run, REAL, "prepare")
@@ -180,11 +185,11 @@ def real_train_meta(run: RunDir) -> Tuple[List[str], pd.DataFrame]:
 
 def synthetic_meta(run: RunDir, generator: str) -> Tuple[List[str], pd.DataFrame]:
     """(files, metadata) of a generator's finished shards, only the rows the filter kept (if it ran)."""
-    from raybias.data.synthetic import finished_units, shards_dir, synthetic_dir, unit_name
+    from raybias.data.synthetic import finished_units
 
-    files = [f"{shards_dir(generator)}/{unit_name(u)}" for u in finished_units(run, generator)]
+    files = [shard_path(generator, u) for u in finished_units(run, generator)]
     meta = shard_meta(run, files, ["id", "group"])
-    scores = f"{synthetic_dir(generator)}/scores.parquet"
+    scores = scores_path(generator)
     if run.exists(scores):
         s = pq.read_table(run.path(scores), columns=["id", "keep"], filesystem=run.fs).to_pandas()
         meta = meta.merge(s[s["keep"]][["id"]], on="id", how="inner")
@@ -197,7 +202,7 @@ def plan_sample_grid(run: RunDir, n_groups: int, per_group: int = 6, seed: int =
 
     files, metas = {}, {}
     files[REAL_SET], metas[REAL_SET] = real_train_meta(run)
-    for gen in run.listdir("synthetic"):
+    for gen in run.listdir(SYNTHETIC_DIR):
         if finished_units(run, gen):
             files[gen], metas[gen] = synthetic_meta(run, gen)
     columns, left_out = choose_columns(metas, n_groups)
@@ -293,18 +298,14 @@ def sample_grid(run: RunDir, per_group: int = 6, plan: Optional[GridPlan] = None
 def _left_out_note(run: RunDir, plan: GridPlan) -> List[str]:
     lines = []
     for name, why in plan.left_out.items():
-        own = f"synthetic/{name}/samples.png"
-        see = f"; its own samples: [../{own}](../{own})" if run.exists(own) else ""
+        own = synthetic_samples(name)
+        link = _from_report(own)
+        see = f"; its own samples: [{link}]({link})" if run.exists(own) else ""
         lines.append(f"Not in the grid: {name}: {why}{see}.")
     return lines
 
 
 # --- stage timings -------------------------------------------------------------------------
-
-def stage_of(key: str) -> str:
-    """The stage a manifest key belongs to: `train/erm/0` -> `train`."""
-    return key.split("/", 1)[0]
-
 
 def stage_spans(stages: Dict[str, Dict]) -> List[Dict]:
     """Per stage, from the manifest's finished keys: wall (first started_at to last finished_at
@@ -425,17 +426,17 @@ def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Op
     if summary.empty:
         parts += ["## Results", "", "No classifier has finished in this run yet.", ""]
     else:
-        run.write_figure(f"{REPORT}/wga_by_method.png", wga_bar_chart(summary, title))
+        run.write_figure(WGA_PNG, wga_bar_chart(summary, title))
         parts += ["## Results", "",
                   "Test accuracy in %, mean ± std over seeds; model selection by validation worst-group accuracy.",
-                  "", results_table(summary), "", "![WGA per method](wga_by_method.png)", "",
+                  "", results_table(summary), "", f"![WGA per method]({_from_report(WGA_PNG)})", "",
                   "## Per-group test accuracy", "", _group_table(summary, info), ""]
-        df.to_csv(run.path(REPORT, "results_by_seed.csv"), index=False) if run.is_local else \
-            run.write_text(f"{REPORT}/results_by_seed.csv", df.to_csv(index=False))
+        df.to_csv(run.path(RESULTS_BY_SEED_CSV), index=False) if run.is_local else \
+            run.write_text(RESULTS_BY_SEED_CSV, df.to_csv(index=False))
     try:
         plan = plan_sample_grid(run, info.n_groups)
-        run.write_figure(f"{REPORT}/samples.png", sample_grid(run, plan=plan))
-        parts += ["## Samples", "", "![samples per group](samples.png)", ""]
+        run.write_figure(REPORT_SAMPLES_PNG, sample_grid(run, plan=plan))
+        parts += ["## Samples", "", f"![samples per group]({_from_report(REPORT_SAMPLES_PNG)})", ""]
         note = _left_out_note(run, plan)
         parts += [*note, ""] if note else []
     except Exception as exc:  # a report must not fail on a missing picture
@@ -443,7 +444,7 @@ def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Op
     parts += ["## Stage timings", "", _timings_table(run), ""]
     parts += ["## Machine", "", f"Report written on: {machine_line()}", ""]
     text = "\n".join(parts)
-    run.write_text(f"{REPORT}/report.md", text)
+    run.write_text(REPORT_MD, text)
     _close_figures()
     return text
 
@@ -460,7 +461,7 @@ def run_report(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> s
         if not summary.empty:
             say("\nResults (test accuracy %, mean ± std over seeds):")
             say(results_text(summary))
-        say(f"\nreport: {run.path(REPORT, 'report.md')}")
+        say(f"\nreport: {run.path(REPORT_MD)}")
     return text
 
 
@@ -469,10 +470,10 @@ def run_report(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> s
 def write_sweep_report(sweep_dir: str) -> str:
     """report.md + WGA-vs-severity plot for a sweep directory holding results.csv."""
     run = RunDir(sweep_dir)
-    if not run.exists("results.csv"):
-        raise FileNotFoundError(f"{run.path('results.csv')} does not exist (is this a sweep directory?)")
-    df = pd.read_csv(run.path("results.csv")) if run.is_local else pd.read_csv(
-        __import__("io").StringIO(run.read_text("results.csv")))
+    if not run.exists(SWEEP_RESULTS):
+        raise FileNotFoundError(f"{run.path(SWEEP_RESULTS)} does not exist (is this a sweep directory?)")
+    df = pd.read_csv(run.path(SWEEP_RESULTS)) if run.is_local else pd.read_csv(
+        __import__("io").StringIO(run.read_text(SWEEP_RESULTS)))
     df["severity_num"] = df["severity"].map(lambda s: 1.0 if str(s) == "original" else float(s))
     keys = ["severity_num", "synthetic_ratio", "method"]
     summary = summarize(df, keys=keys)
@@ -480,30 +481,30 @@ def write_sweep_report(sweep_dir: str) -> str:
     parts = [f"# raybias sweep: {os.path.basename(sweep_dir.rstrip('/'))}", "",
              "Test accuracy in %, mean ± std over seeds.", ""]
     for ratio, part in summary.groupby("synthetic_ratio"):
-        name = f"wga_vs_severity_r{ratio:g}.png"
+        name = severity_png(ratio)
         run.write_figure(name, severity_plot(part, f"worst-group accuracy vs. severity (synthetic_ratio {ratio:g})"))
         parts += [f"## synthetic_ratio = {ratio:g}", "", results_table(part, keys=("severity", "method")), "",
                   f"![WGA vs severity]({name})", ""]
     text = "\n".join(parts)
-    run.write_text("report.md", text)
+    run.write_text(SWEEP_REPORT, text)
     _close_figures()
     return text
 
 
 def report_directory(path: str) -> str:
     """`raybias report DIR`: a run directory or a sweep directory."""
-    if os.path.exists(os.path.join(path, "results.csv")):
+    if os.path.exists(os.path.join(path, SWEEP_RESULTS)):
         text = write_sweep_report(path)
-        say(f"report: {os.path.join(path, 'report.md')}")
+        say(f"report: {os.path.join(path, SWEEP_REPORT)}")
         return text
     run = RunDir(path)
-    if not run.exists("data/info.json"):
-        raise FileNotFoundError(f"{path} is neither a run directory (no data/info.json) nor a sweep directory "
-                                "(no results.csv)")
-    methods = run.listdir("classifiers") or None
+    if not run.exists(INFO):
+        raise FileNotFoundError(f"{path} is neither a run directory (no {INFO}) nor a sweep directory "
+                                f"(no {SWEEP_RESULTS})")
+    methods = run.listdir(CLASSIFIERS_DIR) or None
     text = write_run_report(run, methods)
     summary = summarize(collect_metrics(run, methods), order=methods)
     if not summary.empty:
         say(results_text(summary))
-    say(f"report: {run.path(REPORT, 'report.md')}")
+    say(f"report: {run.path(REPORT_MD)}")
     return text

@@ -12,7 +12,6 @@ Results: `sweeps/<name>/results.csv`, `report.md` and a WGA-vs-severity plot.
 
 from __future__ import annotations
 
-import os
 from typing import Any, Dict, List
 
 import pandas as pd
@@ -20,6 +19,7 @@ from ray.tune import Callback
 
 from raybias.config import GENERATORS, severity_value, with_overrides
 from raybias.console import say
+from raybias.layout import SWEEP_REPORT, SWEEP_RESULTS, SWEEP_TUNE, metrics_path, severity_dir, sweep_dir
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir
 
@@ -56,7 +56,7 @@ def output_name(method: str, ratio: float, ratios: List[float]) -> str:
 
 def severity_run_spec(sweep_root: str, severity: str) -> str:
     """The run directory of one severity inside a sweep (keeps S3 options on the URI)."""
-    return RunDir(sweep_root).child_spec(f"severity-{severity}")
+    return RunDir(sweep_root).child_spec(severity_dir(severity))
 
 
 def _severity_config(cfg, severity: str, sweep_root: str, methods: List[str]):
@@ -112,7 +112,7 @@ def collect_results(cfg, sweep_root: str) -> pd.DataFrame:
     rows = []
     for t in trial_grid(cfg):
         run = RunDir(severity_run_spec(sweep_root, t["severity"]))
-        rel = f"classifiers/{output_name(t['method'], t['synthetic_ratio'], ratios)}/{t['seed']}/metrics.json"
+        rel = metrics_path(output_name(t["method"], t["synthetic_ratio"], ratios), t["seed"])
         if not run.exists(rel):
             continue
         m = run.read_json(rel)
@@ -171,8 +171,8 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     init_ray(cfg)
     sw = cfg.sweep
     require_gpus(sw.gpus_per_trial, "sweep trials (sweep.gpus_per_trial)")
-    sweep_root = run.child_spec("sweeps", sw.name)
-    sweep_dir = RunDir(sweep_root)
+    sweep_root = run.child_spec(sweep_dir(sw.name))
+    sweep = RunDir(sweep_root)
     say(f"raybias sweep '{sw.name}': {sweep_root}", flush=True)
     prepare_shared_stages(cfg, sweep_root, "resume" if mode == "resume" else "auto")
 
@@ -190,7 +190,7 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     # Tune refuses an all-zero request, so the trial asks for a sliver of a CPU.
     trainable = tune.with_resources(_trial, {"cpu": 0.01})
     # Tune keeps its experiment state beside the results (locally, or on the run's object store)
-    storage = sweep_dir.path("tune") if run.is_local else f"{sweep_dir.uri}/tune"
+    storage = sweep.path(SWEEP_TUNE) if run.is_local else f"{sweep.uri}/{SWEEP_TUNE}"
     exp_path = f"{storage}/{sw.name}"
     scheduler = None
     if sw.asha:
@@ -212,7 +212,7 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     result = tuner.fit()
     errors = [r.error for r in result if r.error is not None]
     df = collect_results(cfg, sweep_root)
-    sweep_dir.write_text("results.csv", df.to_csv(index=False))
+    sweep.write_text(SWEEP_RESULTS, df.to_csv(index=False))
     if errors:
         say(f"[sweep] {len(errors)} trial(s) failed; first error: {errors[0]}", flush=True)
     if not df.empty:
@@ -221,7 +221,7 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
         summary = summarize(df2, keys=["severity", "synthetic_ratio", "method"])
         say(summary[["severity", "synthetic_ratio", "method", "wga_mean", "wga_std", "n_seeds"]]
             .to_string(index=False, float_format=lambda v: f"{100 * v:.1f}"))
-    say(f"[sweep] results: {sweep_dir.path('results.csv')}; report: {sweep_dir.path('report.md')}")
+    say(f"[sweep] results: {sweep.path(SWEEP_RESULTS)}; report: {sweep.path(SWEEP_REPORT)}")
     if errors:
         from raybias.rundir import StageFailed
 
