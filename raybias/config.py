@@ -33,6 +33,8 @@ PRECISION = ("no", "fp16", "bf16")
 MODELS = ("small_cnn", "resnet18", "resnet50")
 STAGE2 = ("head", "full")
 STAGE2_LOSS = ("erm", "reweight", "groupdro")
+VAL_PROTOCOLS = ("untouched", "biased")  # data.val_protocol (raybias/data/severity.py)
+JTT_DRAWS = ("exact", "replacement")  # train.jtt_draw (raybias/classify/methods.py, JTT)
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,14 @@ class DataConfig:
     source: str = "colored_digits"
     root: Optional[str] = None  # dataset folder (not used by colored_digits)
     severity: Any = 0.99  # fraction of each class that is bias-aligned in train, or "original"
+    # The validation split under a severity (raybias/data/severity.py):
+    #   untouched: as the source ships it (colored_digits: colour-balanced); today's default
+    #              and the built-in benchmark's;
+    #   biased:    FFR's protocol (datasets/dataset.py make_harder with keep_min): the same
+    #              rule as train, keeping at least 10 bias-conflicting images per class, so
+    #              model selection sees the training distribution. The real-data configs use it.
+    # Test is never subsampled.
+    val_protocol: str = "untouched"
     seed: int = 0
     # aligned[y] = bias value that is aligned with class y; None: the class's majority in train
     aligned: Optional[List[int]] = None
@@ -458,6 +468,7 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     _choice("data.source", d.source, SOURCES)
     severity_value(d.severity)
+    _choice("data.val_protocol", d.val_protocol, VAL_PROTOCOLS)
     _at_least("data.image_size", d.image_size, 8)
     _at_least("data.shard_rows", d.shard_rows, 1)
     if len(d.colors) < 2:
