@@ -459,6 +459,17 @@ def severity_value(severity: Any) -> Optional[float]:
     return float(severity)
 
 
+def check_recipe2_workers(num_workers: int, where: str = "train.method") -> None:
+    """Refuse ddb_recipe2 under DDP: LfF's per-row loss EMA lives in each Ray Train worker and
+    holds only the rows that worker saw, and only rank 0's is checkpointed, so with more than
+    one worker the weights would come from partial EMAs and a resume would lose the others."""
+    if int(num_workers) > 1:
+        raise ConfigError(
+            f"config key 'train.num_workers' has bad value {int(num_workers)} for ddb_recipe2 (in {where}): "
+            "Recipe II keeps LfF's per-row loss EMA in each Ray Train worker and checkpoints rank 0's only, "
+            "so it needs train.num_workers=1 (drop ddb_recipe2 from the methods to train the others with DDP)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and name checks that types alone cannot express."""
     # YAML 1.1 reads a bare `no` as false, which the str field then holds as "False";
@@ -649,6 +660,11 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.pretrained", t.pretrained, "null for train.model=small_cnn (imagenet weights exist for resnet18/resnet50)")
     _between("train.cpus_per_worker", t.cpus_per_worker, 0, 1024, low_open=not t.use_gpu)
     _at_least("train.max_failures", t.max_failures, 0)
+    recipe2 = [where for where, names in (("methods", cfg.methods), ("train.method", [t.method]),
+                                          ("sweep.methods", cfg.sweep.methods or []))
+               if "ddb_recipe2" in names]
+    if recipe2:
+        check_recipe2_workers(t.num_workers, recipe2[0])
     if t.max_concurrent is not None:
         _at_least("train.max_concurrent", t.max_concurrent, 1)
 
