@@ -231,10 +231,25 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "cosine"
     augment: bool = True
+    # Group-DRO step size: 0.1 is BalancingGroups' value (the built-in benchmark's default);
+    # Sagawa et al.'s code and FFR use 0.01 (the real-data configs). docs/design.md, Methods.
     groupdro_eta: float = 0.1
     groupdro_c: float = 0.0
+    # JTT: T = jtt_epochs of ERM find the error set, which the final model sees jtt_lambda
+    # times per epoch. Defaults: the built-in benchmark's; the JTT paper's per-dataset values
+    # are in the real-data configs (Waterbirds T 60, lambda 100; CelebA T 1, lambda 50).
     jtt_epochs: int = 2
     jtt_lambda: float = 20.0
+    # exact: each epoch holds every error row exactly jtt_lambda times and every other row
+    # once, shuffled (the upweighted set; BalancingGroups); replacement: as many draws with
+    # replacement, error rows jtt_lambda times as likely (raybias before; ~37 % of rows unseen
+    # per epoch). exact needs an integer jtt_lambda.
+    jtt_draw: str = "exact"
+    # JTT's own optimizer, lr and weight decay for both its phases (the JTT paper: SGD,
+    # lr 1e-5, weight decay 1.0 Waterbirds / 0.1 CelebA); null: train.optimizer/lr/weight_decay.
+    jtt_optimizer: Optional[str] = None
+    jtt_lr: Optional[float] = None
+    jtt_weight_decay: Optional[float] = None
     # two_stage
     generator: str = "vanilla"
     synthetic_ratio: float = 0.0  # fraction of stage-1 data that is real
@@ -647,6 +662,16 @@ def validate(cfg: DictConfig) -> None:
     _at_least("train.groupdro_c", t.groupdro_c, 0)
     _at_least("train.jtt_epochs", t.jtt_epochs, 1)
     _at_least("train.jtt_lambda", t.jtt_lambda, 1)
+    _choice("train.jtt_draw", t.jtt_draw, JTT_DRAWS)
+    if t.jtt_draw == "exact" and not float(t.jtt_lambda).is_integer():
+        _fail("train.jtt_lambda", t.jtt_lambda, "an integer >= 1 with train.jtt_draw=exact "
+              "(each error row appears jtt_lambda times per epoch), or train.jtt_draw=replacement")
+    if t.jtt_optimizer is not None:
+        _choice("train.jtt_optimizer", t.jtt_optimizer, ("adam", "adamw", "sgd"))
+    if t.jtt_lr is not None:
+        _between("train.jtt_lr", t.jtt_lr, 0, 10, low_open=True)
+    if t.jtt_weight_decay is not None:
+        _at_least("train.jtt_weight_decay", t.jtt_weight_decay, 0)
     _at_least("train.stream_cache_mb", t.stream_cache_mb, 0)
     _choice("train.generator", t.generator, GENERATORS)
     _between("train.synthetic_ratio", t.synthetic_ratio, 0, 1)
