@@ -33,6 +33,8 @@ PRECISION = ("no", "fp16", "bf16")
 MODELS = ("small_cnn", "resnet18", "resnet50")
 STAGE2 = ("head", "full")
 STAGE2_LOSS = ("erm", "reweight", "groupdro")
+VAL_PROTOCOLS = ("untouched", "biased")  # data.val_protocol (raybias/data/severity.py)
+JTT_DRAWS = ("exact", "replacement")  # train.jtt_draw (raybias/classify/methods.py, JTT)
 
 
 class ConfigError(ValueError):
@@ -54,6 +56,14 @@ class DataConfig:
     source: str = "colored_digits"
     root: Optional[str] = None  # dataset folder (not used by colored_digits)
     severity: Any = 0.99  # fraction of each class that is bias-aligned in train, or "original"
+    # The validation split under a severity (raybias/data/severity.py):
+    #   untouched: as the source ships it (colored_digits: colour-balanced); today's default
+    #              and the built-in benchmark's;
+    #   biased:    FFR's protocol (datasets/dataset.py make_harder with keep_min): the same
+    #              rule as train, keeping at least 10 bias-conflicting images per class, so
+    #              model selection sees the training distribution. The real-data configs use it.
+    # Test is never subsampled.
+    val_protocol: str = "untouched"
     seed: int = 0
     # aligned[y] = bias value that is aligned with class y; None: the class's majority in train
     aligned: Optional[List[int]] = None
@@ -221,10 +231,25 @@ class TrainConfig:
     optimizer: str = "adam"
     schedule: str = "cosine"
     augment: bool = True
+    # Group-DRO step size: 0.1 is BalancingGroups' value (the built-in benchmark's default);
+    # Sagawa et al.'s code and FFR use 0.01 (the real-data configs). docs/design.md, Methods.
     groupdro_eta: float = 0.1
     groupdro_c: float = 0.0
+    # JTT: T = jtt_epochs of ERM find the error set, which the final model sees jtt_lambda
+    # times per epoch. Defaults: the built-in benchmark's; the JTT paper's per-dataset values
+    # are in the real-data configs (Waterbirds T 60, lambda 100; CelebA T 1, lambda 50).
     jtt_epochs: int = 2
     jtt_lambda: float = 20.0
+    # exact: each epoch holds every error row exactly jtt_lambda times and every other row
+    # once, shuffled (the upweighted set; BalancingGroups); replacement: as many draws with
+    # replacement, error rows jtt_lambda times as likely (raybias before; ~37 % of rows unseen
+    # per epoch). exact needs an integer jtt_lambda.
+    jtt_draw: str = "exact"
+    # JTT's own optimizer, lr and weight decay for both its phases (the JTT paper: SGD,
+    # lr 1e-5, weight decay 1.0 Waterbirds / 0.1 CelebA); null: train.optimizer/lr/weight_decay.
+    jtt_optimizer: Optional[str] = None
+    jtt_lr: Optional[float] = None
+    jtt_weight_decay: Optional[float] = None
     # two_stage
     generator: str = "vanilla"
     synthetic_ratio: float = 0.0  # fraction of stage-1 data that is real
@@ -449,6 +474,17 @@ def severity_value(severity: Any) -> Optional[float]:
     return float(severity)
 
 
+def check_recipe2_workers(num_workers: int, where: str = "train.method") -> None:
+    """Refuse ddb_recipe2 under DDP: LfF's per-row loss EMA lives in each Ray Train worker and
+    holds only the rows that worker saw, and only rank 0's is checkpointed, so with more than
+    one worker the weights would come from partial EMAs and a resume would lose the others."""
+    if int(num_workers) > 1:
+        raise ConfigError(
+            f"config key 'train.num_workers' has bad value {int(num_workers)} for ddb_recipe2 (in {where}): "
+            "Recipe II keeps LfF's per-row loss EMA in each Ray Train worker and checkpoints rank 0's only, "
+            "so it needs train.num_workers=1 (drop ddb_recipe2 from the methods to train the others with DDP)")
+
+
 def validate(cfg: DictConfig) -> None:
     """Range and name checks that types alone cannot express."""
     # YAML 1.1 reads a bare `no` as false, which the str field then holds as "False";
@@ -458,6 +494,7 @@ def validate(cfg: DictConfig) -> None:
     d = cfg.data
     _choice("data.source", d.source, SOURCES)
     severity_value(d.severity)
+    _choice("data.val_protocol", d.val_protocol, VAL_PROTOCOLS)
     _at_least("data.image_size", d.image_size, 8)
     _at_least("data.shard_rows", d.shard_rows, 1)
     if len(d.colors) < 2:
@@ -625,6 +662,16 @@ def validate(cfg: DictConfig) -> None:
     _at_least("train.groupdro_c", t.groupdro_c, 0)
     _at_least("train.jtt_epochs", t.jtt_epochs, 1)
     _at_least("train.jtt_lambda", t.jtt_lambda, 1)
+    _choice("train.jtt_draw", t.jtt_draw, JTT_DRAWS)
+    if t.jtt_draw == "exact" and not float(t.jtt_lambda).is_integer():
+        _fail("train.jtt_lambda", t.jtt_lambda, "an integer >= 1 with train.jtt_draw=exact "
+              "(each error row appears jtt_lambda times per epoch), or train.jtt_draw=replacement")
+    if t.jtt_optimizer is not None:
+        _choice("train.jtt_optimizer", t.jtt_optimizer, ("adam", "adamw", "sgd"))
+    if t.jtt_lr is not None:
+        _between("train.jtt_lr", t.jtt_lr, 0, 10, low_open=True)
+    if t.jtt_weight_decay is not None:
+        _at_least("train.jtt_weight_decay", t.jtt_weight_decay, 0)
     _at_least("train.stream_cache_mb", t.stream_cache_mb, 0)
     _choice("train.generator", t.generator, GENERATORS)
     _between("train.synthetic_ratio", t.synthetic_ratio, 0, 1)
@@ -638,6 +685,11 @@ def validate(cfg: DictConfig) -> None:
         _fail("train.pretrained", t.pretrained, "null for train.model=small_cnn (imagenet weights exist for resnet18/resnet50)")
     _between("train.cpus_per_worker", t.cpus_per_worker, 0, 1024, low_open=not t.use_gpu)
     _at_least("train.max_failures", t.max_failures, 0)
+    recipe2 = [where for where, names in (("methods", cfg.methods), ("train.method", [t.method]),
+                                          ("sweep.methods", cfg.sweep.methods or []))
+               if "ddb_recipe2" in names]
+    if recipe2:
+        check_recipe2_workers(t.num_workers, recipe2[0])
     if t.max_concurrent is not None:
         _at_least("train.max_concurrent", t.max_concurrent, 1)
 

@@ -3,8 +3,11 @@
 Each `make_*` function writes a dataset into a folder and returns a `DataFixture`: the
 folder, the config overrides that point raybias at it, and the group counts per split
 that `raybias prepare` must produce at severity original, 0.95 and 0.99 (worked out by
-hand below from n_conflict_kept = floor(n_aligned * (1 - s) / s), split over the
-conflicting bias values in proportion to their sizes). The images are real small
+hand below from FFR's rule, n_conflict_kept = ceil(n_aligned * (1 - s) / s) as FFR's
+make_harder computes it in float64 (it removes int(n_conflict - to_keep) images), split
+over the conflicting bias values in proportion to their sizes). Every validation group here
+has fewer than 10 images, so `data.val_protocol: biased` (FFR's, at least 10 conflicting per
+class) keeps the validation counts as they are. The images are real small
 JPEG/PNG files whose content depends on the group (a background colour per bias
 value, a bright or dark central blob per class, noise), so a classifier can learn them.
 
@@ -100,14 +103,14 @@ def _rows(counts: Dict[str, List[int]], n_bias: int, rng: np.random.Generator):
 # 3 blond/male. Like the real data, women are the majority of both classes in train
 # (44 > 40, 30 > 6), so aligned = the distinct assignment with the most aligned images:
 # [1, 0] (40 + 30 = 70 beats 44 + 6 = 50): dark-haired <-> male, blond <-> female.
-#   s = 0.95: class 0 keeps floor(40 * 0.05 / 0.95) = floor(2.11) = 2 women;
-#             class 1 keeps floor(30 * 0.05 / 0.95) = floor(1.58) = 1 man.
-#   s = 0.99: floor(40 * 0.01 / 0.99) = floor(0.40) = 0; floor(30 * 0.01 / 0.99) = 0.
+#   s = 0.95: class 0 keeps ceil(40 * 0.05 / 0.95) = ceil(2.11) = 3 women;
+#             class 1 keeps ceil(30 * 0.05 / 0.95) = ceil(1.58) = 2 men.
+#   s = 0.99: ceil(40 * 0.01 / 0.99) = ceil(0.40) = 1; ceil(30 * 0.01 / 0.99) = 1.
 CELEBA_COUNTS = {"train": [44, 40, 30, 6], "val": [4, 3, 3, 2], "test": [4, 3, 3, 2]}
 CELEBA_EXPECTED = {
     "original": CELEBA_COUNTS,
-    "0.95": {"train": [2, 40, 30, 1], "val": [4, 3, 3, 2], "test": [4, 3, 3, 2]},
-    "0.99": {"train": [0, 40, 30, 0], "val": [4, 3, 3, 2], "test": [4, 3, 3, 2]},
+    "0.95": {"train": [3, 40, 30, 2], "val": [4, 3, 3, 2], "test": [4, 3, 3, 2]},
+    "0.99": {"train": [1, 40, 30, 1], "val": [4, 3, 3, 2], "test": [4, 3, 3, 2]},
 }
 
 
@@ -156,14 +159,15 @@ def make_celeba(root: Path, variant: str = "txt", seed: int = 0) -> DataFixture:
 
 # Groups (y bird, a place): 0 landbird/land, 1 landbird/water, 2 waterbird/land,
 # 3 waterbird/water. Majorities are distinct: aligned = [0, 1].
-#   s = 0.95: class 0 keeps floor(99 * 0.05 / 0.95) = floor(5.21) = 5 on water;
-#             class 1 keeps floor(30 * 0.05 / 0.95) = floor(1.58) = 1 on land.
-#   s = 0.99: class 0 keeps floor(99 * 0.01 / 0.99) = floor(1.00) = 1; class 1 floor(0.30) = 0.
+#   s = 0.95: class 0 keeps ceil(99 * 0.05 / 0.95) = ceil(5.21) = 6 on water;
+#             class 1 keeps ceil(30 * 0.05 / 0.95) = ceil(1.58) = 2 on land.
+#   s = 0.99: class 0 keeps 1 (99 * 0.01 / 0.99 = 1; in float64 1.0000000000000009, but
+#             FFR's 10 - int(10 - to_keep) rounds that back to 1); class 1 ceil(0.30) = 1.
 WATERBIRDS_COUNTS = {"train": [99, 10, 4, 30], "val": [5, 5, 4, 4], "test": [5, 5, 4, 4]}
 WATERBIRDS_EXPECTED = {
     "original": WATERBIRDS_COUNTS,
-    "0.95": {"train": [99, 5, 1, 30], "val": [5, 5, 4, 4], "test": [5, 5, 4, 4]},
-    "0.99": {"train": [99, 1, 0, 30], "val": [5, 5, 4, 4], "test": [5, 5, 4, 4]},
+    "0.95": {"train": [99, 6, 2, 30], "val": [5, 5, 4, 4], "test": [5, 5, 4, 4]},
+    "0.99": {"train": [99, 1, 1, 30], "val": [5, 5, 4, 4], "test": [5, 5, 4, 4]},
 }
 WATERBIRDS_SPECIES = {
     0: ["020.Yellow_breasted_Chat", "094.White_breasted_Nuthatch"],
@@ -201,14 +205,14 @@ def make_waterbirds(root: Path, seed: int = 0) -> DataFixture:
 # 20, 60, 40, 12. No split ships: raybias splits each group by seed, round(0.15 n) to val
 # and to test: 20 -> 3/3, 60 -> 9/9, 40 -> 6/6, 12 -> round(1.8) = 2/2; train the rest.
 # Train [14, 42, 28, 8]; majorities distinct: aligned = [1, 0] (men old, women young).
-#   s = 0.95: class 0 keeps floor(42 * 0.05 / 0.95) = floor(2.21) = 2 young men;
-#             class 1 keeps floor(28 * 0.05 / 0.95) = floor(1.47) = 1 old woman.
-#   s = 0.99: floor(42 / 99) = 0; floor(28 / 99) = 0.
+#   s = 0.95: class 0 keeps ceil(42 * 0.05 / 0.95) = ceil(2.21) = 3 young men;
+#             class 1 keeps ceil(28 * 0.05 / 0.95) = ceil(1.47) = 2 old women.
+#   s = 0.99: ceil(42 / 99) = 1; ceil(28 / 99) = 1.
 UTKFACE_TOTALS = [20, 60, 40, 12]
 UTKFACE_EXPECTED = {
     "original": {"train": [14, 42, 28, 8], "val": [3, 9, 6, 2], "test": [3, 9, 6, 2]},
-    "0.95": {"train": [2, 42, 28, 1], "val": [3, 9, 6, 2], "test": [3, 9, 6, 2]},
-    "0.99": {"train": [0, 42, 28, 0], "val": [3, 9, 6, 2], "test": [3, 9, 6, 2]},
+    "0.95": {"train": [3, 42, 28, 2], "val": [3, 9, 6, 2], "test": [3, 9, 6, 2]},
+    "0.99": {"train": [1, 42, 28, 1], "val": [3, 9, 6, 2], "test": [3, 9, 6, 2]},
 }
 # Files that are not used: ages outside both bins, and names not in the format.
 UTKFACE_OTHER_AGES = [6, 7, 12, 19, 51, 85]
@@ -249,17 +253,17 @@ def make_utkface(root: Path, seed: int = 0) -> DataFixture:
 
 # Two classes, three bias values (groups y * 3 + a). Train: class 0 has a = 0, 1, 2:
 # 60, 9, 3; class 1: 4, 8, 50. Majorities distinct: aligned = [0, 2].
-#   s = 0.95: class 0 keeps floor(60 * 0.05 / 0.95) = floor(3.16) = 3 conflicting, split
-#             in proportion 9 : 3 -> 2.25, 0.75 -> 2 + 0, the leftover to the largest
-#             remainder (0.75): a = 1 keeps 2, a = 2 keeps 1.
-#             class 1 keeps floor(50 * 0.05 / 0.95) = floor(2.63) = 2, split 4 : 8 ->
-#             0.67, 1.33 -> 0 + 1, the leftover to a = 0 (0.67 > 0.33): 1 and 1.
-#   s = 0.99: floor(60 / 99) = 0; floor(50 / 99) = 0.
+#   s = 0.95: class 0 keeps ceil(60 * 0.05 / 0.95) = ceil(3.16) = 4 conflicting, split
+#             in proportion 9 : 3 -> 3, 1 exactly: a = 1 keeps 3, a = 2 keeps 1.
+#             class 1 keeps ceil(50 * 0.05 / 0.95) = ceil(2.63) = 3, split 4 : 8 -> 1, 2.
+#   s = 0.99: class 0 keeps ceil(60 / 99) = 1, split 9 : 3 -> 0.75, 0.25 -> 0 + 0, the
+#             leftover to the largest remainder: a = 1; class 1 ceil(50 / 99) = 1, split
+#             4 : 8 -> 0.33, 0.67: a = 1.
 CSV_COUNTS = {"train": [60, 9, 3, 4, 8, 50], "val": [2] * 6, "test": [2] * 6}
 CSV_EXPECTED = {
     "original": CSV_COUNTS,
-    "0.95": {"train": [60, 2, 1, 1, 1, 50], "val": [2] * 6, "test": [2] * 6},
-    "0.99": {"train": [60, 0, 0, 0, 0, 50], "val": [2] * 6, "test": [2] * 6},
+    "0.95": {"train": [60, 3, 1, 1, 2, 50], "val": [2] * 6, "test": [2] * 6},
+    "0.99": {"train": [60, 1, 0, 0, 1, 50], "val": [2] * 6, "test": [2] * 6},
 }
 
 

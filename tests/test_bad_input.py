@@ -343,13 +343,15 @@ def test_missing_config_file(tmp_path, capsys):
 def test_empty_group_is_reported_not_hidden(data, tmp_path, capsys):
     fx = data("waterbirds")
     run_dir = tmp_path / "run"
-    assert main(["prepare", QUICKSTART, *fx.overrides(0.99), "--run-dir", str(run_dir)]) == 0
+    # FFR's rule keeps ceil(n_aligned·(1−s)/s) >= 1 conflicting images for any s < 1, so it is
+    # s = 1 that leaves the conflicting groups 1 and 2 with no training image: shown and warned.
+    assert main(["prepare", QUICKSTART, *fx.overrides(1.0), "--run-dir", str(run_dir)]) == 0
     out = capsys.readouterr().out
-    # s = 0.99 leaves waterbird-on-land (group 2) with no training image: shown and warned.
+    assert "1 landbird/water                  no        0       5       5  <- empty in train" in out
     assert "2 waterbird/land                  no        0       4       4  <- empty in train" in out
-    assert "warning: groups with no train images: 2 waterbird/land" in out
+    assert "warning: groups with no train images: 1 landbird/water, 2 waterbird/land" in out
     info = json.loads((run_dir / "data/info.json").read_text())
-    assert info["empty_train_groups"] == [2]
+    assert info["empty_train_groups"] == [1, 2]
 
 
 def test_ray_wrapped_project_errors_print_without_the_remote_traceback(ray_session):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 import torch
 
-from raybias.classify.data import DataSet, augment, epoch_draw, generator, mix_real_into
+from raybias.classify.data import DataSet, Multiplicity, augment, epoch_draw, generator, mix_real_into
 from raybias.classify.losses import GroupDRO, group_means, supcon_loss
 from raybias.classify.methods import (JTT, GroupDROLoss, LossInput, Phase, get_method,
                                       group_balanced_weights, registered)
@@ -161,14 +161,63 @@ def test_group_balanced_weights_and_draw():
     assert sorted(perm.tolist()) == list(range(100))
 
 
-def test_jtt_upweights_exactly_the_error_set():
+def _jtt_ctx(**train):
     class Ctx:
-        train = config_from_dict({"train": {"jtt_lambda": 20}}).train
-        sets = {"train": DataSet(pd.DataFrame({"id": list("abcde"), "y": [0] * 5}), [])}
-        method_state = {"error_rows": [1, 4]}
+        pass
 
-    w, size = JTT().sample_weights(Phase("final", "train", 1, 0.1), Ctx)
+    Ctx.train = config_from_dict({"train": train}).train
+    Ctx.sets = {"train": DataSet(pd.DataFrame({"id": list("abcde"), "y": [0] * 5}), [])}
+    Ctx.method_state = {"error_rows": [1, 4]}
+    return Ctx
+
+
+def test_jtt_epoch_holds_each_error_row_exactly_lambda_times():
+    """The JTT paper's upweighted set (BalancingGroups' construction): in one epoch every error
+    row appears exactly lambda times and every other row once, in a seeded shuffled order."""
+    draw, size = JTT().sample_weights(Phase("final", "train", 1, 0.1), _jtt_ctx(jtt_lambda=20))
+    assert isinstance(draw, Multiplicity) and draw.counts.tolist() == [1, 20, 1, 1, 20] and size == 43
+    for epoch in range(3):
+        order = epoch_draw(5, draw, size, generator(0, 1, epoch, 1))
+        assert len(order) == 43
+        assert np.bincount(order.numpy(), minlength=5).tolist() == [1, 20, 1, 1, 20]
+    a, b = (epoch_draw(5, draw, size, generator(0, 1, e, 1)) for e in (0, 1))
+    assert torch.equal(a, epoch_draw(5, draw, size, generator(0, 1, 0, 1)))  # seeded
+    assert not torch.equal(a, b)  # shuffled anew each epoch
+    assert not torch.equal(a, torch.sort(a).values)
+    # larger: 1000 rows, 37 errors, lambda 100
+    counts = np.ones(1000, dtype=np.int64)
+    counts[np.arange(0, 1000, 27)] = 100
+    order = epoch_draw(1000, Multiplicity(counts), int(counts.sum()), generator(5))
+    assert np.array_equal(np.bincount(order.numpy(), minlength=1000), counts)
+
+
+def test_jtt_with_replacement_is_kept_as_an_option():
+    w, size = JTT().sample_weights(Phase("final", "train", 1, 0.1), _jtt_ctx(jtt_lambda=20, jtt_draw="replacement"))
     assert w.tolist() == [1, 20, 1, 1, 20] and size == 43
+    assert JTT().sample_weights(Phase("identify", "train", 1, 0.1), _jtt_ctx()) is None
+    with pytest.raises(ConfigError, match=r"train.jtt_lambda.*integer.*jtt_draw"):
+        config_from_dict({"train": {"jtt_lambda": 2.5}})
+    config_from_dict({"train": {"jtt_lambda": 2.5, "jtt_draw": "replacement"}})
+    with pytest.raises(ConfigError, match="train.jtt_draw"):
+        config_from_dict({"train": {"jtt_draw": "sometimes"}})
+
+
+def test_jtt_phases_take_its_own_optimizer_settings():
+    t = config_from_dict({"train": {"jtt_optimizer": "sgd", "jtt_lr": 1e-5, "jtt_weight_decay": 1.0,
+                                    "jtt_epochs": 60, "epochs": 7}}).train
+    ident, final = JTT().phases(t)
+    assert (ident.epochs, final.epochs) == (60, 7)
+    for ph in (ident, final):
+        assert (ph.optimizer, ph.lr, ph.weight_decay) == ("sgd", 1e-5, 1.0)
+    from raybias.classify.loop import make_optimizer
+
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], t, final.lr, final.optimizer, final.weight_decay)
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["weight_decay"] == 1.0
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["lr"] == 1e-5
+    plain = JTT().phases(config_from_dict({}).train)  # unset: train.optimizer / lr / weight_decay
+    assert plain[1].optimizer is None and plain[1].weight_decay is None and plain[1].lr == 1e-3
+    opt = make_optimizer([torch.nn.Parameter(torch.zeros(1))], config_from_dict({}).train, 1e-3)
+    assert isinstance(opt, torch.optim.Adam) and opt.defaults["weight_decay"] == 1e-4
 
 
 def test_augment_keeps_colour_and_repeats_with_seed():

@@ -48,14 +48,97 @@ def test_lff_weights_favour_what_the_amplifier_gets_wrong():
     inp = LossInput(logits=logits, y=torch.as_tensor(y), groups=torch.as_tensor(y), rows=torch.arange(4))
     loss = hook(inp)
     ce = float(np.log(2))
-    # L_D = 0.3 * ce for every row, / class max -> 1; L_B / class max: [0.05, 1, 0.05, 1]
+    # L_D = ce for every row (LfF: the first visit stores the loss whole), / class max -> 1;
+    # L_B / class max: [0.05, 1, 0.05, 1]
     w = np.array([0.05 / 1.05, 0.5, 0.05 / 1.05, 0.5])
     assert float(loss) == pytest.approx(float((w * ce).mean()), rel=1e-4)
-    assert torch.allclose(hook.ema_d, torch.full((4,), 0.3 * ce))
-    # the EMA travels with the loop's checkpoint
+    assert torch.allclose(hook.ema_d, torch.full((4,), ce))
+    assert hook.visited.tolist() == [1, 1, 1, 1]
+    # the EMA and the visited mask travel with the loop's checkpoint
     other = LfFWeightedCE(amp_ce, y, 2, 0.7)
     other.load_state_dict(hook.state_dict())
-    assert torch.equal(other.ema_d, hook.ema_d)
+    assert torch.equal(other.ema_d, hook.ema_d) and torch.equal(other.visited, hook.visited)
+
+
+class LfFOracle:
+    """LfF (Nam et al.), re-typed from the paper's reference code (alinlab/LfF util.py `EMA`
+    and train.py's weighting), in numpy float32: per-row loss EMAs with an `updated` mask, so
+    a row's first visit stores its loss whole; losses divided by their class maximum over
+    all rows; W = L_B / (L_B + L_D + 1e-8)."""
+
+    def __init__(self, label, alpha):
+        self.label = np.asarray(label)
+        self.alpha = np.float32(alpha)
+        self.parameter = np.zeros(len(label), np.float32)
+        self.updated = np.zeros(len(label), np.float32)
+
+    def update(self, data, index):
+        self.parameter[index] = (self.alpha * self.parameter[index]
+                                 + (np.float32(1) - self.alpha * self.updated[index]) * data)
+        self.updated[index] = 1
+
+    def max_loss(self, label):
+        return self.parameter[np.where(self.label == label)[0]].max()
+
+
+def lff_oracle_weights(ema_b, ema_d, index, label_batch, n_classes):
+    loss_b = ema_b.parameter[index].copy()
+    loss_d = ema_d.parameter[index].copy()
+    for c in range(n_classes):
+        cls = np.where(label_batch == c)[0]
+        loss_b[cls] /= ema_b.max_loss(c)
+        loss_d[cls] /= ema_d.max_loss(c)
+    return loss_b / (loss_b + loss_d + np.float32(1e-8))
+
+
+@pytest.mark.parametrize("min_weight", [0.0, 0.01])
+def test_lff_ema_and_weights_match_the_lff_reference_over_epochs(min_weight):
+    """Oracle: LfF's EMA (with its `updated` mask) on identical random inputs, 4 epochs of
+    shuffled batches (a last short batch, so rows are visited at different steps): the same
+    per-row EMA and weights to float precision, before and after a checkpoint round trip."""
+    rng = np.random.default_rng(0)
+    n, n_classes, batch, alpha = 53, 3, 8, 0.7
+    y = rng.integers(0, n_classes, n)
+    amp_ce = rng.exponential(1.0, n).astype(np.float32)
+    hook = LfFWeightedCE(amp_ce, y, n_classes, alpha, min_weight=min_weight)
+    # LfF's biased model is an EMA too; here its per-row loss is the fixed amplifier's CE
+    ref_b, ref_d = LfFOracle(y, alpha), LfFOracle(y, alpha)
+    for epoch in range(4):
+        order = rng.permutation(n)
+        for i in range(0, n, batch):
+            rows = order[i:i + batch]
+            logits = torch.as_tensor(rng.normal(0, 2, (len(rows), n_classes)), dtype=torch.float32)
+            yb = torch.as_tensor(y[rows])
+            ce = torch.nn.functional.cross_entropy(logits, yb, reduction="none")
+            loss = hook(LossInput(logits=logits, y=yb, groups=yb, rows=torch.as_tensor(rows)))
+            ref_b.update(amp_ce[rows], rows)
+            ref_d.update(ce.numpy(), rows)
+            w_ref = np.maximum(lff_oracle_weights(ref_b, ref_d, rows, y[rows], n_classes), np.float32(min_weight))
+            np.testing.assert_allclose(hook.ema_d.numpy(), ref_d.parameter, rtol=1e-6, atol=1e-7)
+            np.testing.assert_array_equal(hook.visited.numpy(), ref_d.updated)
+            np.testing.assert_allclose(ref_b.parameter[ref_b.updated == 1], amp_ce[ref_b.updated == 1], rtol=1e-6)
+            np.testing.assert_allclose(hook.weights(torch.as_tensor(rows)).numpy(), w_ref, rtol=1e-5, atol=1e-7)
+            assert float(loss) == pytest.approx(float((w_ref * ce.numpy()).mean()), rel=1e-5, abs=1e-7)
+            if epoch == 0 and i == 2 * batch:  # mid-epoch: some rows seen, most not
+                assert 0 < hook.visited.sum() < n
+                resumed = LfFWeightedCE(amp_ce, y, n_classes, alpha, min_weight=min_weight)
+                resumed.load_state_dict(hook.state_dict())
+                hook = resumed  # continue from the checkpoint, as a restarted worker does
+    assert ref_d.updated.all()
+
+
+def test_recipe2_refuses_ddp():
+    from raybias.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match=r"train.num_workers.*ddb_recipe2.*train.num_workers=1"):
+        config_from_dict({"methods": ["erm", "ddb_recipe2"], "train": {"num_workers": 2}})
+    with pytest.raises(ConfigError, match=r"train.num_workers.*ddb_recipe2"):
+        config_from_dict({"train": {"method": "ddb_recipe2", "num_workers": 4}})
+    config_from_dict({"methods": ["erm", "ddb_recipe1"], "train": {"num_workers": 2}})  # others may
+    hook = LfFWeightedCE(np.ones(4), np.array([0, 0, 1, 1]), 2, 0.7)
+    with pytest.raises(ConfigError, match="train.num_workers"):
+        hook(LossInput(logits=torch.zeros(2, 2), y=torch.zeros(2, dtype=torch.int64),
+                       groups=torch.zeros(2, dtype=torch.int64), rows=torch.arange(2), world_size=2))
 
 
 def test_lff_weight_floor_keeps_images_the_amplifier_is_sure_of():

@@ -266,3 +266,22 @@ def test_machine_line_names_gpus_by_model_and_count():
     assert line.startswith("Some CPU, 16 cores, 128 GiB memory; GPU: 2 × NVIDIA H200 (CUDA 12.4)")
     assert line.endswith("raybias 0.1.0, ray 2.9, torch 2.3, diffusers 0.30")
     assert "GPU: none" in machine.machine_line(dict(info, gpus=[], cuda=None))
+
+
+# --- the data section ---------------------------------------------------------------------------
+
+def test_report_names_the_severity_rule_and_validation_protocol(run_dir):
+    text = report.write_run_report(run_dir)
+    data = text.split("## Data", 1)[1].split("##", 1)[0]
+    line = data.strip().splitlines()[0]
+    assert line.startswith("Severity 0.9: FFR's minority_to_keep rule") and "ceil(n_aligned·(1−s)/s)" in line
+    assert "val_protocol untouched: validation as the source ships it" in line
+    info = DatasetInfo.load(run_dir)
+    info.val_protocol = "biased"
+    info.save(run_dir)
+    line = report.write_run_report(run_dir).split("## Data", 1)[1].strip().splitlines()[0]
+    assert "val_protocol biased" in line and "at least 10 bias-conflicting" in line
+    info.severity = None
+    info.save(run_dir)
+    line = report.write_run_report(run_dir).split("## Data", 1)[1].strip().splitlines()[0]
+    assert line.startswith("Severity: original")

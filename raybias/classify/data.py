@@ -10,7 +10,8 @@ files holding its images. Workers get images one of two ways:
 - streaming: the driver hands Ray Train a Ray Dataset per training set (Parquet -> decode in
   Ray Data tasks); workers iterate their split, `ray.train.get_dataset_shard(name)`, and read
   evaluation sets from Parquet batch by batch. Sampling is the same in both paths:
-  an epoch is a seeded draw of row indices (a permutation, or weighted with replacement);
+  an epoch is a seeded draw of row indices (a permutation, weighted with replacement, or an
+  exact multiplicity per row, shuffled);
   the streaming path repeats each streamed row as often as the draw picked it and shuffles
   through a seeded buffer.
 
@@ -183,11 +184,31 @@ def load_images(run, ds: DataSet, size: int, cache: Optional[Dict[str, pd.DataFr
     return torch.from_numpy(out)
 
 
-def epoch_draw(n: int, weights: Optional[np.ndarray], size: Optional[int], gen: torch.Generator) -> torch.Tensor:
-    """The epoch's row indices: a permutation of n rows, or `size` rows drawn with replacement
-    with probability proportional to `weights`."""
+@dataclass(frozen=True)
+class Multiplicity:
+    """An exact epoch: row i appears `counts[i]` times, in a seeded random order (JTT's
+    upweighted set). A method returns `(Multiplicity(counts), counts.sum())` from
+    `sample_weights` where others return (weights, epoch size) for a draw with replacement."""
+
+    counts: np.ndarray
+
+    @property
+    def size(self) -> int:
+        return int(np.asarray(self.counts, dtype=np.int64).sum())
+
+
+def epoch_draw(n: int, weights, size: Optional[int], gen: torch.Generator) -> torch.Tensor:
+    """The epoch's row indices: a permutation of n rows; `size` rows drawn with replacement
+    with probability proportional to `weights`; or, when `weights` is a `Multiplicity`, every
+    row exactly counts[i] times, shuffled."""
     if weights is None:
         return torch.randperm(n, generator=gen)
+    if isinstance(weights, Multiplicity):
+        counts = torch.as_tensor(np.asarray(weights.counts, dtype=np.int64))
+        if len(counts) != n or bool((counts < 0).any()):
+            raise ValueError(f"Multiplicity: {len(counts)} non-negative counts needed for {n} rows")
+        rows = torch.repeat_interleave(torch.arange(n), counts)
+        return rows[torch.randperm(len(rows), generator=gen)]
     w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
     return torch.multinomial(w / w.sum(), int(size if size is not None else n), replacement=True, generator=gen)
 

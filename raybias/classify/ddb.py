@@ -9,8 +9,9 @@
   (amplifier wrong) within its class — and Group-DRO with group-balanced sampling trains on
   those pseudo groups (`train_groups` replaces the true groups).
 - `ddb_recipe2` (end-to-end): LfF reweighting with the amplifier as the fixed biased model:
-  per-sample W = L_B / (L_B + L_D), L_B the amplifier's CE on the real image, L_D an
-  exponential moving average (ddb.lff_ema) of the debiased model's CE, each divided by the
+  per-sample W = L_B / (L_B + L_D), L_B the amplifier's CE on the real image, L_D LfF's
+  exponential moving average (ddb.lff_ema; a row's first visit stores its CE whole, as LfF's
+  util.py `EMA` with its `updated` mask) of the debiased model's CE, each divided by the
   maximum over the sample's class; W is floored at ddb.lff_min_weight. Why the floor: LfF's
   biased model learns alongside the debiased one and is never perfectly sure, but the
   amplifier is fixed and (trained on bias-aligned images only) is sure of every real aligned
@@ -139,10 +140,16 @@ class Recipe1(DDBRecipe, GroupDROMethod):
 class LfFWeightedCE(LossHook):
     """mean_i W_i · CE_D,i with W = L_B / (L_B + L_D), LfF-style (see the module docstring).
 
-    L_B is the fixed amplifier's CE per training row (an EMA of a constant is the constant);
-    L_D is the EMA of the debiased model's CE, updated with each batch. Both are divided by
-    their class maximum. The EMA is checkpointed with the loop's state, so a resumed run
-    continues exactly.
+    L_D is the moving average of the debiased model's CE, updated with each batch exactly as
+    LfF's `EMA` (util.py):
+        ema ← α·ema + (1 − α·visited)·ce,  visited ← 1,
+    so a row's first visit stores its CE whole and later visits average. L_B is LfF's same
+    EMA of the biased model's loss, here the fixed amplifier's CE: a constant, so it is that
+    CE once the row has been visited and 0 before. Both are divided by their class maximum
+    over all rows (unvisited rows count 0, as in LfF, so in the first epoch the maxima are
+    over the rows seen so far). The EMA and the visited mask are checkpointed with the loop's
+    state, so a resumed run continues exactly. One worker only (refused under DDP:
+    raybias.config.check_recipe2_workers).
     """
 
     def __init__(self, amp_ce: np.ndarray, y: np.ndarray, n_classes: int, ema: float,
@@ -153,28 +160,45 @@ class LfFWeightedCE(LossHook):
         self.n_classes = int(n_classes)
         self.ema = float(ema)
         self.ema_d = torch.zeros(len(self.amp_ce), dtype=torch.float32)
-        # class maxima of L_B: fixed, computed once
-        self.max_b = torch.zeros(self.n_classes).scatter_reduce(0, self.y, self.amp_ce, "amax", include_self=True)
+        self.visited = torch.zeros(len(self.amp_ce), dtype=torch.float32)  # LfF's `updated`
         self.last_mean_w = float("nan")
 
+    def update(self, rows: torch.Tensor, ce: torch.Tensor) -> None:
+        """LfF's EMA.update: the first visit of a row stores `ce` whole."""
+        self.ema_d[rows] = self.ema * self.ema_d[rows] + (1 - self.ema * self.visited[rows]) * ce
+        self.visited[rows] = 1.0
+
+    def weights(self, rows: torch.Tensor) -> torch.Tensor:
+        """W of `rows` from the current EMAs (after `update`), floored at min_weight."""
+        y = self.y[rows]
+        ema_b = self.amp_ce * self.visited  # LfF's EMA of a constant loss
+        max_b = torch.zeros(self.n_classes).scatter_reduce(0, self.y, ema_b, "amax", include_self=True)
+        max_d = torch.zeros(self.n_classes).scatter_reduce(0, self.y, self.ema_d, "amax", include_self=True)
+        lb = ema_b[rows] / max_b[y].clamp_min(1e-8)
+        ld = self.ema_d[rows] / max_d[y].clamp_min(1e-8)
+        return (lb / (lb + ld + 1e-8)).clamp_min(self.min_weight)
+
     def __call__(self, inp: LossInput) -> torch.Tensor:
+        if inp.world_size > 1:  # config validation refuses it; never train on partial EMAs
+            from raybias.config import check_recipe2_workers
+
+            check_recipe2_workers(inp.world_size)
         ce = inp.per_sample_ce()
         rows = torch.as_tensor(inp.rows, dtype=torch.int64)
-        y = self.y[rows]
-        self.ema_d[rows] = self.ema * self.ema_d[rows] + (1 - self.ema) * ce.detach().float().cpu()
-        max_d = torch.zeros(self.n_classes).scatter_reduce(0, self.y, self.ema_d, "amax", include_self=True)
-        lb = self.amp_ce[rows] / self.max_b[y].clamp_min(1e-8)
-        ld = self.ema_d[rows] / max_d[y].clamp_min(1e-8)
-        w = (lb / (lb + ld + 1e-8)).clamp_min(self.min_weight).to(ce.device)
+        self.update(rows, ce.detach().float().cpu())
+        w = self.weights(rows).to(ce.device)
         self.last_mean_w = float(w.mean())
         return (w * ce).mean()
 
     def state_dict(self):
-        return {"ema_d": self.ema_d.clone()}
+        return {"ema_d": self.ema_d.clone(), "visited": self.visited.clone()}
 
     def load_state_dict(self, state):
         if "ema_d" in state:
             self.ema_d = state["ema_d"].clone().float()
+            # a checkpoint from before the mask: rows with a non-zero EMA had been visited
+            self.visited = state["visited"].clone().float() if "visited" in state \
+                else (self.ema_d != 0).float()
 
     def log(self):
         return {"lff_mean_weight": round(self.last_mean_w, 4)}

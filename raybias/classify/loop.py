@@ -109,12 +109,16 @@ def cosine_lr(base: float, step: int, total: int, schedule: str) -> float:
     return base * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
 
 
-def make_optimizer(params, t, lr: float) -> torch.optim.Optimizer:
-    if t.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=t.weight_decay)
-    if t.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=t.weight_decay)
-    return torch.optim.Adam(params, lr=lr, weight_decay=t.weight_decay)
+def make_optimizer(params, t, lr: float, optimizer: Optional[str] = None,
+                   weight_decay: Optional[float] = None) -> torch.optim.Optimizer:
+    """train.optimizer / train.weight_decay unless the phase names its own (JTT's)."""
+    kind = optimizer or t.optimizer
+    wd = float(t.weight_decay if weight_decay is None else weight_decay)
+    if kind == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=wd)
+    if kind == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=wd)
+    return torch.optim.Adam(params, lr=lr, weight_decay=wd)
 
 
 def sync_buffers(model: torch.nn.Module, world: int) -> None:
@@ -345,7 +349,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         if state.loss_hook:
             hook.load_state_dict(state.loss_hook)
         params = [p for p in model.parameters() if p.requires_grad]
-        opt = make_optimizer(params, t, phase.lr)
+        opt = make_optimizer(params, t, phase.lr, phase.optimizer, phase.weight_decay)
         if state.optimizer is not None:
             opt.load_state_dict(state.optimizer)
         net = model

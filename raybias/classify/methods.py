@@ -9,16 +9,19 @@ with its own learning rate) and hooks the loop calls:
 - `train_groups(phase, ctx)`        the group label of every training row that samplers and
                                     group losses use (default: the true group; a method may
                                     replace them, e.g. with pseudo groups);
-- `sample_weights(phase, ctx)`      None (a permutation each epoch) or (per-row weights,
-                                    epoch size) for sampling with replacement;
+- `sample_weights(phase, ctx)`      None (a permutation each epoch), (per-row weights,
+                                    epoch size) for sampling with replacement, or
+                                    (data.Multiplicity(counts), counts.sum()) for an exact
+                                    epoch holding row i counts[i] times (JTT);
 - `loss_hook(phase, ctx)`           a `LossHook`: the batch loss from logits (per-sample
                                     losses, rows, groups, features available);
 - `end_phase(phase, ctx)`           after a phase's last epoch (JTT builds its error set).
 
 Built in: erm, reweight (group-balanced sampling), groupdro (group-balanced sampling +
-Group-DRO loss), jtt (ERM for jtt_epochs, error set upweighted by jtt_lambda, retrain from
-scratch), two_stage (stage 1: beta CE + (1-beta) SupCon on the synthetic set; stage 2 on the
-real set with stage2_method, head only or whole network).
+Group-DRO loss), jtt (ERM for jtt_epochs, then a model from scratch on the upweighted set:
+each error row jtt_lambda times per epoch), two_stage (stage 1: beta CE + (1-beta) SupCon
+on the synthetic set; stage 2 on the real set with stage2_method, head only or whole
+network).
 
 Adding a method (e.g. Diffusing DeBias' recipes): subclass `Method`, decorate it with
 `@register("ddb_recipe1")`, and list its module in `METHOD_MODULES` so workers import it;
@@ -48,6 +51,8 @@ class Phase:
     select: bool = False  # keep the epoch with the best validation WGA
     reinit: str = "none"  # at the start: "all" (a new model from the seed), "head", "none"
     freeze_encoder: bool = False  # train the head only (encoder weights and BN statistics fixed)
+    optimizer: Optional[str] = None  # None: train.optimizer
+    weight_decay: Optional[float] = None  # None: train.weight_decay
 
 
 @dataclass
@@ -214,12 +219,21 @@ class GroupDROMethod(Method):
 
 @register("jtt")
 class JTT(Method):
-    """Just Train Twice: ERM for jtt_epochs; the misclassified training examples (error set)
-    are then drawn jtt_lambda times as often while a new model trains from scratch."""
+    """Just Train Twice (Liu et al.): ERM for jtt_epochs (T); the misclassified training
+    examples (error set) are then upweighted by jtt_lambda (λ) while a new model trains from
+    scratch. train.jtt_draw=exact (default): each epoch is the upweighted set itself, every
+    error row exactly λ times and every other row once, shuffled (the JTT paper's construction,
+    as BalancingGroups runs it); =replacement: as many draws with replacement, error rows λ
+    times as likely. Both phases use train.jtt_optimizer / jtt_lr / jtt_weight_decay where set
+    (the JTT paper's SGD values in the real-data configs)."""
 
     def phases(self, t):
-        return [Phase("identify", "train", int(t.jtt_epochs), float(t.lr)),
-                Phase("final", "train", int(t.epochs), float(t.lr), select=True, reinit="all")]
+        lr = float(t.jtt_lr if t.get("jtt_lr") is not None else t.lr)
+        opt, wd = t.get("jtt_optimizer"), t.get("jtt_weight_decay")
+        wd = None if wd is None else float(wd)
+        return [Phase("identify", "train", int(t.jtt_epochs), lr, optimizer=opt, weight_decay=wd),
+                Phase("final", "train", int(t.epochs), lr, select=True, reinit="all",
+                      optimizer=opt, weight_decay=wd)]
 
     def end_phase(self, phase, ctx):
         if phase.name != "identify":
@@ -230,15 +244,24 @@ class JTT(Method):
         ctx.method_state["error_rows"] = [int(r) for r in errors]
         ids = ctx.sets["train"].meta["id"].iloc[errors].tolist()
         ctx.add_artifact("jtt_error_set.json", {"ids": ids, "n": len(ids), "n_train": int(len(y)),
-                                                "lambda": float(ctx.train.jtt_lambda)})
+                                                "lambda": float(ctx.train.jtt_lambda),
+                                                "draw": str(ctx.train.get("jtt_draw", "exact"))})
         ctx.add_model_artifact("jtt_identifier.safetensors")
 
     def sample_weights(self, phase, ctx):
         if phase.name != "final":
             return None
+        errors = np.asarray(ctx.method_state.get("error_rows", []), dtype=np.int64)
+        lam = float(ctx.train.jtt_lambda)
+        if str(ctx.train.get("jtt_draw", "exact")) == "exact":
+            from raybias.classify.data import Multiplicity
+
+            counts = np.ones(len(ctx.sets["train"]), dtype=np.int64)
+            counts[errors] = int(lam)  # integer: checked by config validation
+            return Multiplicity(counts), int(counts.sum())
         w = np.ones(len(ctx.sets["train"]), dtype=np.float64)
-        w[np.asarray(ctx.method_state.get("error_rows", []), dtype=np.int64)] = float(ctx.train.jtt_lambda)
-        return w, int(round(w.sum()))  # as if the error set were repeated lambda times
+        w[errors] = lam
+        return w, int(round(w.sum()))  # as many draws as the upweighted set has rows
 
 
 STAGE2_METHODS = {"erm": Method, "reweight": Reweight, "groupdro": GroupDROMethod}

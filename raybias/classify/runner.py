@@ -226,6 +226,10 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     init_ray(cfg)
     mcfg = method_config(cfg, method)
     t = mcfg.train
+    if t.method == "ddb_recipe2":  # also refused at config validation; method_config skips it
+        from raybias.config import check_recipe2_workers
+
+        check_recipe2_workers(t.num_workers)
     name = name or method
     key = train_key(name, seed)
     sections = train_sections(method)

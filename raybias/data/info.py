@@ -24,6 +24,19 @@ class DatasetInfo:
     severity: Optional[float]
     counts: Dict[str, Dict[str, int]] = field(default_factory=dict)  # split -> group -> n
     empty_train_groups: List[int] = field(default_factory=list)
+    # data.val_protocol the validation split was prepared with (raybias/data/severity.py);
+    # an info.json written before the key existed had its validation split untouched.
+    val_protocol: str = "untouched"
+
+    def protocol_line(self) -> str:
+        """One line: the severity rule and the validation protocol this data was prepared with."""
+        from raybias.data.severity import SEVERITY_RULE, VAL_PROTOCOL_TEXT
+
+        if self.severity is None:
+            return "Severity: original (the data as shipped, nothing subsampled); test untouched."
+        val = VAL_PROTOCOL_TEXT.get(self.val_protocol, self.val_protocol)
+        return (f"Severity {self.severity:g}: {SEVERITY_RULE}; val_protocol {self.val_protocol}: {val}; "
+                "test untouched.")
 
     @property
     def n_groups(self) -> int:

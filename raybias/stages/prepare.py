@@ -1,5 +1,9 @@
 """Stage `prepare`: read a data source, apply bias severity, write `data/real/` shards.
 
+Severity follows FFR's rule (raybias/data/severity.py); `data.val_protocol` says whether the
+validation split is left as shipped or subsampled like train (FFR). `data/info.json` records
+both, and its counts are those of the written table.
+
 Sources that read image files hand over metadata only (`FILE_COLUMN`); severity is
 applied to it first, and then only the kept rows' images are loaded — in parallel, one
 shard at a time, each shard written as soon as it is whole — so memory stays at one
@@ -101,7 +105,8 @@ def run_prepare(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
             _check_source_table(table, src.n_classes, src.n_bias, cfg.data.source)
             train = table[table["split"] == "train"]
             aligned = aligned_values(train, src.n_classes, src.n_bias, cfg.data.aligned, src.default_aligned)
-            table = apply_severity(table, severity, aligned, cfg.data.seed, warnings=notes)
+            table = apply_severity(table, severity, aligned, cfg.data.seed, warnings=notes,
+                                   val_protocol=str(cfg.data.val_protocol))
             n_groups = src.n_classes * src.n_bias
             counts = group_counts(table, n_groups)
             info = DatasetInfo(
@@ -112,6 +117,7 @@ def run_prepare(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
                 image_size=cfg.data.image_size, severity=severity,
                 counts={s: {str(g): int(counts.loc[g, s]) for g in range(n_groups)} for s in counts.columns},
                 empty_train_groups=[g for g in range(n_groups) if counts.loc[g, "train"] == 0],
+                val_protocol=str(cfg.data.val_protocol),
             )
             if FILE_COLUMN in table.columns:
                 write_table_batches(run, REAL, _image_batches(table, cfg.data))
@@ -121,6 +127,7 @@ def run_prepare(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     if verbose:
         sev = "original" if info.severity is None else f"{info.severity:g}"
         say(f"prepared {info.source} (severity {sev}) in {run.path(REAL)}")
+        say(info.protocol_line())
         say(format_counts(info))
         for line in notes + empty_group_warnings(info):
             say(f"warning: {line}")

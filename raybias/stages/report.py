@@ -417,7 +417,7 @@ def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Op
     title = title or f"raybias report: {info.source}, severity {sev}"
     parts = [f"# {title}", "", f"Run directory: `{run.uri}`", ""]
     counts = info.counts.get("train", {})
-    parts += ["## Data", "", "Training images per group (after severity); val/test untouched:", "",
+    parts += ["## Data", "", info.protocol_line(), "", "Images per group and split, as prepared:", "",
               "| group | aligned | train | val | test |", "|---|---|---|---|---|"]
     for g in range(info.n_groups):
         parts.append(f"| {info.group_name(g)} | {'yes' if info.is_aligned(g) else 'no'} | {counts.get(str(g), 0)} | "
