@@ -8,13 +8,15 @@ ARGS   ?=
 
 .PHONY: run test install bench clean
 
+# -qq: pip's errors still print; its notices and the build backend's warnings do not
 $(VENV)/.installed: pyproject.toml
-	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
-	# torch first, pinned to the release this machine's pip can take from disk (ranges admit others)
-	$(PIP) install -q "torch>=2.6,<2.15" "torchvision>=0.21,<0.30"
-	$(PIP) install -q -e ".[dev]"
-	touch $@
+	@echo "make: creating $(VENV) and installing raybias (a few minutes the first time)"
+	@$(PYTHON) -m venv $(VENV)
+	@$(PIP) install -qq --upgrade pip
+	@# torch first, pinned to the release this machine's pip can take from disk (ranges admit others)
+	@$(PIP) install -qq "torch>=2.6,<2.15" "torchvision>=0.21,<0.30"
+	@$(PIP) install -qq -e ".[dev]"
+	@touch $@
 
 install: $(VENV)/.installed
 
