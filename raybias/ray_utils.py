@@ -9,11 +9,9 @@ from typing import Optional
 
 import ray
 
+from raybias.errors import ResourceError  # noqa: F401  (re-exported: defined without Ray)
+
 log = logging.getLogger("raybias")
-
-
-class ResourceError(RuntimeError):
-    """The cluster lacks what the config asks for (e.g. GPUs); better than waiting forever."""
 
 
 def init_ray(cfg=None, quiet: bool = False) -> None:

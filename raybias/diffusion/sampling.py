@@ -19,7 +19,7 @@ from typing import Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from raybias.ray_utils import ResourceError
+from raybias.errors import ResourceError  # not ray_utils: this module imports without Ray
 
 log = logging.getLogger("raybias")
 
