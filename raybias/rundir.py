@@ -154,8 +154,14 @@ class RunDir:
 
     # --- paths -------------------------------------------------------------
     def path(self, *parts: str) -> str:
-        """Path inside the filesystem (for `self.fs` and for Ray Data with filesystem=)."""
+        """Path inside the filesystem (for `self.fs` and for Ray Data with filesystem=).
+
+        Confined to the run directory: a run-relative path that climbs out (a generator
+        manifest's `folder: ../../x`) is refused rather than resolved somewhere else."""
         rel = "/".join(p.strip("/") for p in parts if p)
+        if ".." in rel.split("/"):
+            raise StageFailed(f"{rel!r} points outside the run directory {self.uri}; run-relative paths "
+                              "may not contain '..'")
         return f"{self.root}/{rel}" if rel else self.root
 
     def local_path(self, *parts: str) -> str:
