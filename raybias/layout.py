@@ -293,7 +293,8 @@ def finetune_key(generator: str) -> str:
 
 
 def generate_key(generator: str) -> str:
-    """synthetic/<gen>/ plan and shards (units: the finished work units)."""
+    """synthetic/<gen>/ plan and shards (units: every work unit, recorded when the stage
+    finishes; until then each unit's shard is its record)."""
     return f"generate/{generator}"
 
 
