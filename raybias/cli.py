@@ -14,6 +14,7 @@ import traceback
 from typing import Callable, Dict, List, Optional, Tuple
 
 from raybias.console import say
+from raybias.errors import first_line
 from raybias.paths import absolute, make_paths_absolute
 
 # stage name -> (module, entry function, one-line help)
@@ -187,7 +188,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                         and _known_cause(exc, known) is None:
                     # the whole traceback goes to the log; the terminal gets one line
                     traceback.print_exc()
-                    say(f"raybias: error: {type(exc).__name__}: {_first_line(exc)} "
+                    say(f"raybias: error: {type(exc).__name__}: {first_line(exc)} "
                         f"(an internal error; the traceback is in {log_file})", file=sys.stderr)
                     return 1
                 raise
@@ -273,11 +274,6 @@ def _shutdown_ray_if_started(was_running: bool) -> None:
         shutdown_ray()
     except Exception:
         pass
-
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 def one_line(exc: BaseException) -> str:

@@ -9,7 +9,7 @@ from typing import Optional
 
 import ray
 
-from raybias.errors import ResourceError  # noqa: F401  (re-exported: defined without Ray)
+from raybias.errors import ResourceError, first_line  # ResourceError re-exported: defined without Ray
 
 log = logging.getLogger("raybias")
 
@@ -26,9 +26,8 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
         try:
             ray.init(address=address, log_to_driver=not quiet)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise ResourceError(f"cannot connect to the Ray cluster at ray.address={address!r} ({target}): "
-                                f"{first}") from exc
+                                f"{first_line(exc)}") from exc
         ray_data_quiet()
         return
     num_cpus = rc.num_cpus if rc is not None and rc.num_cpus else None

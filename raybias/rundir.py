@@ -34,6 +34,7 @@ import pyarrow.fs as pafs
 
 from raybias.config import EXECUTION_KEYS, config_hash, same_values, section_values
 from raybias.layout import LEASE, LOGS, MANIFEST, MANIFEST_LOCK
+from raybias.errors import first_line
 from raybias.paths import absolute, is_uri
 
 log = logging.getLogger("raybias")
@@ -112,7 +113,7 @@ class RunDir:
             try:
                 self.fs, root = pafs.FileSystem.from_uri(uri)
             except (ValueError, OSError) as exc:  # pyarrow's ArrowInvalid is a ValueError
-                raise StageFailed(f"cannot use run directory {uri}: {str(exc).splitlines()[0]} "
+                raise StageFailed(f"cannot use run directory {uri}: {first_line(exc)} "
                                   "(a local path, or a URI such as s3://bucket/run or gs://bucket/run)") from exc
             base = uri.split("?", 1)[0]
             self.uri = base.rstrip("/")

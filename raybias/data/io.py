@@ -21,6 +21,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raybias.data.schema import check_table, order_columns, to_arrow
+from raybias.errors import first_line
 from raybias.rundir import RunDir
 
 MARKER = "_SUCCESS"
@@ -112,7 +113,7 @@ def read_table(run: RunDir, rel_dir: str, columns: Optional[List[str]] = None,
             parts.append(pq.read_table(p, columns=columns, filesystem=run.fs))
         except (pa.ArrowInvalid, OSError) as exc:  # a damaged shard the marker did not catch
             hint = f"; rerun `raybias {stage}`" if stage else ""
-            raise TableMissing(f"shard {p} cannot be read ({str(exc).splitlines()[0]}){hint}") from exc
+            raise TableMissing(f"shard {p} cannot be read ({first_line(exc)}){hint}") from exc
     table = pa.concat_tables(parts) if parts else pa.table({})
     df = table.to_pandas()
     if split is not None:
