@@ -33,7 +33,7 @@ def make_images(n: int, size: int = 16, seed: int = 0):
     """n colored-digit PNGs: scikit-learn's digits in random palette colours."""
     from sklearn.datasets import load_digits
 
-    from raybias.data.colors import COLOR_RGB
+    from raybias.palette import COLOR_RGB
     from raybias.data.images import encode_png
     from raybias.data.sources.colored_digits import colorize
 

@@ -47,11 +47,11 @@ def docs_table(path: str = DOCS) -> Dict[str, Row]:
 def run_table(run_dir: str, seed: int = 0) -> Dict[str, Row]:
     """{method: (wga, aga, acc)} of the run's classifiers of `seed`, formatted as the docs."""
     from raybias.classify.metrics import collect_metrics
-    from raybias.config import METHODS
+    from raybias.registry import method_names
     from raybias.rundir import RunDir
 
     # methods only (DDB's amplifier is a classifier too, but not a row of the table)
-    df = collect_metrics(RunDir(run_dir), methods=METHODS, seeds=[seed])
+    df = collect_metrics(RunDir(run_dir), methods=method_names(), seeds=[seed])
     return {r["method"]: tuple(f"{100 * r[k]:.1f}" for k in ("wga", "aga", "acc")) for _, r in df.iterrows()}
 
 

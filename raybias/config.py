@@ -17,15 +17,11 @@ from typing import Any, Dict, List, Optional, Sequence
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-SOURCES = ("colored_digits", "celeba", "waterbirds", "utkface", "csv")
-GENERATORS = ("vanilla", "lora", "dreambooth", "clustered_dreambooth")
-# Training hooks selectable by `train.method` (registered in raybias/classify/methods.py).
-# ddb_recipe1/ddb_recipe2 are registered in raybias/classify/ddb.py (Diffusing DeBias).
-TRAIN_METHODS = ("erm", "reweight", "groupdro", "jtt", "two_stage", "ddb_recipe1", "ddb_recipe2")
-# Entries of `methods:` (what a run compares). A generator name means
-# `two_stage` pretraining on that generator's synthetic set.
-METHODS = ("erm", "reweight", "groupdro", "jtt") + GENERATORS + ("ddb_recipe1", "ddb_recipe2")
-EMBEDDERS = ("builtin", "clip")
+from raybias.palette import COLOR_RGB, CORPUS_RGB
+# Names that stand for code (data sources, embedders, generators, classifier recipes and the
+# `methods:` entries they make) are the ones raybias/registry.py registers, each once.
+from raybias.registry import EMBEDDERS, GENERATORS, SOURCES, method_names, recipe_names
+
 BALANCE = ("max_group", "per_group", "ffr")
 SCHEDULERS = ("ddim", "dpm_solver", "ddpm", "euler")
 ATTENTION = ("auto", "sdpa", "xformers")
@@ -92,6 +88,50 @@ class DataConfig:
     class_words: Optional[List[List[str]]] = None
     bias_words: Optional[List[str]] = None
     prompt_template: Optional[str] = None  # e.g. "a photo of a {bias} {member}"
+
+
+def check_data(d: DictConfig) -> None:
+    """The data section's checks (validate's first part), the sources' own fields included."""
+    _choice("data.source", d.source, SOURCES)
+    severity_value(d.severity)
+    _choice("data.val_protocol", d.val_protocol, VAL_PROTOCOLS)
+    _at_least("data.image_size", d.image_size, 8)
+    _at_least("data.shard_rows", d.shard_rows, 1)
+    if len(d.colors) < 2:
+        _fail("data.colors", list(d.colors), "a list of at least 2 colour names")
+    for c in d.colors:
+        if c not in COLOR_RGB:
+            _fail("data.colors", c, "colour names among " + ", ".join(COLOR_RGB))
+    _between("data.val_fraction", d.val_fraction, 0, 0.5, low_open=True)
+    _between("data.test_fraction", d.test_fraction, 0, 0.5, low_open=True)
+    if SOURCES[d.source].reads_files and not d.root:
+        _fail("data.root", d.root, f"the dataset folder (required for data.source={d.source})")
+    if d.aligned is not None:
+        for v in d.aligned:
+            _at_least("data.aligned", v, 0)
+    for key in ("young_ages", "old_ages"):
+        rng = d[key]
+        if len(rng) != 2 or rng[0] > rng[1] or rng[0] < 0:
+            _fail(f"data.{key}", list(rng), "[min_age, max_age] with 0 <= min <= max")
+    if d.young_ages[1] >= d.old_ages[0]:
+        _fail("data.old_ages", list(d.old_ages),
+              f"an age range above data.young_ages {list(d.young_ages)} (the bins may not overlap)")
+    _choice("data.image_format", d.image_format, ("png", "jpeg"))
+    _at_least("data.load_workers", d.load_workers, 0)
+    if d.source == "celeba" and d.target_attr == d.bias_attr:
+        _fail("data.bias_attr", d.bias_attr, f"a CelebA attribute other than data.target_attr ({d.target_attr})")
+    if not str(d.csv_file).strip():
+        _fail("data.csv_file", d.csv_file, "the CSV file name (inside data.root, or an absolute path)")
+    if d.class_words is not None:
+        for y, members in enumerate(d.class_words):
+            if not members:
+                _fail(f"data.class_words[{y}]", list(members), "a non-empty list of words for the class")
+    if d.prompt_template is not None:
+        try:
+            d.prompt_template.format(member="x", bias="y")
+        except (KeyError, IndexError, ValueError) as exc:
+            _fail("data.prompt_template", d.prompt_template,
+                  f"text with the fields {{member}} and {{bias}} only (it failed on {exc})")
 
 
 @dataclass
@@ -491,54 +531,12 @@ def validate(cfg: DictConfig) -> None:
     # `mixed_precision: no` is how accelerate's own configs spell it, so take it as meant.
     if str(cfg.finetune.mixed_precision).lower() == "false":
         cfg.finetune.mixed_precision = "no"
-    d = cfg.data
-    _choice("data.source", d.source, SOURCES)
-    severity_value(d.severity)
-    _choice("data.val_protocol", d.val_protocol, VAL_PROTOCOLS)
-    _at_least("data.image_size", d.image_size, 8)
-    _at_least("data.shard_rows", d.shard_rows, 1)
-    if len(d.colors) < 2:
-        _fail("data.colors", list(d.colors), "a list of at least 2 colour names")
-    from raybias.data.colors import COLOR_RGB  # local: keeps config import light
-
-    for c in d.colors:
-        if c not in COLOR_RGB:
-            _fail("data.colors", c, "colour names among " + ", ".join(COLOR_RGB))
-    _between("data.val_fraction", d.val_fraction, 0, 0.5, low_open=True)
-    _between("data.test_fraction", d.test_fraction, 0, 0.5, low_open=True)
-    if d.source != "colored_digits" and not d.root:
-        _fail("data.root", d.root, f"the dataset folder (required for data.source={d.source})")
-    if d.aligned is not None:
-        for v in d.aligned:
-            _at_least("data.aligned", v, 0)
-    for key in ("young_ages", "old_ages"):
-        rng = d[key]
-        if len(rng) != 2 or rng[0] > rng[1] or rng[0] < 0:
-            _fail(f"data.{key}", list(rng), "[min_age, max_age] with 0 <= min <= max")
-    if d.young_ages[1] >= d.old_ages[0]:
-        _fail("data.old_ages", list(d.old_ages),
-              f"an age range above data.young_ages {list(d.young_ages)} (the bins may not overlap)")
-    _choice("data.image_format", d.image_format, ("png", "jpeg"))
-    _at_least("data.load_workers", d.load_workers, 0)
-    if d.source == "celeba" and d.target_attr == d.bias_attr:
-        _fail("data.bias_attr", d.bias_attr, f"a CelebA attribute other than data.target_attr ({d.target_attr})")
-    if not str(d.csv_file).strip():
-        _fail("data.csv_file", d.csv_file, "the CSV file name (inside data.root, or an absolute path)")
-    if d.class_words is not None:
-        for y, members in enumerate(d.class_words):
-            if not members:
-                _fail(f"data.class_words[{y}]", list(members), "a non-empty list of words for the class")
-    if d.prompt_template is not None:
-        try:
-            d.prompt_template.format(member="x", bias="y")
-        except (KeyError, IndexError, ValueError) as exc:
-            _fail("data.prompt_template", d.prompt_template,
-                  f"text with the fields {{member}} and {{bias}} only (it failed on {exc})")
+    check_data(cfg.data)
 
     if not cfg.methods:
-        _fail("methods", [], "a non-empty list of " + ", ".join(METHODS))
+        _fail("methods", [], "a non-empty list of " + ", ".join(method_names()))
     for m in cfg.methods:
-        _choice("methods", m, METHODS)
+        _choice("methods", m, method_names())
     if not cfg.seeds:
         _fail("seeds", [], "a non-empty list of integers")
     for s in cfg.seeds:
@@ -562,11 +560,9 @@ def validate(cfg: DictConfig) -> None:
     _between("base.cond_drop", b.cond_drop, 0, 1)
     if not b.check_colors:
         _fail("base.check_colors", [], "a non-empty list of colour names")
-    from raybias.diffusion.corpus import PALETTE  # local: keeps config import light
-
     for c_ in b.check_colors:
-        if c_ not in PALETTE:
-            _fail("base.check_colors", c_, "colour names among " + ", ".join(PALETTE))
+        if c_ not in CORPUS_RGB:
+            _fail("base.check_colors", c_, "colour names among " + ", ".join(CORPUS_RGB))
     if not b.check_guidance:
         _fail("base.check_guidance", [], "a non-empty list of guidance scales >= 0")
     for g_ in b.check_guidance:
@@ -648,7 +644,7 @@ def validate(cfg: DictConfig) -> None:
             _fail("embed.model", e.model, "a CLIP hub id or local folder when filter.embedder=clip")
 
     t = cfg.train
-    _choice("train.method", t.method, TRAIN_METHODS)
+    _choice("train.method", t.method, recipe_names())
     _choice("train.model", t.model, MODELS)
     if t.pretrained is not None:
         _choice("train.pretrained", t.pretrained, ("imagenet",))
@@ -712,7 +708,7 @@ def validate(cfg: DictConfig) -> None:
     for r_ in sw.synthetic_ratios:
         _between("sweep.synthetic_ratios", r_, 0, 1)
     for m in sw.methods or []:
-        _choice("sweep.methods", m, METHODS)
+        _choice("sweep.methods", m, method_names())
     for s in sw.seeds or []:
         _at_least("sweep.seeds", s, 0)
     _at_least("sweep.max_concurrent", sw.max_concurrent, 1)

@@ -1,17 +1,16 @@
 """What each entry of `methods:` means, and which config sections each stage depends on.
 
-A method is either a classifier training hook run on the real data (erm, reweight,
-groupdro, jtt), a generator whose synthetic set pretrains the classifier (`two_stage`
-with train.generator = that generator), or a Diffusing DeBias recipe.
+A method is either a classifier recipe run on the real data (erm, reweight, groupdro, jtt), a
+generator whose synthetic set pretrains the classifier (the recipe registered for generators,
+`two_stage`, with train.generator = that generator), or a Diffusing DeBias recipe, which reads
+the `ddb` stage's set (raybias/registry.py registers each).
 """
 
 from __future__ import annotations
 
 from typing import List, Tuple
 
-from omegaconf import OmegaConf
-
-from raybias.config import GENERATORS
+from raybias.registry import GENERATORS, RECIPES, pretraining_recipe
 
 # Config sections whose values change what each stage produces (hashed in the manifest).
 PREPARE = ("data",)
@@ -20,13 +19,8 @@ EMBED = PREPARE + ("embed",)
 CLUSTER = EMBED + ("cluster",)
 
 
-def finetune_sections(generator: str) -> Tuple[str, ...]:
-    extra = ("embed", "cluster") if generator == "clustered_dreambooth" else ()
-    return ("data", "base", "finetune") + extra
-
-
 def generate_sections(generator: str) -> Tuple[str, ...]:
-    return finetune_sections(generator) + ("generate",)
+    return GENERATORS[generator].sections + ("generate",)
 
 
 def filter_sections(generator: str) -> Tuple[str, ...]:
@@ -37,13 +31,12 @@ def generator_of(method: str) -> str | None:
     """The generator whose synthetic data `method` trains on, if any."""
     if method in GENERATORS:
         return method
-    if method.startswith("ddb"):
-        return "ddb"
-    return None
+    recipe = RECIPES.get(method)
+    return recipe.reads if recipe is not None else None
 
 
 def train_method_of(method: str) -> str:
-    return "two_stage" if method in GENERATORS else method
+    return pretraining_recipe() if method in GENERATORS else method
 
 
 def train_sections(method: str) -> Tuple[str, ...]:

@@ -34,8 +34,9 @@ import os
 import sys
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from raybias.config import GENERATORS, ConfigError
+from raybias.config import ConfigError
 from raybias.methods import generators_needed
+from raybias.registry import GENERATORS
 
 
 # --------------------------------------------------------------------------- where Ray runs
@@ -176,9 +177,7 @@ def check_cluster(cfg, methods: Sequence[str]) -> None:
 
 
 def check_finetune(cfg, methods: Sequence[str]) -> None:
-    from raybias.stages.pipeline import FINETUNED
-
-    if not any(g in FINETUNED for g in _diffusion_generators(methods)):
+    if not any(GENERATORS[g].finetuned for g in _diffusion_generators(methods)):
         return  # `raybias finetune` has nothing to do
     _base_model(cfg)
     ft = cfg.finetune

@@ -177,7 +177,7 @@ def test_oracle_reads_real_colored_digits_colour_and_most_digits(oracle):
     """Domain gap: the oracle never saw handwriting; colour should transfer, digits partly."""
     from sklearn.datasets import load_digits
 
-    from raybias.data.colors import COLOR_RGB
+    from raybias.palette import COLOR_RGB
     from raybias.data.sources.colored_digits import colorize
     from raybias.diffusion.oracle import recognition_rate
 

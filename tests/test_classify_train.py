@@ -134,7 +134,7 @@ def _write_synthetic(run, generator: str, per_group: int = 40) -> None:
     """A group-balanced synthetic set in the generate stage's layout, drawn from the digits."""
     from sklearn.datasets import load_digits
 
-    from raybias.data.colors import COLOR_RGB
+    from raybias.palette import COLOR_RGB
     from raybias.data.images import encode_png
     from raybias.data.schema import to_arrow
     from raybias.data.sources.colored_digits import colorize

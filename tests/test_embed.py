@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from raybias.config import ConfigError
-from raybias.data.colors import COLOR_RGB
+from raybias.palette import COLOR_RGB
 from raybias.data.images import ImageError, encode_png
 from raybias.embed import get_embedder, read_vectors
 from raybias.embed.builtin import FEATURE_DIM

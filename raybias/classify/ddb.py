@@ -39,8 +39,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from raybias.classify.methods import (GroupDROMethod, LossHook, LossInput, Method, Phase,
-                                      register)
+from raybias.classify.methods import GroupDROMethod, LossHook, LossInput, Method, Phase
 from raybias.layout import DDB, DDB_AMPLIFIER_OUTPUTS
 
 
@@ -61,7 +60,6 @@ class GeneralizedCE(LossHook):
         return (inp.per_sample_ce() * p.clamp_min(1e-8) ** self.q * self.q).mean()
 
 
-@register("ddb_amplifier")
 class Amplifier(Method):
     """The bias amplifier: GCE on the DDB synthetic set only (data set "stage1")."""
 
@@ -131,7 +129,6 @@ class DDBRecipe(Method):
         return np.asarray(ctx.method_state["pseudo_groups"], dtype=np.int64)
 
 
-@register("ddb_recipe1")
 class Recipe1(DDBRecipe, GroupDROMethod):
     """Two-step: Group-DRO (its sampler and loss, unchanged) on the amplifier's pseudo groups,
     which DDBRecipe.train_groups puts where Group-DRO reads the true ones."""
@@ -204,7 +201,6 @@ class LfFWeightedCE(LossHook):
         return {"lff_mean_weight": round(self.last_mean_w, 4)}
 
 
-@register("ddb_recipe2")
 class Recipe2(DDBRecipe):
     """End-to-end: LfF reweighting of the real training loss with the amplifier as biased model."""
 

@@ -23,23 +23,23 @@ each error row jtt_lambda times per epoch), two_stage (stage 1: beta CE + (1-bet
 on the synthetic set; stage 2 on the real set with stage2_method, head only or whole
 network).
 
-Adding a method (e.g. Diffusing DeBias' recipes): subclass `Method`, decorate it with
-`@register("ddb_recipe1")`, and list its module in `METHOD_MODULES` so workers import it;
-add the name to TRAIN_METHODS / METHODS in raybias/config.py. Per-sample weights or losses
-go in a `LossHook` (see `SampleWeightedCE`); replacement groups in `train_groups`.
+Adding a method (e.g. Diffusing DeBias' recipes): subclass `Method` and register it once, by
+name and "module:class", in raybias/registry.py (`RecipeKind`): the config then allows it and
+workers import its module when they look it up. Per-sample weights or losses go in a
+`LossHook` (see `SampleWeightedCE`); replacement groups in `train_groups`.
 """
 
 from __future__ import annotations
 
-import importlib
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple, Type
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from raybias.classify.losses import GroupDRO, supcon_loss
+from raybias.registry import RECIPES, load_code
 
 
 @dataclass(frozen=True)
@@ -165,46 +165,28 @@ def group_balanced_weights(groups: np.ndarray) -> Tuple[np.ndarray, int]:
     return 1.0 / counts[groups], len(groups)
 
 
-_REGISTRY: Dict[str, Type[Method]] = {}
-# Modules that register more methods, imported on first lookup (so workers find them too).
-METHOD_MODULES: Dict[str, str] = {name: "raybias.classify.ddb"
-                                  for name in ("ddb_amplifier", "ddb_recipe1", "ddb_recipe2")}
-
-
-def register(name: str):
-    def deco(cls: Type[Method]) -> Type[Method]:
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return deco
-
-
 def get_method(name: str) -> Method:
-    if name not in _REGISTRY and name in METHOD_MODULES:
-        importlib.import_module(METHOD_MODULES[name])
-    if name not in _REGISTRY:
+    """The hooks of the recipe registered as `name` (its module imported on first use, so
+    Ray workers find it too)."""
+    if name not in RECIPES:
         from raybias.config import ConfigError
 
         raise ConfigError(f"train.method {name!r} has no registered training hook; known: "
-                          + ", ".join(sorted(_REGISTRY)))
-    return _REGISTRY[name]()
+                          + ", ".join(registered()))
+    method = load_code(RECIPES[name].code)()
+    method.name = name
+    return method
 
 
 def registered() -> List[str]:
-    return sorted(_REGISTRY)
+    return sorted(RECIPES)
 
 
-register("erm")(Method)
-
-
-@register("reweight")
 class Reweight(Method):
     def sample_weights(self, phase, ctx):
         return group_balanced_weights(ctx.train_groups)
 
 
-@register("groupdro")
 class GroupDROMethod(Method):
     """Group-DRO with group-balanced sampling, as the reference implementation runs it."""
 
@@ -217,7 +199,6 @@ class GroupDROMethod(Method):
                             np.bincount(ctx.train_groups, minlength=ctx.n_train_groups))
 
 
-@register("jtt")
 class JTT(Method):
     """Just Train Twice (Liu et al.): ERM for jtt_epochs (T); the misclassified training
     examples (error set) are then upweighted by jtt_lambda (λ) while a new model trains from
@@ -267,7 +248,6 @@ class JTT(Method):
 STAGE2_METHODS = {"erm": Method, "reweight": Reweight, "groupdro": GroupDROMethod}
 
 
-@register("two_stage")
 class TwoStage(Method):
     """Stage 1 on the synthetic set (+ synthetic_ratio real), beta CE + (1-beta) SupCon;
     stage 2 on the real biased set with stage2_method, head only (Basu et al.) or full (FFR)."""

@@ -19,14 +19,11 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from raybias.data.colors import COLOR_RGB
 from raybias.data.sources.colored_digits import colorize
 from raybias.diffusion.tokenizer import DIGIT_WORDS
+from raybias.palette import CORPUS_RGB
 
-# The task's colours first, then two more: the backbone knows colours the task does not use.
-PALETTE = dict(COLOR_RGB)
-PALETTE.update({"gray": (140, 140, 140), "magenta": (225, 30, 150)})
-PALETTE_NAMES: List[str] = list(PALETTE)
+PALETTE_NAMES: List[str] = list(CORPUS_RGB)
 
 # Fonts shipped in matplotlib's mpl-data/fonts/ttf that draw ordinary digits.
 FONT_FILES = (
@@ -174,7 +171,7 @@ def render_corpus(n: int, size: int = 16, seed: int = 0, palette: Sequence[str] 
         it = bar(iterable=it, desc="rendering corpus", unit="img", mininterval=2)
     for i in it:
         gray8 = render_digit(int(digits[i]), rng, fonts)
-        images[i] = colored(gray8, PALETTE[palette[colors[i]]], size, rng)
+        images[i] = colored(gray8, CORPUS_RGB[palette[colors[i]]], size, rng)
         captions.append(caption(int(digits[i]), palette[colors[i]], rng))
     return Corpus(images=images, digits=digits.astype(np.int64), colors=colors.astype(np.int64),
                   captions=captions, palette=palette)

@@ -46,9 +46,6 @@ from raybias.layout import PREVIEWS_JSON, TRAINING_JSON, class_images_path, mode
 
 log = logging.getLogger("raybias")
 
-# generator (config `methods:` entry) -> kind of model it trains
-KIND_OF = {"lora": "lora", "dreambooth": "dreambooth", "clustered_dreambooth": "dreambooth"}
-FINETUNED_GENERATORS = tuple(KIND_OF)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from raybias.diffusion.backbone import build_pipeline, save_pipeline
-from raybias.diffusion.corpus import PALETTE_NAMES, Corpus
+from raybias.diffusion.corpus import Corpus
 from raybias.diffusion.tokenizer import DIGIT_WORDS
 
 META_FILE = "raybias_backbone.json"  # beside model_index.json: how it was made, its quality
@@ -327,5 +327,3 @@ def save_backbone(result: PretrainResult, folder: str, corpus: Corpus, settings:
     write_meta(folder, meta)
     return folder
 
-
-PALETTE = PALETTE_NAMES

@@ -16,7 +16,7 @@ import json
 import os
 from typing import Dict, Iterable, List, Sequence, Tuple
 
-from raybias.data.colors import COLOR_RGB
+from raybias.palette import COLOR_RGB
 
 BOS = "<|startoftext|>"
 EOS = "<|endoftext|>"

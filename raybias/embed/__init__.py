@@ -8,7 +8,7 @@ An embedder turns encoded images into L2-normalised float32 vectors:
     emb.embed_texts(["a red three", ...])    # -> np.ndarray [N, dim] (CLIP only)
 
 It works in-process and inside a Ray actor alike (`embed_dataset` builds one per actor).
-Embedders are registered by name (`embed.embedder`); `register_embedder` adds one.
+Embedders are registered by name (`embed.embedder`, raybias/registry.py); `register_embedder` adds one.
 
 `embed/vectors/` holds one row per real training image: `id`, `group`, `vector`
 (fixed-size list of float32, L2-normalised), Parquet shards + `_SUCCESS`.
@@ -16,13 +16,13 @@ Embedders are registered by name (`embed.embedder`); `register_embedder` adds on
 
 from __future__ import annotations
 
-import importlib
 from abc import ABC, abstractmethod
 from typing import Any, Callable, Dict, Mapping, Sequence, Union
 
 import numpy as np
 
-from raybias.config import EMBEDDERS, ConfigError
+from raybias.config import ConfigError
+from raybias.registry import EMBEDDERS, load_code
 
 
 class Embedder(ABC):
@@ -62,20 +62,13 @@ def l2_normalize(x: np.ndarray, eps: float = 1e-12) -> np.ndarray:
     return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
 
 
-# name -> "module:factory"  or a callable factory(options: dict) -> Embedder
-_REGISTRY: Dict[str, Union[str, Callable[[Dict[str, Any]], Embedder]]] = {
-    "builtin": "raybias.embed.builtin:BuiltinEmbedder",
-    "clip": "raybias.embed.clip:ClipEmbedder",
-}
-
-
 def register_embedder(name: str, factory: Callable[[Dict[str, Any]], Embedder]) -> None:
     """Make `embed.embedder=<name>` build `factory(options)` (options: the embed section)."""
-    _REGISTRY[name] = factory
+    EMBEDDERS[name] = factory
 
 
 def embedder_names():
-    return tuple(_REGISTRY)
+    return tuple(EMBEDDERS)
 
 
 def embed_options(embed_cfg: Union[Mapping[str, Any], Any, None]) -> Dict[str, Any]:
@@ -98,13 +91,12 @@ def get_embedder(embed_cfg=None, device: str | None = None) -> Embedder:
     """
     opts = embed_options(embed_cfg)
     name = opts.get("embedder", "builtin")
-    if name not in _REGISTRY:
+    if name not in EMBEDDERS:
         raise ConfigError(f"config key 'embed.embedder' has bad value {name!r}: allowed one of "
-                          + ", ".join(sorted(set(_REGISTRY) | set(EMBEDDERS))))
-    factory = _REGISTRY[name]
+                          + ", ".join(sorted(EMBEDDERS)))
+    factory = EMBEDDERS[name]
     if isinstance(factory, str):
-        module, attr = factory.split(":")
-        factory = getattr(importlib.import_module(module), attr)
+        factory = load_code(factory)
     if device is None:
         device = _pick_device(float(opts.get("num_gpus") or 0))
     return factory(opts, device=device)

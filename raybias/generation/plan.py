@@ -27,10 +27,10 @@ from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing
 from raybias.data.schema import SchemaError
 from raybias.layout import generator_manifest, plan_path
+from raybias.registry import MODEL_KINDS
 from raybias.rundir import RunDir
 
 PLAN_VERSION = 1
-MODEL_KINDS = ("base", "lora", "dreambooth")
 
 
 class _KeepUnknown(dict):

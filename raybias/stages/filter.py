@@ -23,7 +23,6 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from raybias.config import GENERATORS
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, shard_paths
@@ -35,6 +34,7 @@ from raybias.layout import (EMBED_KEY, REAL, VECTORS, filter_key, generate_key, 
                             shards_dir, synthetic_dir)
 from raybias.methods import EMBED, filter_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
+from raybias.registry import GENERATORS
 from raybias.rundir import RunDir
 
 log = logging.getLogger("raybias.generation")
@@ -195,6 +195,6 @@ def run_filter(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict[str, Any
     """`raybias filter`: every text-to-image generator named in `methods:`."""
     generators = [g for g in generators_needed(list(cfg.methods)) if g in GENERATORS]
     if not generators:
-        say("filter: no generator in methods (vanilla, lora, dreambooth, clustered_dreambooth); nothing to do")
+        say(f"filter: no generator in methods ({', '.join(GENERATORS)}); nothing to do")
         return {}
     return {gen: filter_set(cfg, run, gen, mode) for gen in generators}

@@ -35,13 +35,13 @@ from raybias.config import ConfigError
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, read_table
-from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, JobSpec, model_name, prompt_template,
-                                        train_loop_per_worker)
+from raybias.diffusion.finetune import JobSpec, model_name, prompt_template, train_loop_per_worker
 from raybias.layout import (CLUSTERS_PARQUET, REAL, fault_marker, finetune_key, finetune_storage, generator_dir,
                             generator_manifest, generator_samples, model_dir, preview_png, previews_json,
                             training_json)
-from raybias.methods import finetune_sections, generators_needed
+from raybias.methods import generators_needed
 from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus
+from raybias.registry import GENERATORS, finetuned_generators
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias")
@@ -98,15 +98,15 @@ def plan_generator(cfg, run: RunDir, info: DatasetInfo, generator: str,
     identifier dropped, its own bias word in the prompt and the source's bias word as the
     negative prompt (Basu et al.).
     """
-    if generator not in KIND_OF:
+    if generator not in finetuned_generators():
         raise ConfigError(f"generator {generator!r} is not fine-tuned: fine-tuned generators are "
-                          + ", ".join(FINETUNED_GENERATORS))
+                          + ", ".join(finetuned_generators()))
     ft = cfg.finetune
-    kind = KIND_OF[generator]
-    identifier = ft.identifier if kind == "dreambooth" else None
+    kind = GENERATORS[generator].model
+    identifier = ft.identifier if GENERATORS[generator].identifier else None
     ids = train_ids if train_ids is not None else _train_ids(run)
     counts = {g: len(ids.get(g, [])) for g in range(info.n_groups)}
-    clusters = _clusters(run, ids) if generator == "clustered_dreambooth" else None
+    clusters = _clusters(run, ids) if GENERATORS[generator].clusters else None
     min_images = max(1, int(ft.min_images))
     trained = [g for g in range(info.n_groups) if counts[g] >= min_images]
 
@@ -466,7 +466,7 @@ def _manifest(cfg, generator: str, plan: GeneratorPlan, records: Dict[str, Dict[
         rec = records[src]
         models.append({**e, "steps": int(rec["steps"]), "final_loss": float(rec["final_loss"])})
     return {"generator": generator, "base": cfg.base.model, "base_resolved": base,
-            "identifier": cfg.finetune.identifier if KIND_OF[generator] == "dreambooth" else None,
+            "identifier": cfg.finetune.identifier if GENERATORS[generator].identifier else None,
             "models": models}
 
 
@@ -479,11 +479,11 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     pending: List[Tuple[str, GeneratorPlan, str]] = []
     info = None
     for gen in generators:
-        if gen not in KIND_OF:
+        if gen not in finetuned_generators():
             raise ConfigError(f"finetune: {gen!r} needs no fine-tuning (fine-tuned generators: "
-                              + ", ".join(FINETUNED_GENERATORS) + ")")
+                              + ", ".join(finetuned_generators()) + ")")
         key = finetune_key(gen)
-        sections = finetune_sections(gen)
+        sections = GENERATORS[gen].sections
         prev = run.stage_record(key)
         same_config = run.matches(prev, cfg, sections)
         st = run.begin_stage(key, cfg, sections, mode)
@@ -587,8 +587,8 @@ def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") ->
 
 def run_finetune(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict]:
     """Fine-tune every generator of `methods:` that needs it (lora, dreambooth, clustered_dreambooth)."""
-    gens = [g for g in generators_needed(list(cfg.methods)) if g in KIND_OF]
+    gens = [g for g in generators_needed(list(cfg.methods)) if g in finetuned_generators()]
     if not gens:
-        say("finetune: no method in `methods:` needs fine-tuning (lora, dreambooth, clustered_dreambooth)")
+        say(f"finetune: no method in `methods:` needs fine-tuning ({', '.join(finetuned_generators())})")
         return {}
     return finetune_generators(cfg, run, gens, mode)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Dict, Optional, Sequence
 
-from raybias.config import GENERATORS, config_hash
+from raybias.config import config_hash
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.diffusion.backbone import resolve_base_model
@@ -27,6 +27,7 @@ from raybias.generation.shards import sort_out_shards
 from raybias.layout import generate_key, generator_dir, scores_path, synthetic_dir, synthetic_samples
 from raybias.methods import generate_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
+from raybias.registry import GENERATORS
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias.generation")
@@ -122,7 +123,6 @@ def run_generate(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict[str, A
     """`raybias generate`: every text-to-image generator named in `methods:`."""
     generators = [g for g in generators_needed(list(cfg.methods)) if g in GENERATORS]
     if not generators:
-        say("generate: no generator in methods (vanilla, lora, dreambooth, clustered_dreambooth); "
-            "nothing to do")
+        say(f"generate: no generator in methods ({', '.join(GENERATORS)}); nothing to do")
         return {}
     return {gen: generate_set(cfg, run, gen, mode) for gen in generators}

@@ -11,29 +11,27 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, List
 
-from raybias.config import GENERATORS
 from raybias.console import say
 from raybias.layout import REPORT_MD, TIMINGS
 from raybias.methods import generators_needed
 from raybias.preflight import check_run
 from raybias.ray_utils import init_ray
+from raybias.registry import GENERATORS
 from raybias.rundir import RunDir
-
-FINETUNED = ("lora", "dreambooth", "clustered_dreambooth")
-
 
 def plan_stages(cfg) -> List[str]:
     """The ordered stage names `raybias run` will go through for this config."""
     gens = generators_needed(list(cfg.methods))
-    diffusion = [g for g in gens if g in GENERATORS]
+    diffusion = [GENERATORS[g] for g in gens if g in GENERATORS]
     stages = ["prepare"]
     # The builtin backbone ships with the package (rebuilding it is `raybias base`, minutes of
     # work); any other base model is checked to load before hours of fine-tuning depend on it.
     if (diffusion or "ddb" in gens) and cfg.base.model != "builtin":
         stages.append("base")
-    if "clustered_dreambooth" in diffusion or (diffusion and cfg.filter.enabled):
-        stages += ["embed", "cluster"] if "clustered_dreambooth" in diffusion else ["embed"]
-    if any(g in FINETUNED for g in diffusion):
+    clustered = any(g.clusters for g in diffusion)
+    if clustered or (diffusion and cfg.filter.enabled):
+        stages += ["embed", "cluster"] if clustered else ["embed"]
+    if any(g.finetuned for g in diffusion):
         stages.append("finetune")
     if diffusion:
         stages += ["generate", "filter"]

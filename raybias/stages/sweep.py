@@ -17,10 +17,11 @@ from typing import Any, Dict, List
 import pandas as pd
 from ray.tune import Callback
 
-from raybias.config import GENERATORS, severity_value, with_overrides
+from raybias.config import severity_value, with_overrides
 from raybias.console import say
 from raybias.layout import SWEEP_REPORT, SWEEP_RESULTS, SWEEP_TUNE, metrics_path, severity_dir, sweep_dir
 from raybias.ray_utils import init_ray, require_gpus
+from raybias.registry import GENERATORS
 from raybias.rundir import RunDir
 
 

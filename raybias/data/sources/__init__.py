@@ -1,12 +1,12 @@
 """Data sources: each reads one on-disk format and returns rows of the raybias schema.
 
-A source is a function `load(data_cfg) -> SourceData`, registered by name. It returns
-every split as shipped (severity is applied afterwards by `raybias.data.severity`). Its
-table holds either the images themselves (`image`: encoded bytes at `data.image_size`,
-as colored_digits makes them) or, for sources that read image files, the column
-`FILE_COLUMN` (absolute path of each file) and no `image`: `prepare` then loads only the
-rows that severity keeps, in parallel, while it writes the shards. Sources on disk also
-keep `path`, the file relative to `data.root`.
+A source is a function `load(data_cfg) -> SourceData`, registered by name in
+raybias/registry.py. It returns every split as shipped (severity is applied afterwards by
+`raybias.data.severity`). Its table holds either the images themselves (`image`: encoded
+bytes at `data.image_size`, as colored_digits makes them) or, for sources that read image
+files, the column `FILE_COLUMN` (absolute path of each file) and no `image`: `prepare` then
+loads only the rows that severity keeps, in parallel, while it writes the shards. Sources
+on disk also keep `path`, the file relative to `data.root`.
 
 The helpers below are shared by the on-disk sources: they turn every problem into a
 `DataError` that names the file, the line or row, the bad value and what is allowed.
@@ -14,7 +14,6 @@ The helpers below are shared by the on-disk sources: they turn every problem int
 
 from __future__ import annotations
 
-import importlib
 import os
 import stat
 from collections import Counter
@@ -24,6 +23,8 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
+
+from raybias.registry import SOURCES, load_code
 
 FILE_COLUMN = "_file"  # absolute image path; internal, never written to the run directory
 SPLIT_CODES = {"0": "train", "1": "val", "2": "test"}
@@ -48,19 +49,10 @@ class SourceData:
     extra: Dict[str, object] = field(default_factory=dict)
 
 
-_MODULES = {
-    "colored_digits": "raybias.data.sources.colored_digits",
-    "celeba": "raybias.data.sources.celeba",
-    "waterbirds": "raybias.data.sources.waterbirds",
-    "utkface": "raybias.data.sources.utkface",
-    "csv": "raybias.data.sources.csv_source",
-}
-
-
 def get_source(name: str) -> Callable:
-    if name not in _MODULES:
-        raise DataError(f"unknown data.source {name!r}: allowed {', '.join(_MODULES)}")
-    return importlib.import_module(_MODULES[name]).load
+    if name not in SOURCES:
+        raise DataError(f"unknown data.source {name!r}: allowed {', '.join(SOURCES)}")
+    return load_code(SOURCES[name].load)
 
 
 def load_source(data_cfg) -> SourceData:

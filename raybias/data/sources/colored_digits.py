@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from raybias.data.colors import COLOR_RGB
 from raybias.data.images import encode_png
 from raybias.data.sources import SourceData
+from raybias.palette import COLOR_RGB
 
 DIGIT_WORDS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
 
