@@ -27,7 +27,7 @@ from PIL import Image
 
 from raybias.config import ConfigError
 from raybias.data.images import READ_FORMATS, decode
-from raybias.embed import Embedder, l2_normalize
+from raybias.embed.embedders import Embedder, l2_normalize
 
 WORK_SIZE = 16
 N_ORIENT = 8

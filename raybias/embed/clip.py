@@ -16,7 +16,7 @@ import numpy as np
 
 from raybias.config import ConfigError
 from raybias.data.images import decode
-from raybias.embed import Embedder
+from raybias.embed.embedders import Embedder
 
 
 def _features(out) -> "Any":
@@ -34,7 +34,7 @@ def _features(out) -> "Any":
 def check_clip_model(model_id) -> None:
     """ConfigError if embed.model is unset, or spelled as a local path (/x, ./x, ../x, ~/x,
     a/b/c) that is not a folder. A hub id (org/name) cannot be checked without fetching it.
-    Needs no Ray and no run directory (raybias.preflight calls it)."""
+    Needs no Ray and no run directory (raybias.stages.preflight calls it)."""
     if not model_id:
         raise ConfigError("config key 'embed.model' is not set: embed.embedder=clip needs a CLIP hub id "
                           "or a local folder")

@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from raybias.data.images import ImageError, decode
 from raybias.data.io import read_dataset, shard_paths
-from raybias.embed import embed_options, get_embedder
+from raybias.embed.embedders import embed_options, get_embedder
 from raybias.layout import VECTORS
 from raybias.rundir import RunDir
 
