@@ -5,7 +5,8 @@ For example `ray job submit -- python jobs/stage.py prepare configs/celeba.yaml 
 
 import sys
 
-from raybias.cli import STAGES, main
+from raybias.cli import main
+from raybias.stages import STAGES
 
 if __name__ == "__main__":
     if len(sys.argv) < 3 or sys.argv[1] not in STAGES:

@@ -4,46 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import logging
 import os
 import signal
 import sys
 import time
 import traceback
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import List, Optional
 
 from raybias.console import say
 from raybias.errors import first_line
 from raybias.paths import absolute, make_paths_absolute
+from raybias.stages import STAGES
 
-# stage name -> (module, entry function, one-line help)
-STAGES: Dict[str, Tuple[str, str, str]] = {
-    "prepare": ("raybias.stages.prepare", "run_prepare",
-                "read the data source, apply bias severity, write data/real/ and print group counts"),
-    "base": ("raybias.stages.base", "run_base",
-             "build the embedded text-to-image backbone (render the font corpus and pretrain), or check a diffusers model loads"),
-    "embed": ("raybias.stages.embed", "run_embed",
-              "image embeddings of the real training set with a Ray Data actor pool -> embed/*.parquet"),
-    "cluster": ("raybias.stages.cluster", "run_cluster",
-                "distributed K-means per group -> embed/clusters.parquet, clusters.json, plots"),
-    "finetune": ("raybias.stages.finetune", "run_finetune",
-                 "fine-tune one diffusion model per group (LoRA, DreamBooth) or per (group, cluster) on Ray Train"),
-    "generate": ("raybias.stages.generate", "run_generate",
-                 "generate the group-balanced synthetic set with Ray Data actor pools -> synthetic/<method>/"),
-    "filter": ("raybias.stages.filter", "run_filter",
-               "score synthetic images (class prompt + group centroid) and keep the top fraction"),
-    "ddb": ("raybias.stages.ddb", "run_ddb",
-            "Diffusing DeBias: class-conditional diffusion model, bias-aligned set, bias amplifier -> generators/ddb/"),
-    "train": ("raybias.stages.train", "run_train",
-              "train a classifier with train.method on Ray Train -> classifiers/<method>/<seed>/metrics.json"),
-    "report": ("raybias.stages.report", "run_report",
-               "write report/report.md with tables, plots and sample grids (CONFIG, or a run/sweep directory)"),
-    "run": ("raybias.stages.pipeline", "run_pipeline",
-            "every stage for every method in `methods:` and every seed, then the report"),
-    "sweep": ("raybias.stages.sweep", "run_sweep",
-              "Ray Tune sweep over severity x synthetic_ratio x method x seed -> sweeps/<name>/"),
-}
 JOB_COMMANDS = ("submit", "status", "stop", "logs")
 
 EPILOG = """\
@@ -78,8 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser.add_argument("--version", action="version", version=f"raybias {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="STAGE")
-    for name, (_, _, help_) in STAGES.items():
-        p = sub.add_parser(name, help=help_, description=help_)
+    for name, stage in STAGES.items():
+        p = sub.add_parser(name, help=stage.help, description=stage.help)
         _common(p, "YAML config, or for `report` also a run or sweep directory" if name == "report"
                 else "YAML config (e.g. configs/quickstart.yaml)")
     p = sub.add_parser("submit", help="submit `raybias run` (or --entry sweep) to a Ray cluster as a Ray job",
@@ -97,11 +70,6 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("job_id")
         p.add_argument("--address", default=None, help="Ray job address (default: RAY_ADDRESS)")
     return parser
-
-
-def _entry(name: str) -> Callable:
-    module, func, _ = STAGES[name]
-    return getattr(importlib.import_module(module), func)
 
 
 def _known_errors() -> tuple:
@@ -161,11 +129,12 @@ def main(argv: Optional[List[str]] = None) -> int:
                           resume=args.resume, wait=not args.no_wait)
         # Paths, once, here: nothing relative may reach a Ray worker (see raybias/paths.py).
         make_paths_absolute(cfg)
-        if args.command not in ("run", "sweep"):  # those check every stage they will run themselves
-            from raybias.preflight import check_run
+        stage = STAGES[args.command]
+        if not stage.chain:  # a chain checks every stage it will run itself
+            from raybias.stages.preflight import check_run
 
             check_run(cfg, [args.command])
-        mode = "resume" if args.resume else ("auto" if args.command in ("run", "sweep") else "fresh")
+        mode = "resume" if args.resume else ("auto" if stage.chain else "fresh")
         run = RunDir(cfg.run_dir)
         from raybias.console import capture
         from raybias.rundir import Lease
@@ -179,7 +148,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         with capture(run, args.command, verbose) as log_file, _released(lease):
             try:
                 start = time.time()
-                _entry(args.command)(cfg, run, mode)
+                # a command always prints its progress (-v is about the log: see console.capture)
+                stage.command()(cfg, run, mode, True)
                 if args.command != "run":
                     say(f"{args.command} finished in {time.time() - start:.1f}s ({run.uri})")
                 return 0

@@ -31,6 +31,7 @@ from omegaconf import OmegaConf
 from raybias.config import ConfigError, to_yaml
 from raybias.paths import relative_paths
 from raybias.rundir import StageFailed
+from raybias.stages import STAGES
 
 CONFIG_NAME = "config.yaml"
 ENTRY_NAME = "entry.py"
@@ -156,8 +157,6 @@ def submit(cfg, config_path: str, overrides: Sequence[str], address: Optional[st
            entry: str = "run", resume: bool = False, wait: bool = True, *, ship_package: bool = True,
            job_id: Optional[str] = None, poll_s: float = 1.0, out: Optional[TextIO] = None) -> int:
     """Submit `raybias <entry>` on `cfg` as a Ray job; follow it when `wait`; return the exit code."""
-    from raybias.cli import STAGES
-
     out = out or sys.stdout
 
     if entry not in STAGES:

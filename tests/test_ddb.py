@@ -207,7 +207,8 @@ def test_recipes_read_no_bias_label(tmp_path, method):
 @pytest.fixture(scope="module")
 def ddb_run(tmp_path_factory, prepared_run, tiny_base_folder):
     from raybias.rundir import RunDir
-    from raybias.stages.pipeline import plan_stages, run_pipeline
+    from raybias.stages import plan_stages
+    from raybias.stages.pipeline import run_pipeline
 
     _, source, info = prepared_run
     tmp = tmp_path_factory.mktemp("ddb")

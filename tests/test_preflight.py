@@ -1,4 +1,4 @@
-"""Fail before the work, not after it: `raybias.preflight.check_run` refuses at once what a
+"""Fail before the work, not after it: `raybias.stages.preflight.check_run` refuses at once what a
 stage would refuse later, with the stage's own message (one ConfigError naming the key)."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 
 from conftest import small_config
 from raybias.config import ConfigError
-from raybias.preflight import check_run, check_sweep
+from raybias.stages.preflight import check_run, check_sweep
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = str(REPO / "configs" / "quickstart.yaml")
@@ -157,7 +157,7 @@ def test_gpu_requests_beyond_the_local_ray_are_refused(tmp_path, stage, section,
 
 
 def test_train_gpus_count_one_per_worker_for_every_method(tmp_path, monkeypatch):
-    import raybias.preflight as preflight
+    import raybias.stages.preflight as preflight
 
     one_gpu = {"num_cpus": 2, "num_gpus": 1}
     cfg = cfg_of(tmp_path, methods=["erm", "vanilla"], ray=one_gpu, train={"use_gpu": True, "num_workers": 2})
@@ -174,7 +174,7 @@ def test_train_gpus_count_one_per_worker_for_every_method(tmp_path, monkeypatch)
 
 
 def test_gpus_found_on_this_machine_count_when_ray_num_gpus_is_unset(tmp_path, monkeypatch):
-    import raybias.preflight as preflight
+    import raybias.stages.preflight as preflight
 
     monkeypatch.setattr(preflight, "_detected_gpus", lambda: 0.0)
     refuses(cfg_of(tmp_path, methods=GEN_METHODS, generate={"num_gpus": 1.0}), ["generate"],

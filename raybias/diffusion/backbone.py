@@ -166,7 +166,7 @@ def check_base_model(model: str) -> str:
 
     A local folder must exist and hold a diffusers pipeline (ConfigError naming base.model);
     a hub id is returned as given (it cannot be checked without fetching it). Needs no Ray
-    and no run directory: `raybias.preflight` calls it before a run starts.
+    and no run directory: `raybias.stages.preflight` calls it before a run starts.
     """
     if model == "builtin":
         folder = builtin_folder()
@@ -199,7 +199,7 @@ def load_pipeline(model: str = "builtin", revision: Optional[str] = None, device
     from diffusers import StableDiffusionPipeline
 
     _quiet_loading()
-    model = check_base_model(model)  # a missing or non-pipeline local folder (raybias.preflight too)
+    model = check_base_model(model)  # a missing or non-pipeline local folder (raybias.stages.preflight too)
     # dtype is applied after loading: the keyword's name differs across diffusers releases
     kwargs = dict(revision=revision, safety_checker=None, requires_safety_checker=False)
     try:

@@ -140,7 +140,7 @@ _CACHE: Dict[str, OracleNet] = {}
 def check_oracle_folder(folder: Optional[str] = None, key: Optional[str] = None) -> str:
     """The oracle folder `load_oracle(folder)` reads (None: the shipped one); ConfigError if
     its weights or config are missing. `key`: the config key that named the folder (e.g.
-    filter.oracle), put in the message. Needs no Ray and no run directory (raybias.preflight)."""
+    filter.oracle), put in the message. Needs no Ray and no run directory (raybias.stages.preflight)."""
     folder = folder or builtin_oracle_folder()
     if not (os.path.isfile(os.path.join(folder, WEIGHTS)) and os.path.isfile(os.path.join(folder, CONFIG))):
         named = f"config key '{key}' has value {folder!r}: " if key else ""

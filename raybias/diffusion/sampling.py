@@ -52,7 +52,7 @@ def check_attention(mode: str, on_cuda: bool, check_installed: bool = True) -> N
 
     ConfigError for an unknown mode; ResourceError for xformers without xformers installed
     (`check_installed`: this process's environment is the workers') or off CUDA. Needs no
-    Ray and no model: `raybias.preflight` calls it before a run starts.
+    Ray and no model: `raybias.stages.preflight` calls it before a run starts.
     """
     if mode not in ("auto", "sdpa", "xformers"):
         from raybias.config import ConfigError

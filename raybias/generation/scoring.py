@@ -40,7 +40,7 @@ def class_digits(info) -> List[List[int]]:
 
 def member_digits(class_words, class_names) -> List[List[int]]:
     """Digit indices of each class's member words; ConfigError naming data.class_words if one
-    is not a digit word. Needs no Ray and no run directory (raybias.preflight calls it)."""
+    is not a digit word. Needs no Ray and no run directory (raybias.stages.preflight calls it)."""
     from raybias.diffusion.tokenizer import DIGIT_WORDS
 
     out = []

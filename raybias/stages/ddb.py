@@ -223,7 +223,7 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     return scores
 
 
-def run_ddb(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Any]:
+def run_ddb(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Any]:
     """`raybias ddb`: diffusion model -> bias-aligned set -> bias amplifier and its outputs."""
     from raybias.ray_utils import init_ray
 
@@ -248,7 +248,9 @@ def run_ddb(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Any]:
     scores = part("amplifier", DDB_AMPLIFIER_KEY, train_amplifier, cfg, run, info, mode)
     took = [f"{k} {v:.0f}s" for k, v in times.items()] + ([f"{', '.join(done_earlier)} done earlier"]
                                                           if done_earlier else [])
-    say(f"ddb: {gen.get('n_images')} bias-aligned images; amplifier's pseudo-conflicting set: precision "
-        f"{scores.get('conflicting_precision')}, recall {scores.get('conflicting_recall')} "
-        f"({scores.get('n_pseudo_conflicting')} flagged of {scores.get('n_train')}); " + "; ".join(took), flush=True)
+    if verbose:
+        say(f"ddb: {gen.get('n_images')} bias-aligned images; amplifier's pseudo-conflicting set: precision "
+            f"{scores.get('conflicting_precision')}, recall {scores.get('conflicting_recall')} "
+            f"({scores.get('n_pseudo_conflicting')} flagged of {scores.get('n_train')}); " + "; ".join(took),
+            flush=True)
     return {"generate": gen, "amplifier": scores, "seconds": times, "done_earlier": done_earlier}

@@ -191,10 +191,11 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
     return record
 
 
-def run_filter(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict[str, Any]]:
+def run_filter(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Dict[str, Any]]:
     """`raybias filter`: every text-to-image generator named in `methods:`."""
     generators = [g for g in generators_needed(list(cfg.methods)) if g in GENERATORS]
     if not generators:
-        say(f"filter: no generator in methods ({', '.join(GENERATORS)}); nothing to do")
+        if verbose:
+            say(f"filter: no generator in methods ({', '.join(GENERATORS)}); nothing to do")
         return {}
-    return {gen: filter_set(cfg, run, gen, mode) for gen in generators}
+    return {gen: filter_set(cfg, run, gen, mode, verbose=verbose) for gen in generators}

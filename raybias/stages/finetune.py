@@ -585,10 +585,11 @@ def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") ->
     return finetune_generators(cfg, run, [generator], mode)[generator]
 
 
-def run_finetune(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict]:
+def run_finetune(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Dict]:
     """Fine-tune every generator of `methods:` that needs it (lora, dreambooth, clustered_dreambooth)."""
     gens = [g for g in generators_needed(list(cfg.methods)) if g in finetuned_generators()]
     if not gens:
-        say(f"finetune: no method in `methods:` needs fine-tuning ({', '.join(finetuned_generators())})")
+        if verbose:
+            say(f"finetune: no method in `methods:` needs fine-tuning ({', '.join(finetuned_generators())})")
         return {}
     return finetune_generators(cfg, run, gens, mode)

@@ -119,10 +119,11 @@ def _summary(run: RunDir, generator: str, plan: Dict[str, Any], record: Dict[str
             "path": run.path(synthetic_dir(generator)), **record}
 
 
-def run_generate(cfg, run: RunDir, mode: str = "fresh") -> Dict[str, Dict[str, Any]]:
+def run_generate(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Dict[str, Any]]:
     """`raybias generate`: every text-to-image generator named in `methods:`."""
     generators = [g for g in generators_needed(list(cfg.methods)) if g in GENERATORS]
     if not generators:
-        say(f"generate: no generator in methods ({', '.join(GENERATORS)}); nothing to do")
+        if verbose:
+            say(f"generate: no generator in methods ({', '.join(GENERATORS)}); nothing to do")
         return {}
-    return {gen: generate_set(cfg, run, gen, mode) for gen in generators}
+    return {gen: generate_set(cfg, run, gen, mode, verbose=verbose) for gen in generators}

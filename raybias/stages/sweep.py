@@ -23,6 +23,7 @@ from raybias.layout import SWEEP_REPORT, SWEEP_RESULTS, SWEEP_TUNE, metrics_path
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.registry import GENERATORS
 from raybias.rundir import RunDir
+from raybias.stages import STAGES, plan_stages
 
 
 def severity_name(severity: Any) -> str:
@@ -67,24 +68,19 @@ def _severity_config(cfg, severity: str, sweep_root: str, methods: List[str]):
     return sub
 
 
-def prepare_shared_stages(cfg, sweep_root: str, mode: str) -> None:
-    """Run every stage except train/report once per severity."""
-    from raybias.stages.pipeline import _stage_fn, plan_stages
-
+def prepare_shared_stages(cfg, sweep_root: str, mode: str, verbose: bool = True) -> None:
+    """Run once per severity every stage whose work depends on no method, ratio or seed
+    (the stage table's `shared`; the trials train, the sweep reports)."""
     methods = list(cfg.sweep.methods or cfg.methods)
     for severity in cfg.sweep.severities:
         name = severity_name(severity)
         sub = _severity_config(cfg, name, sweep_root, methods)
         run = RunDir(sub.run_dir)
         for stage in plan_stages(sub):
-            if stage in ("train", "report"):
+            if not STAGES[stage].shared:
                 continue
             say(f"[sweep] severity {name}: {stage}", flush=True)
-            fn = _stage_fn(stage)
-            if stage == "prepare":
-                fn(sub, run, mode, verbose=False)
-            else:
-                fn(sub, run, mode)
+            STAGES[stage].pipeline_step()(sub, run, mode, verbose)
 
 
 def _trial(config: Dict[str, Any]) -> None:
@@ -160,12 +156,12 @@ class TrialsBar(Callback):
             self._bar.close()
 
 
-def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
+def run_sweep(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> pd.DataFrame:
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from raybias.classify.metrics import summarize
-    from raybias.preflight import check_sweep
+    from raybias.stages.preflight import check_sweep
     from raybias.stages.report import write_sweep_report
 
     check_sweep(cfg)  # every stage of every severity, before any work
@@ -175,7 +171,7 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     sweep_root = run.child_spec(sweep_dir(sw.name))
     sweep = RunDir(sweep_root)
     say(f"raybias sweep '{sw.name}': {sweep_root}", flush=True)
-    prepare_shared_stages(cfg, sweep_root, "resume" if mode == "resume" else "auto")
+    prepare_shared_stages(cfg, sweep_root, "resume" if mode == "resume" else "auto", verbose)
 
     grid = trial_grid(cfg)
     say(f"[sweep] {len(grid)} trials, up to {sw.max_concurrent} at a time", flush=True)

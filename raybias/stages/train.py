@@ -3,7 +3,7 @@
 `raybias train CONFIG train.method=groupdro` writes classifiers/groupdro/<seed>/ for each
 seed and prints a per-group table. With train.method=two_stage the results are written
 under the generator's name (classifiers/<train.generator>/<seed>/), the `methods:` entry
-that stands for it. The pipeline calls `train_methods` for all its methods at once.
+that stands for it. The pipeline runs `run_train_methods`: all its methods at once.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ def method_entry(cfg) -> str:
 
 
 def run_train(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """`raybias train`: the classifier of train.method for every seed, and its table."""
     method = method_entry(cfg)
     seeds: List[int] = [int(s) for s in cfg.seeds]
     results = train_methods(cfg, run, [method], seeds, mode, progress=verbose)
@@ -35,3 +36,10 @@ def run_train(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
             say()
             say(format_summary(summarize(collect_metrics(run, [method], seeds)), names))
     return results
+
+
+def run_train_methods(cfg, run: RunDir, mode: str = "fresh",
+                      verbose: bool = True) -> Dict[Tuple[str, int], Dict[str, Any]]:
+    """The pipeline's train step: every `methods:` entry and seed, not only train.method's
+    (several trainers at once); the report that follows prints the table."""
+    return train_methods(cfg, run, list(cfg.methods), [int(s) for s in cfg.seeds], mode, progress=verbose)

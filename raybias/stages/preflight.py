@@ -2,7 +2,7 @@
 
 `check_run(cfg, stages)` runs, before Ray starts and before anything is written, every
 check that needs only the config and what is known of the data source and this machine,
-for each stage that will run (the names of `raybias.stages.pipeline.plan_stages`):
+for each stage that will run (the names of `raybias.stages.plan_stages`):
 
     prepare   data.root is an existing folder (sources that read files)
     base      base.model, when a local folder, exists and holds a diffusers pipeline
@@ -273,7 +273,7 @@ def check_run(cfg, stages: Sequence[str], methods: Optional[Sequence[str]] = Non
 def check_sweep(cfg) -> None:
     """`raybias sweep`: sweep.gpus_per_trial, then every stage the sweep's methods need
     (the shared stages once per severity, the classifiers in trials)."""
-    from raybias.stages.pipeline import plan_stages
+    from raybias.stages import plan_stages
 
     sw = cfg.sweep
     check_gpus(cfg, "sweep.gpus_per_trial", sw.gpus_per_trial, sw.gpus_per_trial, "per sweep trial",
