@@ -107,9 +107,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     previous_sigterm = _terminate_as_interrupt()
     try:
         if args.command in ("status", "stop", "logs"):
-            from raybias.jobs import job_command
+            from raybias.submit import submission_command
 
-            return job_command(args.command, args.job_id, args.address)
+            return submission_command(args.command, args.job_id, args.address)
         if args.command == "report" and os.path.isdir(args.config):
             from raybias.stages.report import report_directory
 
@@ -122,7 +122,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if args.run_dir:
             cfg.run_dir = args.run_dir
         if args.command == "submit":
-            from raybias.jobs import submit
+            from raybias.submit import submit
 
             # relative paths mean nothing on the cluster: submit refuses them, naming the key
             return submit(cfg, args.config, args.overrides, address=args.address, entry=args.entry,

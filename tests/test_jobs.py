@@ -27,7 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_job_folder_holds_the_resolved_config_and_the_entry(tmp_path):
     from raybias.config import load_config
-    from raybias.jobs import CONFIG_NAME, ENTRY_NAME, entrypoint, runtime_env, stage_working_dir
+    from raybias.submit import CONFIG_NAME, ENTRY_NAME, entrypoint, runtime_env, stage_working_dir
 
     cfg = load_config(REPO / "configs/quickstart.yaml", ["data.severity=0.95", "ray.address=auto"])
     cfg.run_dir = str(tmp_path / "run")
@@ -105,7 +105,7 @@ def _kill_leftovers(marker: str) -> None:
 @pytest.fixture(scope="module")
 def ray_head():
     """A local Ray head with the job API on 127.0.0.1; yields its http address."""
-    from raybias.jobs import job_api_missing
+    from raybias.submit import job_api_missing
 
     missing = job_api_missing(server=True)
     if missing:
@@ -219,7 +219,7 @@ def test_a_failing_job_exits_1_with_its_error_in_the_log(ray_head, tmp_path, cap
 
 def test_stop_ends_a_running_job(ray_head, tmp_path, capsys):
     from raybias.cli import main
-    from raybias.jobs import STATUS_EXIT, connect, follow
+    from raybias.submit import STATUS_EXIT, connect, follow
     from raybias.rundir import RunDir
 
     run_dir = tmp_path / "run"

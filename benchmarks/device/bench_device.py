@@ -8,7 +8,7 @@ build_pipeline("sd15")`: UNet 860M, VAE 84M, CLIP ViT-L/14 text encoder), within
   smoke             no NaN/inf in any UNet or VAE output (each dtype), images not constant and
                     different per seed, the stock pipeline's images finite; a peft LoRA (rank 4,
                     non-zero B) changes the output for the same seeds, is saved by raybias's
-                    `LoraMethod.save` (safetensors) and, loaded back through the sampler's own
+                    `LoraTuner.save` (safetensors) and, loaded back through the sampler's own
                     `ModelSwitcher`, reproduces the in-memory LoRA's images
   sample-raybias    `raybias.diffusion.sampling.sample` with the sampler actor's own `_prepare`
                     (dtype, attention, channels_last, torch.compile): images/s per batch size
@@ -422,7 +422,7 @@ class Bench:
     def m_smoke(self) -> Dict[str, Any]:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        from raybias.diffusion.finetune import LORA_WEIGHTS, LoraMethod
+        from raybias.diffusion.finetune import LORA_WEIGHTS, LoraTuner
         from raybias.diffusion.sampling import sample, set_attention
         from raybias.generation.sampler import ModelSwitcher
         from raybias.layout import model_dir
@@ -485,12 +485,12 @@ class Bench:
         checks["stock_images_finite"] = bool(np.isfinite(out).all())
         checks["stock_images_not_constant"] = bool(all(im.std() > 0 for im in out))
 
-        # LoRA: peft adapter (raybias's LoraMethod), non-zero B, changes the output for the same seeds
+        # LoRA: peft adapter (raybias's LoraTuner), non-zero B, changes the output for the same seeds
         dt = DTYPES[main]
         ft = {"lr": 1e-4, "lora_rank": 4, "lora_alpha": 4.0, "seed": 0}
-        method = LoraMethod(ft)
+        tuner = LoraTuner(ft)
         lpipe = self.copy_pipe(dt)
-        method.prepare(lpipe.unet)
+        tuner.prepare(lpipe.unet)
         checks["lora_layers"] = perturb_lora(lpipe.unet, a.lora_rel)
         lpipe.unet.requires_grad_(False)
         lpipe.unet.to(self.device, dt)  # as the sampler's _prepare casts a loaded adapter
@@ -503,7 +503,7 @@ class Bench:
         tmp = tempfile.mkdtemp(prefix="bench-device-lora-")
         run = RunDir(tmp)
         rel = model_dir("lora", "smoke")
-        method.save(lpipe, run.path(rel), None, False)
+        tuner.save(lpipe, run.path(rel), None, False)
         weights = os.path.join(run.path(rel), LORA_WEIGHTS)
         checks["lora_saved_safetensors"] = bool(os.path.isfile(weights) and os.path.getsize(weights) > 0)
         del lpipe

@@ -10,8 +10,8 @@ dict) so that it can run in a Ray Train worker anywhere:
                the prompts ONCE (the text encoder is frozen), and for DreamBooth with prior
                preservation generate the class images with the base model (cached in the
                run directory, so a restarted worker does not sample them again)
-    method     `lora`: a peft LoRA adapter on the UNet attention projections, only it trains;
-               `dreambooth`: the whole UNet trains, prompts carry the identifier token
+    tuner      by the model kind: `lora`: a peft LoRA adapter on the UNet attention projections,
+               only it trains; `dreambooth`: the whole UNet trains, prompts carry the identifier
     step       DDPM noise at a uniform timestep, UNet prediction (epsilon or v), MSE
                (+ prior_loss_weight x the same loss on class images)
     checkpoint every `checkpoint_every` steps: trainable weights + optimizer state
@@ -128,11 +128,12 @@ def preview_prompts(template: str, members: Sequence[str], n: int) -> List[str]:
     return [template.format(member=members[i % len(members)]) for i in range(n)]
 
 
-# --------------------------------------------------------------------------- methods
+# --------------------------------------------------------------------------- tuners
 
 
-class Method(ABC):
-    """What distinguishes a fine-tuning method inside the one loop."""
+class Tuner(ABC):
+    """What distinguishes one kind of model (raybias.registry.MODEL_KINDS) inside the one loop:
+    which weights train, at what rate, and how the model folder is written."""
 
     kind = ""
 
@@ -142,11 +143,11 @@ class Method(ABC):
     @property
     @abstractmethod
     def lr(self) -> float:
-        """Learning rate of the method's optimizer."""
+        """Learning rate of the tuner's optimizer."""
 
     @abstractmethod
     def prepare(self, unet) -> List[torch.nn.Parameter]:
-        """Make the UNet trainable the method's way; return the parameters to optimise."""
+        """Make the UNet trainable the tuner's way; return the parameters to optimise."""
 
     def uses_prior(self) -> bool:
         return False
@@ -156,7 +157,7 @@ class Method(ABC):
         """Write the model folder in stock diffusers layout."""
 
 
-class LoraMethod(Method):
+class LoraTuner(Tuner):
     """peft LoRA on the UNet attention projections; the base weights stay frozen."""
 
     kind = "lora"
@@ -198,7 +199,7 @@ class LoraMethod(Method):
                                                   safe_serialization=True, unet_lora_adapter_metadata=meta)
 
 
-class DreamBoothMethod(Method):
+class DreamBoothTuner(Tuner):
     """The whole UNet trains on prompts that carry the identifier, optionally with a prior."""
 
     kind = "dreambooth"
@@ -234,11 +235,11 @@ class DreamBoothMethod(Method):
                 (_link_or_copy if link else shutil.copy2)(src, dst)
 
 
-METHODS = {"lora": LoraMethod, "dreambooth": DreamBoothMethod}
+TUNERS = {"lora": LoraTuner, "dreambooth": DreamBoothTuner}
 
 
-def make_method(kind: str, ft: Dict[str, Any]) -> Method:
-    return METHODS[kind](ft)
+def make_tuner(kind: str, ft: Dict[str, Any]) -> Tuner:
+    return TUNERS[kind](ft)
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -353,7 +354,7 @@ class FinetuneLoop:
 
         self.pipe, self.job, self.ft = pipe, job, ft
         self.device = torch.device(device)
-        self.method = make_method(job.kind, ft)
+        self.tuner = make_tuner(job.kind, ft)
         self.seed = int(ft["seed"])
         self.batch_size = int(ft["batch_size"])
         self.size = default_size(pipe)
@@ -380,16 +381,16 @@ class FinetuneLoop:
         # probability cond_drop, so the model also learns the unconditional score
         self.cond_drop = float(ft.get("cond_drop", 0.0))
         self.null_emb = self._embed([""])[0][0] if self.cond_drop > 0 else None
-        self.prior = self.method.uses_prior() and class_images is not None and len(class_images) > 0
+        self.prior = self.tuner.uses_prior() and class_images is not None and len(class_images) > 0
         if self.prior:
             self.cls_mean, self.cls_std = self._encode(class_images)
             cls_prompts = [job.class_template.format(member=member_for(f"class-{i}", job.members, self.seed))
                            for i in range(len(class_images))]
             self.cls_table, self.cls_index = self._embed(cls_prompts)
-        self.trainable = self.method.prepare(pipe.unet)
+        self.trainable = self.tuner.prepare(pipe.unet)
         self.trainable_names = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
         pipe.unet.to(self.device)
-        self.optimizer = make_optimizer(self.trainable, self.method.lr, float(ft.get("weight_decay", 1e-2)))
+        self.optimizer = make_optimizer(self.trainable, self.tuner.lr, float(ft.get("weight_decay", 1e-2)))
         self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None)
 
     # one-off encodings ---------------------------------------------------
@@ -430,7 +431,7 @@ class FinetuneLoop:
         n = self.batch_size
         latents, noise, t, context = self._draw(gen, self.lat_mean, self.lat_std, self.emb_index,
                                                 self.emb_table, n)
-        if self.cond_drop > 0:  # drawn only when enabled: other methods' draws stay as they were
+        if self.cond_drop > 0:  # drawn only when enabled: the other models' draws stay as they were
             drop = torch.rand(n, generator=gen) < self.cond_drop
             context = torch.where(drop.to(context.device)[:, None, None], self.null_emb.to(context.dtype), context)
         if self.prior:
@@ -717,7 +718,7 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
         "precision": "fp32" if loop.amp_dtype is None else str(loop.amp_dtype).replace("torch.", ""),
         "prompt_template": job.prompt_template, "trainable_parameters": int(sum(p.numel() for p in loop.trainable)),
     }
-    publish_model(run, loop.method, pipe, model_dir(job.generator, job.name), record, previews,
+    publish_model(run, loop.tuner, pipe, model_dir(job.generator, job.name), record, previews,
                   ft.get("base_folder"))
     if board is not None:
         board.update.remote(job.generator, job.name, steps, steps, state["losses"][-1], "done")
@@ -727,11 +728,11 @@ def prompt_template_without_identifier(job: JobSpec) -> str:
     return job.class_template or job.prompt_template
 
 
-def publish_model(run, method: Method, pipe, rel: str, record: Dict[str, Any],
+def publish_model(run, tuner: Tuner, pipe, rel: str, record: Dict[str, Any],
                   previews: List[Tuple[str, np.ndarray]], base_folder: Optional[str]) -> None:
     """Write the model folder under a temporary name and rename it into place when whole."""
     def fill(folder: str, link: bool) -> None:
-        method.save(pipe, folder, base_folder if base_folder and os.path.isdir(base_folder) else None, link)
+        tuner.save(pipe, folder, base_folder if base_folder and os.path.isdir(base_folder) else None, link)
         labels = []
         for k, (label, row) in enumerate(previews):
             with open(os.path.join(folder, preview_name(k)), "wb") as f:

@@ -2,7 +2,7 @@
 
 The CLI builds its sub-commands from it, `raybias run` (stages/pipeline.py) and a sweep's
 shared work (stages/sweep.py) walk it, and a Ray job's `--entry` is checked against it
-(raybias/jobs.py). Every stage module has one entry of one signature,
+(raybias/submit.py). Every stage module has one entry of one signature,
 
     run_<stage>(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True)
 

@@ -290,15 +290,15 @@ def _base_model(cfg, run: RunDir) -> Tuple[str, Optional[str]]:
 
 def _run_job(cfg, run: RunDir, job: JobSpec, ft: Dict[str, Any], board) -> Dict[str, Any]:
     """Train one job on Ray Train; returns its training record (training.json)."""
-    return _run_unit(cfg, run, [(job, ft)], board)[job.key]
+    return _run_trainer(cfg, run, [(job, ft)], board)[job.key]
 
 
 def pack_name(index: int, n_packs: int) -> str:
     return f"pack-{index}-of-{n_packs}"
 
 
-def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], board,
-              name: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
+def _run_trainer(cfg, run: RunDir, jobs: List[Tuple[JobSpec, Dict[str, Any]]], board,
+                 name: Optional[str] = None) -> Dict[str, Dict[str, Any]]:
     """Train one job, or a pack of jobs in turn, in one Ray Train trainer; returns {job.key: record}."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -308,11 +308,11 @@ def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], boar
     resources = {"CPU": float(f.num_cpus_per_job)}
     if use_gpu:
         resources["GPU"] = float(f.num_gpus_per_job)
-    first = unit[0][0]
+    first = jobs[0][0]
     loop_cfg: Dict[str, Any] = {"board": board, "use_gpu": use_gpu, "threads": max(1, int(f.num_cpus_per_job))}
     items = [{"job": job.to_dict(), "finetune": ft, "fault": _fault_for(job.generator, job.name, run)}
-             for job, ft in unit]
-    if len(unit) == 1:
+             for job, ft in jobs]
+    if len(jobs) == 1:
         loop_cfg.update(items[0])
     else:
         loop_cfg["pack"] = items
@@ -328,13 +328,13 @@ def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], boar
     trainer.fit()  # raises when the trainer failed more than max_failures times
     wall = time.time() - start
     records = {}
-    for job, _ in unit:
+    for job, _ in jobs:
         rel = training_json(job.generator, job.name)
         if not run.exists(rel):
             raise StageFailed(f"{job.generator} {job.name}: training finished but {run.path(rel)} was not written")
         record = run.read_json(rel)
         # a packed job: the trainer's wall time is shared; its own is setup + training + previews
-        record["wall_seconds"] = round(wall if len(unit) == 1 else sum(
+        record["wall_seconds"] = round(wall if len(jobs) == 1 else sum(
             float(record.get(k, 0.0)) for k in ("startup_seconds", "setup_seconds", "train_seconds",
                                                 "preview_seconds")), 3)
         records[job.key] = record
@@ -363,31 +363,31 @@ def _interleave_groups(work: List[Tuple[JobSpec, Dict[str, Any]]]) -> List[Tuple
     return out
 
 
-def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[str, Any]]]]],
+def _run_all(cfg, run: RunDir, trainers: List[Tuple[str, List[Tuple[JobSpec, Dict[str, Any]]]]],
              on_done, total_steps: int) -> Dict[str, Exception]:
-    """Run every unit (a trainer name and its one job or pack of jobs), as many at once as the
-    cluster holds; `on_done(job, record)` for each job as its unit finishes."""
+    """Run every trainer (a name and its one job or pack of jobs), as many at once as the
+    cluster holds; `on_done(job, record)` for each job as its trainer finishes."""
     import ray
 
     errors: Dict[str, Exception] = {}
-    if not units:
+    if not trainers:
         return errors
     board = _progress_board_class().remote()
     monitor = ProgressMonitor(board, total_steps).start()
-    pool = ThreadPoolExecutor(max_workers=min(len(units), _capacity(cfg.finetune)),
+    pool = ThreadPoolExecutor(max_workers=min(len(trainers), _capacity(cfg.finetune)),
                               thread_name_prefix="raybias-finetune")
     try:
-        futures = {pool.submit(_run_unit, cfg, run, unit, board, name): (name, unit) for name, unit in units}
+        futures = {pool.submit(_run_trainer, cfg, run, jobs, board, name): (name, jobs) for name, jobs in trainers}
         for fut in as_completed(futures):
-            name, unit = futures[fut]
+            name, jobs = futures[fut]
             try:
                 records = fut.result()
-                for job, _ in unit:
+                for job, _ in jobs:
                     on_done(job, records[job.key])
             except Exception as exc:  # one trainer failing must not stop the others
                 # a pack's jobs published before the failure are kept; the others failed
-                for job, _ in unit:
-                    if len(unit) > 1 and run.exists(training_json(job.generator, job.name)):
+                for job, _ in jobs:
+                    if len(jobs) > 1 and run.exists(training_json(job.generator, job.name)):
                         on_done(job, run.read_json(training_json(job.generator, job.name)))
                     else:
                         errors[job.key] = exc
@@ -521,13 +521,13 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     per_trainer = int(cfg.finetune.jobs_per_trainer)
     if per_trainer > 1:
         packs = make_packs(every_job, per_trainer)
-        units = [(pack_name(i, len(packs)), pack) for i, pack in enumerate(packs)
-                 if any(j.key not in finished for j, _ in pack)]
+        trainers = [(pack_name(i, len(packs)), pack) for i, pack in enumerate(packs)
+                    if any(j.key not in finished for j, _ in pack)]
     else:
-        units = [(job.name, [(job, ft)]) for job, ft in todo]
+        trainers = [(job.name, [(job, ft)]) for job, ft in todo]
     skipped = sum(len(r) for r in records.values())
     say(f"finetune: {len(todo)} job(s) to train" + (f", {skipped} finished earlier" if skipped else "")
-        + (f", in {len(units)} trainer(s)" if per_trainer > 1 else "")
+        + (f", in {len(trainers)} trainer(s)" if per_trainer > 1 else "")
           + f" ({', '.join(g for g, _, _ in pending)}; base {base})", flush=True)
 
     lock = threading.Lock()
@@ -538,7 +538,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
             run.mark_units(finetune_key(job.generator), [job.name])
 
     started = time.time()
-    errors = _run_all(cfg, run, units, on_done, total_steps=int(cfg.finetune.steps) * len(todo))
+    errors = _run_all(cfg, run, trainers, on_done, total_steps=int(cfg.finetune.steps) * len(todo))
     failed_gens = {name.split("/", 1)[0] for name in errors}
     for gen, plan, key in pending:
         if gen in failed_gens:

@@ -11,6 +11,10 @@ The address is the Ray dashboard's HTTP address (http://127.0.0.1:8265 through a
 tunnel or `kubectl port-forward`: the dashboard is never exposed beyond the cluster),
 from --address or RAY_ADDRESS. A cluster with token authentication needs
 RAY_AUTH_MODE=token and RAY_AUTH_TOKEN set here, as for `ray job submit`.
+
+Words: Ray and the command line call what goes to the cluster a Ray job; in raybias's code
+a "job" is one fine-tuning job (finetune.*_job* keys), so this module calls it a submission,
+as the job API's `submission_id` does.
 """
 
 from __future__ import annotations
@@ -52,7 +56,7 @@ ADDRESS_HELP = ("pass --address http://127.0.0.1:8265 (open it with `ray dashboa
                 "`kubectl port-forward svc/raybias-head-svc 8265:8265`) or set RAY_ADDRESS")
 
 
-class JobError(StageFailed):
+class SubmitError(StageFailed):
     """The Ray job API could not be reached, refused a request, or has no such job."""
 
 
@@ -70,11 +74,11 @@ def job_api_missing(server: bool = False) -> List[str]:
 
 
 def connect(address: Optional[str]):
-    """A JobSubmissionClient for `address` (or RAY_ADDRESS); a JobError if it cannot be reached."""
+    """A JobSubmissionClient for `address` (or RAY_ADDRESS); a SubmitError if it cannot be reached."""
     address = resolve_address(address)
     missing = job_api_missing()
     if missing:
-        raise JobError(f"the Ray job client needs {', '.join(missing)}, which come with ray[default]: "
+        raise SubmitError(f"the Ray job client needs {', '.join(missing)}, which come with ray[default]: "
                        "pip install 'ray[default]'")
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
@@ -82,10 +86,10 @@ def connect(address: Optional[str]):
     try:
         return JobSubmissionClient(address)
     except AuthenticationError as exc:
-        raise JobError(f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token and "
+        raise SubmitError(f"the Ray cluster at {address} refused this client's token: set RAY_AUTH_MODE=token and "
                        f"RAY_AUTH_TOKEN to the cluster's token (see cluster/README.md). {exc}") from exc
     except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
-        raise JobError(f"cannot reach the Ray job API at {address} ({exc}); {ADDRESS_HELP}") from exc
+        raise SubmitError(f"cannot reach the Ray job API at {address} ({exc}); {ADDRESS_HELP}") from exc
 
 
 def package_dir() -> Path:
@@ -112,7 +116,7 @@ def check_job_paths(cfg) -> None:
             f"cluster, where it would name another place; give an absolute path on {where}")
 
 
-def job_config(cfg) -> Any:
+def submitted_config(cfg) -> Any:
     """The config the job runs: everything resolved, joining the cluster the job runs on."""
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     # Inside a job RAY_ADDRESS names the cluster; a configured address would point elsewhere.
@@ -131,7 +135,7 @@ def entrypoint(entry: str, resume: bool) -> str:
 def stage_working_dir(cfg, folder: Path) -> Path:
     """Write the job's working directory: the resolved config and the entry script."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / CONFIG_NAME).write_text(to_yaml(job_config(cfg)))
+    (folder / CONFIG_NAME).write_text(to_yaml(submitted_config(cfg)))
     (folder / ENTRY_NAME).write_text(ENTRY_SCRIPT)
     return folder
 
@@ -149,7 +153,7 @@ def runtime_env(folder: Path, ship_package: bool = True) -> Dict[str, Any]:
     return env
 
 
-def new_job_id(entry: str) -> str:
+def new_submission_id(entry: str) -> str:
     return f"raybias-{entry}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
@@ -167,7 +171,7 @@ def submit(cfg, config_path: str, overrides: Sequence[str], address: Optional[st
     if ship_package and _folder_mb(pkg) > PACKAGE_WARN_MB:
         print(f"warning: shipping {pkg} ({_folder_mb(pkg):.0f} MB) with the job; keep data out of the package",
               file=sys.stderr)
-    job_id = job_id or new_job_id(entry)
+    job_id = job_id or new_submission_id(entry)
     with tempfile.TemporaryDirectory(prefix="raybias-job-") as tmp:
         folder = stage_working_dir(cfg, Path(tmp) / "job")
         try:
@@ -179,7 +183,7 @@ def submit(cfg, config_path: str, overrides: Sequence[str], address: Optional[st
                           "raybias_overrides": " ".join(overrides), "run_dir": str(cfg.run_dir)},
             )
         except (ConnectionError, OSError, RuntimeError, ValueError) as exc:
-            raise JobError(f"the Ray job API at {client.get_address()} refused the job: {exc}") from exc
+            raise SubmitError(f"the Ray job API at {client.get_address()} refused the job: {exc}") from exc
     where = client.get_address()
     print(f"submitted job {job_id} to {where} (run dir {cfg.run_dir})", file=out, flush=True)
     if not wait:
@@ -227,7 +231,7 @@ def follow(client, job_id: str, out: Optional[TextIO] = None, poll_s: float = 1.
         if status in TERMINAL:
             return status
         if timeout_s is not None and time.monotonic() - start > timeout_s:
-            raise JobError(f"job {job_id} still {status} after {timeout_s:.0f}s")
+            raise SubmitError(f"job {job_id} still {status} after {timeout_s:.0f}s")
         time.sleep(poll_s)
 
 
@@ -256,7 +260,7 @@ def _describe(info) -> List[str]:
     return lines
 
 
-def job_command(command: str, job_id: str, address: Optional[str] = None, out: Optional[TextIO] = None) -> int:
+def submission_command(command: str, job_id: str, address: Optional[str] = None, out: Optional[TextIO] = None) -> int:
     """`raybias status|stop|logs JOB`: print what the job API says; 0 when it answered."""
     out = out or sys.stdout
     client = connect(address)
@@ -273,7 +277,7 @@ def job_command(command: str, job_id: str, address: Optional[str] = None, out: O
             raise ConfigError(f"unknown job command {command!r}: allowed status, stop, logs")
     except RuntimeError as exc:
         if "404" in str(exc) or "does not exist" in str(exc):
-            raise JobError(f"no job {job_id!r} on the Ray cluster at {client.get_address()}") from exc
-        raise JobError(f"the Ray job API at {client.get_address()} failed: {exc}") from exc
+            raise SubmitError(f"no job {job_id!r} on the Ray cluster at {client.get_address()}") from exc
+        raise SubmitError(f"the Ray job API at {client.get_address()} failed: {exc}") from exc
     out.flush()
     return 0
