@@ -30,7 +30,7 @@ MODELS = ("small_cnn", "resnet18", "resnet50")
 STAGE2 = ("head", "full")
 STAGE2_LOSS = ("erm", "reweight", "groupdro")
 VAL_PROTOCOLS = ("untouched", "biased")  # data.val_protocol (raybias/data/severity.py)
-JTT_DRAWS = ("exact", "replacement")  # train.jtt_draw (raybias/classify/methods.py, JTT)
+JTT_DRAWS = ("exact", "replacement")  # train.jtt_draw (raybias/classify/recipes.py, JTT)
 
 
 class ConfigError(ValueError):

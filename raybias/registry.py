@@ -153,11 +153,11 @@ for _kind in (
     register_generator(_kind)
 
 for _recipe in (
-    RecipeKind("erm", "raybias.classify.methods:Method"),
-    RecipeKind("reweight", "raybias.classify.methods:Reweight"),
-    RecipeKind("groupdro", "raybias.classify.methods:GroupDROMethod"),
-    RecipeKind("jtt", "raybias.classify.methods:JTT"),
-    RecipeKind("two_stage", "raybias.classify.methods:TwoStage", entry="generators"),
+    RecipeKind("erm", "raybias.classify.recipes:Recipe"),
+    RecipeKind("reweight", "raybias.classify.recipes:Reweight"),
+    RecipeKind("groupdro", "raybias.classify.recipes:GroupDRORecipe"),
+    RecipeKind("jtt", "raybias.classify.recipes:JTT"),
+    RecipeKind("two_stage", "raybias.classify.recipes:TwoStage", entry="generators"),
     RecipeKind("ddb_recipe1", "raybias.classify.ddb:Recipe1", reads="ddb"),
     RecipeKind("ddb_recipe2", "raybias.classify.ddb:Recipe2", reads="ddb"),
     RecipeKind("ddb_amplifier", "raybias.classify.ddb:Amplifier", entry="", reads="ddb", selectable=False),

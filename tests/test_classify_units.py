@@ -13,7 +13,7 @@ import torch
 
 from raybias.classify.data import DataSet, Multiplicity, augment, epoch_draw, generator, mix_real_into
 from raybias.classify.losses import GroupDRO, group_means, supcon_loss
-from raybias.classify.methods import (JTT, GroupDROLoss, LossInput, Phase, get_method,
+from raybias.classify.recipes import (JTT, GroupDROLoss, LossInput, Phase, get_method,
                                       group_balanced_weights, registered)
 from raybias.classify.metrics import collect_metrics, format_summary, group_metrics, summarize
 from raybias.classify.models import (build_model, cached_weights_path, check_pretrained, load_classifier,

@@ -13,7 +13,7 @@ import torch
 from conftest import small_config
 from raybias.classify.data import DataSet
 from raybias.classify.ddb import GeneralizedCE, LfFWeightedCE, Recipe1, Recipe2, pseudo_groups
-from raybias.classify.methods import LossInput, get_method
+from raybias.classify.recipes import LossInput, get_method
 
 
 # --- hooks, no Ray ------------------------------------------------------------------------

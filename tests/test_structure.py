@@ -38,11 +38,11 @@ def test_the_config_allows_exactly_what_is_registered():
 
 
 def test_every_registered_name_loads_its_code():
-    from raybias.classify.methods import Method, get_method
+    from raybias.classify.recipes import Recipe, get_method
 
     for name, recipe in RECIPES.items():
         hooks = get_method(name)
-        assert isinstance(hooks, Method) and hooks.name == name and type(hooks) is load_code(recipe.code)
+        assert isinstance(hooks, Recipe) and hooks.name == name and type(hooks) is load_code(recipe.code)
     for source in SOURCES.values():
         assert callable(load_code(source.load))
     for name, factory in EMBEDDERS.items():

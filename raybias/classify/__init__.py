@@ -1,9 +1,10 @@
-"""Classifier training: one loop on Ray Train, methods as small registered hooks.
+"""Classifier training: one loop on Ray Train, recipes as small registered hooks.
 
 - `models`: the small CNN and torchvision ResNet-18/50, split into encoder + linear head.
 - `losses`: per-group losses, Group-DRO's online weights, supervised contrastive loss.
-- `methods`: the registry `train.method` names (erm, reweight, groupdro, jtt, two_stage):
-  each a list of phases plus hooks (sampler weights, training groups, loss, phase end).
+- `recipes`: what `train.method` names (erm, reweight, groupdro, jtt, two_stage; DDB's in
+  `ddb`), registered in raybias/registry.py: each a list of phases plus hooks (sampler
+  weights, training groups, loss, phase end).
 - `data`: the training sets (metadata on the driver; images decoded in memory per worker
   or streamed through Ray Data), seeded sampling and colour-preserving augmentation.
 - `loop`: the per-worker training function (phases, checkpoints, model selection).

@@ -39,7 +39,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from raybias.classify.methods import GroupDROMethod, LossHook, LossInput, Method, Phase
+from raybias.classify.recipes import GroupDRORecipe, LossHook, LossInput, Phase, Recipe
 from raybias.layout import DDB, DDB_AMPLIFIER_OUTPUTS
 
 
@@ -60,7 +60,7 @@ class GeneralizedCE(LossHook):
         return (inp.per_sample_ce() * p.clamp_min(1e-8) ** self.q * self.q).mean()
 
 
-class Amplifier(Method):
+class Amplifier(Recipe):
     """The bias amplifier: GCE on the DDB synthetic set only (data set "stage1")."""
 
     def phases(self, t):
@@ -102,7 +102,7 @@ def _aligned(meta: pd.DataFrame, out: pd.DataFrame, split: str, what: str) -> pd
     return part.loc[meta["id"].tolist()]
 
 
-class DDBRecipe(Method):
+class DDBRecipe(Recipe):
     """Shared: amplifier outputs on train (and val, for bias-label-free selection)."""
 
     def prepare(self, cfg, run, sets, seed):
@@ -129,7 +129,7 @@ class DDBRecipe(Method):
         return np.asarray(ctx.method_state["pseudo_groups"], dtype=np.int64)
 
 
-class Recipe1(DDBRecipe, GroupDROMethod):
+class Recipe1(DDBRecipe, GroupDRORecipe):
     """Two-step: Group-DRO (its sampler and loss, unchanged) on the amplifier's pseudo groups,
     which DDBRecipe.train_groups puts where Group-DRO reads the true ones."""
 

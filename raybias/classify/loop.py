@@ -1,6 +1,6 @@
 """The training function every Ray Train worker runs (`train_loop_per_worker`).
 
-One loop for every method: the method (raybias/classify/methods.py) supplies the phases and
+One loop for every recipe: the recipe (raybias/classify/recipes.py) supplies the phases and
 hooks. Per epoch: a seeded draw of rows (permutation or weighted), seeded augmentation, a
 cosine learning rate per step, the validation metrics, a checkpoint reported with
 `ray.train.report` (rank 0 writes it). A restarted worker group, or a new trainer on the same
@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from raybias.allocator import keep_freed_memory
 from raybias.classify.data import (DataSet, InMemorySet, ParquetRows, StreamSet, augment, epoch_draw,
                                    generator, load_images)
-from raybias.classify.methods import LossInput, Phase, get_method
+from raybias.classify.recipes import LossInput, Phase, get_method
 from raybias.classify.metrics import metrics_from_counts
 from raybias.classify.models import (Classifier, build_model, model_bytes, state_from_safetensors,
                                      state_to_safetensors)

@@ -28,7 +28,7 @@ from omegaconf import OmegaConf
 
 from raybias.classify.data import DataSet, real_sets, stream_dataset
 from raybias.classify.loop import TrainJob, train_loop_per_worker
-from raybias.classify.methods import get_method
+from raybias.classify.recipes import get_method
 from raybias.classify.models import check_pretrained
 from raybias.config import config_hash
 from raybias.data.info import DatasetInfo

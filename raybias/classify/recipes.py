@@ -1,13 +1,15 @@
-"""Training methods as small hooks on the one loop (raybias/classify/loop.py).
+"""Recipes: the ways to train a classifier (`train.method`), as small hooks on the one loop
+(raybias/classify/loop.py). A `methods:` entry is a method a run compares; it trains with a
+recipe (erm with erm, a generator with two_stage on its synthetic set: raybias/methods.py).
 
-A method is a registered `Method`: a list of phases (each a run of epochs on one data set
+A recipe is a registered `Recipe`: a list of phases (each a run of epochs on one data set
 with its own learning rate) and hooks the loop calls:
 
 - `prepare(cfg, run, sets, seed)`   driver side, before the trainer starts: may add data sets
                                     (two_stage adds "stage1") and returns `method_state`
                                     (picklable) that workers see as `ctx.method_state`;
 - `train_groups(phase, ctx)`        the group label of every training row that samplers and
-                                    group losses use (default: the true group; a method may
+                                    group losses use (default: the true group; a recipe may
                                     replace them, e.g. with pseudo groups);
 - `sample_weights(phase, ctx)`      None (a permutation each epoch), (per-row weights,
                                     epoch size) for sampling with replacement, or
@@ -23,9 +25,9 @@ each error row jtt_lambda times per epoch), two_stage (stage 1: beta CE + (1-bet
 on the synthetic set; stage 2 on the real set with stage2_method, head only or whole
 network).
 
-Adding a method (e.g. Diffusing DeBias' recipes): subclass `Method` and register it once, by
+Adding a recipe (e.g. Diffusing DeBias' recipes): subclass `Recipe` and register it once, by
 name and "module:class", in raybias/registry.py (`RecipeKind`): the config then allows it and
-workers import its module when they look it up. Per-sample weights or losses go in a
+workers import its module when they look it up (`get_method`, by the train.method name). Per-sample weights or losses go in a
 `LossHook` (see `SampleWeightedCE`); replacement groups in `train_groups`.
 """
 
@@ -135,7 +137,7 @@ class CEPlusSupCon(LossHook):
         return loss
 
 
-class Method:
+class Recipe:
     """Base: ERM on the real training set, one phase, model selection by val WGA."""
 
     name = "erm"
@@ -165,7 +167,7 @@ def group_balanced_weights(groups: np.ndarray) -> Tuple[np.ndarray, int]:
     return 1.0 / counts[groups], len(groups)
 
 
-def get_method(name: str) -> Method:
+def get_method(name: str) -> Recipe:
     """The hooks of the recipe registered as `name` (its module imported on first use, so
     Ray workers find it too)."""
     if name not in RECIPES:
@@ -182,12 +184,12 @@ def registered() -> List[str]:
     return sorted(RECIPES)
 
 
-class Reweight(Method):
+class Reweight(Recipe):
     def sample_weights(self, phase, ctx):
         return group_balanced_weights(ctx.train_groups)
 
 
-class GroupDROMethod(Method):
+class GroupDRORecipe(Recipe):
     """Group-DRO with group-balanced sampling, as the reference implementation runs it."""
 
     def sample_weights(self, phase, ctx):
@@ -199,7 +201,7 @@ class GroupDROMethod(Method):
                             np.bincount(ctx.train_groups, minlength=ctx.n_train_groups))
 
 
-class JTT(Method):
+class JTT(Recipe):
     """Just Train Twice (Liu et al.): ERM for jtt_epochs (T); the misclassified training
     examples (error set) are then upweighted by jtt_lambda (λ) while a new model trains from
     scratch. train.jtt_draw=exact (default): each epoch is the upweighted set itself, every
@@ -245,10 +247,10 @@ class JTT(Method):
         return w, int(round(w.sum()))  # as many draws as the upweighted set has rows
 
 
-STAGE2_METHODS = {"erm": Method, "reweight": Reweight, "groupdro": GroupDROMethod}
+STAGE2_RECIPES = {"erm": Recipe, "reweight": Reweight, "groupdro": GroupDRORecipe}
 
 
-class TwoStage(Method):
+class TwoStage(Recipe):
     """Stage 1 on the synthetic set (+ synthetic_ratio real), beta CE + (1-beta) SupCon;
     stage 2 on the real biased set with stage2_method, head only (Basu et al.) or full (FFR)."""
 
@@ -274,8 +276,8 @@ class TwoStage(Method):
         if phase.name == "stage1":  # the pretrained encoder, kept for inspection and reuse
             ctx.add_model_artifact("stage1_model.safetensors")
 
-    def _stage2(self, ctx) -> Method:
-        return STAGE2_METHODS[ctx.train.stage2_method]()
+    def _stage2(self, ctx) -> Recipe:
+        return STAGE2_RECIPES[ctx.train.stage2_method]()
 
     def sample_weights(self, phase, ctx):
         return None if phase.name == "stage1" else self._stage2(ctx).sample_weights(phase, ctx)
