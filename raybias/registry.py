@@ -82,12 +82,7 @@ GENERATORS: Dict[str, GeneratorKind] = {}
 
 
 def register_generator(kind: GeneratorKind) -> GeneratorKind:
-    if kind.model not in MODEL_KINDS:
-        raise ValueError(f"generator {kind.name!r}: model kind {kind.model!r} is not one of {', '.join(MODEL_KINDS)}")
-    if kind.name in GENERATORS or kind.name in RECIPES:
-        raise ValueError(f"{kind.name!r} is registered already")
-    GENERATORS[kind.name] = kind
-    return kind
+    return _register(GENERATORS, kind, "model", MODEL_KINDS)
 
 
 def finetuned_generators() -> List[str]:
@@ -112,15 +107,11 @@ class RecipeKind:
 
 
 RECIPES: Dict[str, RecipeKind] = {}
+RECIPE_ENTRIES = ("self", "generators", "")
 
 
 def register_recipe(kind: RecipeKind) -> RecipeKind:
-    if kind.entry not in ("self", "generators", ""):
-        raise ValueError(f"recipe {kind.name!r}: entry {kind.entry!r} is not one of self, generators, ''")
-    if kind.name in RECIPES or kind.name in GENERATORS:
-        raise ValueError(f"{kind.name!r} is registered already")
-    RECIPES[kind.name] = kind
-    return kind
+    return _register(RECIPES, kind, "entry", RECIPE_ENTRIES)
 
 
 def recipe_names() -> List[str]:
@@ -140,6 +131,18 @@ def method_names() -> List[str]:
 def pretraining_recipe() -> str:
     """The recipe a generator's `methods:` entry trains with."""
     return next(r.name for r in RECIPES.values() if r.entry == "generators")
+
+
+def _register(table: Dict[str, Any], kind: Any, field: str, allowed: Tuple[str, ...]) -> Any:
+    """Add `kind` to `table`: its `field` must be one of `allowed`, and its name new among the
+    generators and the recipes (both are spelled in `methods:`)."""
+    if getattr(kind, field) not in allowed:
+        raise ValueError(f"{kind.name!r}: {field} {getattr(kind, field)!r} is not one of "
+                         + ", ".join(map(repr, allowed)))
+    if kind.name in GENERATORS or kind.name in RECIPES:
+        raise ValueError(f"{kind.name!r} is registered already")
+    table[kind.name] = kind
+    return kind
 
 
 # --------------------------------------------------------------------------- the registrations

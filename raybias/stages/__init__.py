@@ -2,7 +2,8 @@
 
 The CLI builds its sub-commands from it, `raybias run` (stages/pipeline.py) and a sweep's
 shared work (stages/sweep.py) walk it, and a Ray job's `--entry` is checked against it
-(raybias/submit.py). Every stage module has one entry of one signature,
+(raybias/submit.py). Every stage module (raybias/stages/<name>.py, but `run`: pipeline.py) has
+one entry of one signature,
 
     run_<stage>(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True)
 
@@ -24,10 +25,8 @@ from raybias.registry import GENERATORS
 @dataclass(frozen=True)
 class Stage:
     name: str
-    module: str
-    entry: str  # the function of `module` that `raybias <name>` runs
     help: str
-    # What `raybias run` runs as this stage, when it differs from `entry` (same signature):
+    # What `raybias run` runs as this stage, when it differs from the entry (same signature):
     # the command `raybias train` trains train.method, `raybias run` every `methods:` entry.
     step: Optional[str] = None
     # Work that depends on no method, ratio or seed: a sweep does it once per severity
@@ -36,6 +35,12 @@ class Stage:
     # A command that runs other stages (run, sweep): it checks them itself, and without
     # --resume it skips what is finished with the same config (mode auto), like make.
     chain: bool = False
+    module: str = ""  # "": raybias.stages.<name>
+    entry: str = ""  # the function `raybias <name>` runs; "": run_<name>
+
+    def __post_init__(self):
+        object.__setattr__(self, "module", self.module or f"raybias.stages.{self.name}")
+        object.__setattr__(self, "entry", self.entry or f"run_{self.name}")
 
     def function(self, name: str) -> Callable:
         return getattr(importlib.import_module(self.module), name)
@@ -50,33 +55,25 @@ class Stage:
 
 
 STAGES: Dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", "raybias.stages.prepare", "run_prepare",
-          "read the data source, apply bias severity, write data/real/ and print group counts"),
-    Stage("base", "raybias.stages.base", "run_base",
-          "build the embedded text-to-image backbone (render the font corpus and pretrain), or check a diffusers model loads"),
-    Stage("embed", "raybias.stages.embed", "run_embed",
-          "image embeddings of the real training set with a Ray Data actor pool -> embed/*.parquet"),
-    Stage("cluster", "raybias.stages.cluster", "run_cluster",
-          "distributed K-means per group -> embed/clusters.parquet, clusters.json, plots"),
-    Stage("finetune", "raybias.stages.finetune", "run_finetune",
-          "fine-tune one diffusion model per group (LoRA, DreamBooth) or per (group, cluster) on Ray Train"),
-    Stage("generate", "raybias.stages.generate", "run_generate",
-          "generate the group-balanced synthetic set with Ray Data actor pools -> synthetic/<method>/"),
-    Stage("filter", "raybias.stages.filter", "run_filter",
-          "score synthetic images (class prompt + group centroid) and keep the top fraction"),
-    Stage("ddb", "raybias.stages.ddb", "run_ddb",
-          "Diffusing DeBias: class-conditional diffusion model, bias-aligned set, bias amplifier -> generators/ddb/"),
-    Stage("train", "raybias.stages.train", "run_train",
-          "train a classifier with train.method on Ray Train -> classifiers/<method>/<seed>/metrics.json",
+    Stage("prepare", "read the data source, apply bias severity, write data/real/ and print group counts"),
+    Stage("base", "build the embedded text-to-image backbone (render the font corpus and pretrain), "
+                  "or check a diffusers model loads"),
+    Stage("embed", "image embeddings of the real training set with a Ray Data actor pool -> embed/*.parquet"),
+    Stage("cluster", "distributed K-means per group -> embed/clusters.parquet, clusters.json, plots"),
+    Stage("finetune", "fine-tune one diffusion model per group (LoRA, DreamBooth) or per (group, cluster) "
+                      "on Ray Train"),
+    Stage("generate", "generate the group-balanced synthetic set with Ray Data actor pools -> synthetic/<method>/"),
+    Stage("filter", "score synthetic images (class prompt + group centroid) and keep the top fraction"),
+    Stage("ddb", "Diffusing DeBias: class-conditional diffusion model, bias-aligned set, bias amplifier "
+                 "-> generators/ddb/"),
+    Stage("train", "train a classifier with train.method on Ray Train -> classifiers/<method>/<seed>/metrics.json",
           step="run_train_methods", shared=False),
-    Stage("report", "raybias.stages.report", "run_report",
-          "write report/report.md with tables, plots and sample grids (CONFIG, or a run/sweep directory)",
-          shared=False),
-    Stage("run", "raybias.stages.pipeline", "run_pipeline",
-          "every stage for every method in `methods:` and every seed, then the report", shared=False, chain=True),
-    Stage("sweep", "raybias.stages.sweep", "run_sweep",
-          "Ray Tune sweep over severity x synthetic_ratio x method x seed -> sweeps/<name>/", shared=False,
-          chain=True),
+    Stage("report", "write report/report.md with tables, plots and sample grids (CONFIG, or a run/sweep "
+                    "directory)", shared=False),
+    Stage("run", "every stage for every method in `methods:` and every seed, then the report", shared=False,
+          chain=True, module="raybias.stages.pipeline", entry="run_pipeline"),
+    Stage("sweep", "Ray Tune sweep over severity x synthetic_ratio x method x seed -> sweeps/<name>/",
+          shared=False, chain=True),
 )}
 
 
