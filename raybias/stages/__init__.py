@@ -23,7 +23,10 @@ from raybias.registry import GENERATORS
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageSpec:
+    """A stage as the table describes it (a stage running in a run directory is
+    raybias.rundir's Stage)."""
+
     name: str
     help: str
     # What `raybias run` runs as this stage, when it differs from the entry (same signature):
@@ -54,25 +57,25 @@ class Stage:
         return self.function(self.step or self.entry)
 
 
-STAGES: Dict[str, Stage] = {s.name: s for s in (
-    Stage("prepare", "read the data source, apply bias severity, write data/real/ and print group counts"),
-    Stage("base", "build the embedded text-to-image backbone (render the font corpus and pretrain), "
+STAGES: Dict[str, StageSpec] = {s.name: s for s in (
+    StageSpec("prepare", "read the data source, apply bias severity, write data/real/ and print group counts"),
+    StageSpec("base", "build the embedded text-to-image backbone (render the font corpus and pretrain), "
                   "or check a diffusers model loads"),
-    Stage("embed", "image embeddings of the real training set with a Ray Data actor pool -> embed/*.parquet"),
-    Stage("cluster", "distributed K-means per group -> embed/clusters.parquet, clusters.json, plots"),
-    Stage("finetune", "fine-tune one diffusion model per group (LoRA, DreamBooth) or per (group, cluster) "
+    StageSpec("embed", "image embeddings of the real training set with a Ray Data actor pool -> embed/*.parquet"),
+    StageSpec("cluster", "distributed K-means per group -> embed/clusters.parquet, clusters.json, plots"),
+    StageSpec("finetune", "fine-tune one diffusion model per group (LoRA, DreamBooth) or per (group, cluster) "
                       "on Ray Train"),
-    Stage("generate", "generate the group-balanced synthetic set with Ray Data actor pools -> synthetic/<method>/"),
-    Stage("filter", "score synthetic images (class prompt + group centroid) and keep the top fraction"),
-    Stage("ddb", "Diffusing DeBias: class-conditional diffusion model, bias-aligned set, bias amplifier "
+    StageSpec("generate", "generate the group-balanced synthetic set with Ray Data actor pools -> synthetic/<method>/"),
+    StageSpec("filter", "score synthetic images (class prompt + group centroid) and keep the top fraction"),
+    StageSpec("ddb", "Diffusing DeBias: class-conditional diffusion model, bias-aligned set, bias amplifier "
                  "-> generators/ddb/"),
-    Stage("train", "train a classifier with train.method on Ray Train -> classifiers/<method>/<seed>/metrics.json",
+    StageSpec("train", "train a classifier with train.method on Ray Train -> classifiers/<method>/<seed>/metrics.json",
           step="run_train_methods", shared=False),
-    Stage("report", "write report/report.md with tables, plots and sample grids (CONFIG, or a run/sweep "
+    StageSpec("report", "write report/report.md with tables, plots and sample grids (CONFIG, or a run/sweep "
                     "directory)", shared=False),
-    Stage("run", "every stage for every method in `methods:` and every seed, then the report", shared=False,
+    StageSpec("run", "every stage for every method in `methods:` and every seed, then the report", shared=False,
           chain=True, module="raybias.stages.pipeline", entry="run_pipeline"),
-    Stage("sweep", "Ray Tune sweep over severity x synthetic_ratio x method x seed -> sweeps/<name>/",
+    StageSpec("sweep", "Ray Tune sweep over severity x synthetic_ratio x method x seed -> sweeps/<name>/",
           shared=False, chain=True),
 )}
 
