@@ -141,7 +141,7 @@ def finetune_storage(generator: str) -> str:
 
 
 def fault_marker(generator: str, job: str) -> str:
-    """Test hook (RAYBIAS_FINETUNE_FAULT): present once the job's worker was killed."""
+    """Test hook (raybias.faults, point finetune.step): present once the job's worker was killed."""
     return f"{finetune_storage(generator)}/{job}.fault-marker"
 
 

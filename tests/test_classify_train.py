@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raybias import faults
 from raybias.classify.data import real_sets, load_images
 from raybias.classify.metrics import group_metrics
 from raybias.classify.models import load_classifier, state_from_safetensors
@@ -78,7 +79,7 @@ def test_groupdro_beats_erm_on_planted_shortcut(shortcut_run):
     assert again[("erm", 0)]["seconds"] == erm["seconds"]
 
 
-def test_same_seed_identical_and_resume_continues(shortcut_run, tmp_path, capsys):
+def test_same_seed_identical_and_resume_continues(shortcut_run, tmp_path, capsys, monkeypatch):
     _, run, _ = shortcut_run
     from raybias.cli import main
 
@@ -100,8 +101,9 @@ def test_same_seed_identical_and_resume_continues(shortcut_run, tmp_path, capsys
 
     # killed after 2 of 4 epochs (no automatic restart): nothing marked done, checkpoints kept
     cfg0 = with_overrides(cfg, ["train.max_failures=0"])
+    faults.arm(monkeypatch, "train.epoch", "reweight/3", 2)
     with pytest.raises(StageFailed, match="injected failure"):
-        train_classifier(cfg0, run, "reweight", 3, "fresh", fail_after_epochs=2)
+        train_classifier(cfg0, run, "reweight", 3, "fresh")
     assert not run.is_done("train/reweight/3")
     assert not run.exists("classifiers/reweight/3/metrics.json")
     with pytest.raises(ResumeRefused, match="train.lr"):
@@ -178,11 +180,12 @@ def test_two_stage_head_streaming_keeps_encoder(shortcut_run):
     assert rec["test"]["wga"] is not None
 
 
-def test_ddp_two_workers_restart_after_failure(shortcut_run):
+def test_ddp_two_workers_restart_after_failure(shortcut_run, monkeypatch):
     cfg, run, info = shortcut_run
     cfg = with_overrides(cfg, ["train.method=groupdro", "train.num_workers=2", "train.max_failures=1",
                                "train.epochs=3", "train.lr=0.003"])
-    rec = train_classifier(cfg, run, "groupdro", 7, "fresh", fail_after_epochs=1)
+    faults.arm(monkeypatch, "train.epoch", "groupdro/7", 1)
+    rec = train_classifier(cfg, run, "groupdro", 7, "fresh")
     assert rec["restarts"] == 1  # Ray Train restarted the worker group from the epoch-1 checkpoint
     assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
     # two ranks share each epoch's N draws (equal halves; at most one short batch dropped each)

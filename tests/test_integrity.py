@@ -73,6 +73,17 @@ def test_a_second_writer_is_refused_naming_the_holder_and_its_heartbeat(tmp_path
     Lease(RunDir(tmp_path / "run"), "run").acquire().release()  # free again
 
 
+def test_a_run_directory_inside_a_held_one_is_refused(tmp_path):
+    """A sweep's sub-runs live inside the sweep's run directory, written by its trials."""
+    outer = Lease(RunDir(tmp_path / "sweep"), "sweep").acquire()
+    try:
+        with pytest.raises(RunDirBusy, match=r"inside .*sweep, in use by `raybias sweep`"):
+            Lease(RunDir(tmp_path / "sweep" / "sweeps" / "s" / "severity-0.9"), "train").acquire()
+    finally:
+        outer.release()
+    Lease(RunDir(tmp_path / "sweep" / "sweeps" / "s" / "severity-0.9"), "train").acquire().release()
+
+
 def test_a_dead_writers_lease_is_taken_over(tmp_path):
     run = RunDir(tmp_path / "run")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from raybias.allocator import keep_freed_memory
+from raybias.faults import strike
 from raybias.classify.data import (DataSet, InMemorySet, ParquetRows, StreamSet, augment, epoch_draw,
                                    generator, load_images)
 from raybias.classify.methods import LossInput, Phase, get_method
@@ -276,7 +277,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
     quiet_train_worker()  # no line per reported epoch
     job: TrainJob = config["job"]
-    fail_after = config.get("fail_after_epochs")
+    fault = config.get("fault")  # raybias.faults: None outside the test suite
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
     torch.set_num_threads(max(1, int(job.torch_threads)))
@@ -411,11 +412,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             state.loss_hook = hook.state_dict()
             report({k: v for k, v in entry.items() if not isinstance(v, list)}, f"p{pi}-e{epoch + 1:04d}")
             epochs_done_here += 1
-            if fail_after is not None and ckpt is None and epochs_done_here >= fail_after:
-                # Test hook. The controller polls workers; give it time to register the checkpoint
-                # just reported, or a loaded machine restarts the group without it and fails again.
-                time.sleep(3)
-                raise RuntimeError(f"injected failure after {epochs_done_here} epoch(s) (fail_after_epochs)")
+            strike(fault, epochs_done_here, first_session=ckpt is None)
         method.end_phase(phase, ctx)
         state.phase, state.epoch, state.step = pi + 1, 0, 0
         state.optimizer, state.loss_hook = None, {}

@@ -19,13 +19,13 @@ import json
 import logging
 import math
 import os
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from raybias import faults
 from raybias.classify.data import DataSet, real_sets, stream_dataset
 from raybias.classify.loop import TrainJob, train_loop_per_worker
 from raybias.classify.methods import get_method
@@ -37,9 +37,6 @@ from raybias.methods import method_config, train_method_of, train_sections
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias.train")
-
-# RunDir's manifest is a read-modify-write JSON file: trainer threads take turns with it.
-_MANIFEST_LOCK = threading.Lock()
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -72,8 +69,7 @@ def build_job(cfg, run: RunDir, method: str, seed: int, info: DatasetInfo,
                               f"({', '.join(ds.files[:2]) or 'no files'})")
     group_names = [info.group_name(g) for g in range(info.n_groups)]
     return TrainJob(
-        # absolute for local runs: Ray Train workers run in their own working directory
-        run_spec=run.uri if run.is_local else run.spec(), method=method, train_method=t.method, seed=int(seed),
+        run_spec=run.spec(),  # absolute (RunDir makes it so): Ray Train workers run elsewhere method=method, train_method=t.method, seed=int(seed),
         train=OmegaConf.to_container(t, resolve=True), n_classes=info.n_classes, n_groups=info.n_groups,
         group_names=group_names, image_size=int(info.image_size), sets=sets, method_state=method_state,
         torch_threads=max(1, int(t.cpus_per_worker)),
@@ -105,7 +101,7 @@ def cached_if_small(data, n_rows: int, image_size: int, cache_mb: int):
         ctx.execution_options.preserve_order = keep
 
 
-def _trainer(job: TrainJob, run: RunDir, t, fail_after_epochs: Optional[int], callbacks=None):
+def _trainer(job: TrainJob, run: RunDir, t, fault: Optional[Dict[str, Any]], callbacks=None):
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -132,7 +128,7 @@ def _trainer(job: TrainJob, run: RunDir, t, fail_after_epochs: Optional[int], ca
                                     execution_options=ExecutionOptions(preserve_order=True))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "fail_after_epochs": fail_after_epochs},
+        train_loop_config={"job": job, "fault": fault},
         scaling_config=ScalingConfig(num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu),
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -211,15 +207,13 @@ def _write_outputs(run: RunDir, job: TrainJob, result, mcfg, seconds: float) -> 
 
 def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fresh", *,
                      info: Optional[DatasetInfo] = None, real: Optional[Dict[str, DataSet]] = None,
-                     fail_after_epochs: Optional[int] = None, name: Optional[str] = None,
-                     callbacks=None) -> Dict[str, Any]:
+                     name: Optional[str] = None, callbacks=None) -> Dict[str, Any]:
     """Train (or skip, or resume) the classifier of one `methods:` entry and seed.
 
     `name` (default: the method) names its folder `classifiers/<name>/<seed>/` and stage key,
     so a sweep can keep variants of one method apart; `callbacks` go to Ray Train's RunConfig.
 
-    Returns the metrics.json record. `fail_after_epochs` makes the first worker session raise
-    after that many epochs (fault injection: a restart or `--resume` must continue it).
+    Returns the metrics.json record.
     """
     from raybias.ray_utils import init_ray, require_gpus
 
@@ -233,25 +227,23 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     name = name or method
     key = train_key(name, seed)
     sections = train_sections(method)
-    with _MANIFEST_LOCK:
-        prev = run.stage_record(key)
-        st = run.begin_stage(key, mcfg, sections, mode)
+    # partial: a killed trainer's checkpoints continue a run of the same config
+    st = run.stage(key, mcfg, sections, mode, partial=True, owns=(classifier_dir(name, seed),),
+                   outputs=(metrics_path(name, seed),))
     if st.skip:
         return json.loads(run.read_text(metrics_path(name, seed)))
-    resumable = mode != "fresh" and run.matches(prev, mcfg, sections)
-    if not resumable:
-        run.delete(classifier_dir(name, seed))
     if t.use_gpu:
         require_gpus(1, f"train.use_gpu for {method}")
     check_pretrained(t.model, t.pretrained)
     info = info or DatasetInfo.load(run)
     job = build_job(cfg, run, method, seed, info, real)
     job.method = name
-    if resumable and prev.get("hash"):
+    if st.resumable and st.previous.get("hash"):
         # same work by RunDir.matches (e.g. only the CPU count changed): its checkpoint carries
         # the hash it was started under
-        job.config_hash = prev["hash"]
-    trainer = _trainer(job, run, t, fail_after_epochs, callbacks)
+        job.config_hash = st.previous["hash"]
+    fault = faults.planned("train.epoch", [f"{name}/{seed}"])  # None outside the test suite
+    trainer = _trainer(job, run, t, fault, callbacks)
     start = time.time()
     try:
         result = trainer.fit()
@@ -261,9 +253,7 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
                           "rerun with --resume to continue)") from exc
     record = _write_outputs(run, job, result, mcfg, time.time() - start)
     run.delete(classifier_dir(name, seed), trainer_name(name, seed))
-    with _MANIFEST_LOCK:
-        run.finish_stage(key, info={"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]},
-                         outputs=(metrics_path(name, seed),))
+    st.finish({"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]})
     return record
 
 

@@ -75,14 +75,11 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
     from raybias.ray_utils import require_gpus
     from raybias.stages.finetune import _run_job
 
-    key = DDB_MODEL_KEY
-    prev = run.stage_record(key)
-    same = run.matches(prev, cfg, MODEL_SECTIONS, RECIPE_KEYS)
-    st = run.begin_stage(key, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS)
-    if st.skip and run.exists(DDB_MANIFEST) and run.exists(DDB_MODEL_DIR, TRAINING_JSON):
+    # partial: the job's checkpoints resume a killed training of the same config
+    st = run.stage(DDB_MODEL_KEY, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
+                   owns=(generator_dir(DDB),), outputs=(DDB_MANIFEST, f"{DDB_MODEL_DIR}/{TRAINING_JSON}"))
+    if st.skip:
         return run.read_json(DDB_MANIFEST)
-    if mode == "fresh" or not same:
-        run.delete(generator_dir(DDB))  # nothing of another config may be resumed
     require_gpus(cfg.finetune.num_gpus_per_job, "ddb (finetune.num_gpus_per_job)")
     train = real_sets(run)["train"].meta  # id and y only are used
     ids = train["id"].astype(str).tolist()
@@ -103,10 +100,8 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
                     "final_loss": float(record["final_loss"])} for c in range(info.n_classes)],
     }
     run.write_json(DDB_MANIFEST, manifest)
-    run.finish_stage(key, outputs=(DDB_MANIFEST,),
-                     info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
-                           "wall_seconds": record.get("wall_seconds"),
-                           "seconds_per_step": record.get("seconds_per_step")})
+    st.finish(info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
+                    "wall_seconds": record.get("wall_seconds"), "seconds_per_step": record.get("seconds_per_step")})
     return manifest
 
 
@@ -159,15 +154,20 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     from raybias.generation.shards import sort_out_shards
     from raybias.ray_utils import require_gpus
 
-    key = DDB_GENERATE_KEY
-    prev = run.stage_record(key)
-    same = run.matches(prev, cfg, GENERATE_SECTIONS, RECIPE_KEYS)
-    st = run.begin_stage(key, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS)
     old = load_plan(run, DDB)
     plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
-    if st.skip and old is not None and not missing_units(run, DDB, old):
-        return (prev or {}).get("info", {})
-    if mode == "fresh" or not same or old is None or plan_signature(old) != plan_signature(plan):
+
+    def shards_whole():
+        if old is None:
+            return "its plan is missing"
+        left = missing_units(run, DDB, old)
+        return f"{len(left)} of its {len(old['units'])} shards are missing or broken" if left else None
+
+    st = run.stage(DDB_GENERATE_KEY, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
+                   owns=(synthetic_dir(DDB),), verify=shards_whole)
+    if st.skip:
+        return st.record_info
+    if st.resumable and (old is None or plan_signature(old) != plan_signature(plan)):
         run.delete(synthetic_dir(DDB))
     save_plan(run, plan)
     whole, _ = sort_out_shards(run, DDB, plan["units"])  # the shards are the units' record
@@ -187,7 +187,7 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     sample_grid(run, shown, _ClassLabels(info), synthetic_samples(DDB))
     record = {"n_images": plan["n_images"], "units": len(plan["units"]), "made_now": facts.get("images", 0),
               "images_per_s": round(facts.get("images_per_s", 0.0), 3)}
-    run.finish_stage(key, record, units=[unit_key(u["unit"]) for u in plan["units"]])
+    st.finish(record, units=[unit_key(u["unit"]) for u in plan["units"]])
     return record
 
 
@@ -200,9 +200,10 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     from raybias.classify.ddb import amplifier_outputs, conflict_scores
     from raybias.classify.runner import train_classifier
 
-    key = DDB_AMPLIFIER_KEY
-    st = run.begin_stage(key, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS)
-    if st.skip and run.exists(DDB_AMPLIFIER_OUTPUTS) and run.exists(DDB_CONFLICT_JSON):
+    st = run.stage(DDB_AMPLIFIER_KEY, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS,
+                   outputs=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS),
+                   owns=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS, DDB_AMPLIFIER_MODEL))
+    if st.skip:
         return run.read_json(DDB_CONFLICT_JSON)
     amp = cfg.copy()
     amp.train.epochs = int(cfg.ddb.amplifier_epochs)
@@ -219,7 +220,7 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     scores["amplifier_synthetic_epochs"] = int(cfg.ddb.amplifier_epochs)
     scores["amplifier_test_acc"] = record["test"].get("acc")
     run.write_json(DDB_CONFLICT_JSON, scores)
-    run.finish_stage(key, info=scores, outputs=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS))
+    st.finish(scores)
     return scores
 
 

@@ -37,6 +37,7 @@ from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, read_table
 from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, JobSpec, model_name, prompt_template,
                                         train_loop_per_worker)
+from raybias import faults
 from raybias.layout import (CLUSTERS_PARQUET, REAL, fault_marker, finetune_key, finetune_storage, generator_dir,
                             generator_manifest, generator_samples, model_dir, preview_png, previews_json,
                             training_json)
@@ -48,7 +49,6 @@ log = logging.getLogger("raybias")
 
 # Test hook: "<job>:<step>" (or "<generator>/<job>:<step>") kills that job's worker once after
 # the step, so tests can check recovery from the last checkpoint.
-FAULT_ENV = "RAYBIAS_FINETUNE_FAULT"
 
 
 # --------------------------------------------------------------------------- planning
@@ -263,13 +263,11 @@ def _capacity(ft) -> int:
 
 
 def _fault_for(generator: str, job: str, run: RunDir) -> Optional[Dict[str, Any]]:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or ":" not in spec or not run.is_local:
+    """The test suite's armed kill for this job (raybias.faults), else None."""
+    if not run.is_local:
         return None
-    target, step = spec.rsplit(":", 1)
-    if target not in (job, f"{generator}/{job}"):
-        return None
-    return {"step": int(step), "marker": run.local_path(fault_marker(generator, job))}
+    return faults.planned("finetune.step", [job, f"{generator}/{job}"],
+                          marker=run.local_path(fault_marker(generator, job)))
 
 
 def _finetune_dict(cfg, run: RunDir, base: str, base_folder: Optional[str]) -> Dict[str, Any]:
@@ -322,7 +320,7 @@ def _run_unit(cfg, run: RunDir, unit: List[Tuple[JobSpec, Dict[str, Any]]], boar
         train_loop_per_worker, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name or first.name, storage_path=storage, storage_filesystem=None if run.is_local else run.fs,
+            name=name or first.name, storage_path=storage, storage_filesystem=run.fs,
             failure_config=FailureConfig(max_failures=int(f.max_failures)),
             checkpoint_config=CheckpointConfig(num_to_keep=1)))
     trainer.fit()  # raises when the trainer failed more than max_failures times
@@ -482,23 +480,20 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         if gen not in KIND_OF:
             raise ConfigError(f"finetune: {gen!r} needs no fine-tuning (fine-tuned generators: "
                               + ", ".join(FINETUNED_GENERATORS) + ")")
-        key = finetune_key(gen)
-        sections = finetune_sections(gen)
-        prev = run.stage_record(key)
-        same_config = run.matches(prev, cfg, sections)
-        st = run.begin_stage(key, cfg, sections, mode)
-        if st.skip and run.exists(generator_manifest(gen)):
+        # partial: finished jobs (their training.json) and a killed job's checkpoints are kept
+        # when resuming the same config; anything else of the generator's is wiped first
+        st = run.stage(finetune_key(gen), cfg, finetune_sections(gen), mode, partial=True,
+                       owns=(generator_dir(gen),), outputs=(generator_manifest(gen),))
+        if st.skip:
             out[gen] = run.read_json(generator_manifest(gen))
             continue
-        if mode == "fresh" or not same_config:
-            run.delete(generator_dir(gen))  # nothing of another config may be resumed
         if info is None:
             init_ray(cfg)
             require_gpus(cfg.finetune.num_gpus_per_job, "finetune (finetune.num_gpus_per_job)")
             info = DatasetInfo.load(run)
             train_ids = _train_ids(run)
         plan = plan_generator(cfg, run, info, gen, train_ids)
-        pending.append((gen, plan, key))
+        pending.append((gen, plan, st))
         run.delete(generator_manifest(gen))
     if not pending:
         return out
@@ -507,13 +502,12 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     records: Dict[str, Dict[str, Dict[str, Any]]] = {gen: {} for gen, _, _ in pending}
     every_job: List[Tuple[JobSpec, Dict[str, Any]]] = []
     finished = set()
-    done_units = {gen: set(run.stage_record(key).get("units", [])) for gen, _, key in pending}
-    for gen, plan, key in pending:
+    for gen, plan, st in pending:
         ft = _finetune_dict(cfg, run, base, base_folder)
         for job in plan.jobs:
             every_job.append((job, ft))
             record = training_json(job.generator, job.name)
-            if job.name in done_units[gen] and run.exists(record):
+            if job.name in st.done_units and run.exists(record):
                 records[gen][job.name] = run.read_json(record)  # finished earlier: not trained again
                 finished.add(job.key)
     every_job = _interleave_groups(every_job)
@@ -530,17 +524,18 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         + (f", in {len(units)} trainer(s)" if per_trainer > 1 else "")
           + f" ({', '.join(g for g, _, _ in pending)}; base {base})", flush=True)
 
+    stages = {gen: st for gen, _, st in pending}
     lock = threading.Lock()
 
     def on_done(job: JobSpec, record: Dict[str, Any]) -> None:
-        with lock:  # the manifest is read-modify-write
+        with lock:  # trainers' threads report here
             records[job.generator][job.name] = record
-            run.mark_units(finetune_key(job.generator), [job.name])
+            stages[job.generator].unit_done(job.name)
 
     started = time.time()
     errors = _run_all(cfg, run, units, on_done, total_steps=int(cfg.finetune.steps) * len(todo))
     failed_gens = {name.split("/", 1)[0] for name in errors}
-    for gen, plan, key in pending:
+    for gen, plan, st in pending:
         if gen in failed_gens:
             continue
         manifest = _manifest(cfg, gen, plan, records[gen], base)
@@ -550,7 +545,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         except Exception as exc:
             log.warning("fine-tuning %s: its samples.png was not written (%s)", gen, exc)
         trained = [records[gen][j.name] for j in plan.jobs]
-        run.finish_stage(key, outputs=(generator_manifest(gen),), info={
+        st.finish({
             "trained": len(plan.jobs), "borrowed": sum(1 for e in plan.entries if e["borrowed_from"]),
             "wall_seconds": round(time.time() - started, 2),
             "job_wall_seconds": {r["name"]: r.get("wall_seconds") for r in trained},

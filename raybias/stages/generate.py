@@ -32,30 +32,27 @@ from raybias.rundir import RunDir, StageFailed
 log = logging.getLogger("raybias.generation")
 
 
-def _wipe(run: RunDir, generator: str) -> None:
-    run.delete(synthetic_dir(generator))
-
-
 def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbose: bool = True,
                  sections: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Make (or finish) `generator`'s synthetic set; returns a summary (counts, images/s, paths)."""
     key = generate_key(generator)
     sections = tuple(sections or generate_sections(generator))
-    previous = run.stage_record(key)
-    same_config = run.matches(previous, cfg, sections)
-    st = run.begin_stage(key, cfg, sections, mode)
     plan = load_plan(run, generator)
+
+    def shards_whole() -> Optional[str]:
+        # A unit's shard is its record: the set is whole when every planned shard reads whole.
+        if plan is None:
+            return "its plan is missing"
+        whole, _ = sort_out_shards(run, generator, plan["units"])
+        missing = len(plan["units"]) - len(whole)
+        return f"{missing} of its {len(plan['units'])} shards are missing or broken" if missing else None
+
+    # partial: a resumed (or damaged) set keeps every shard that reads whole with its planned ids
+    st = run.stage(key, cfg, sections, mode, owns=(synthetic_dir(generator),), partial=True, verify=shards_whole)
     if st.skip:
-        if plan is not None:
-            whole, _ = sort_out_shards(run, generator, plan["units"])
-            if len(whole) == len(plan["units"]):
-                if verbose:
-                    say(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
-                return _summary(run, generator, plan, (previous or {}).get("info", {}))
-        # recorded as done but shards are gone or broken: make those again, keeping the rest
-        log.warning("%s is marked done but shards are missing or broken; making them again", key)
-        run.begin_stage(key, cfg, sections, "fresh")
-        mode = "resume"
+        if verbose:
+            say(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
+        return _summary(run, generator, plan, st.record_info)
 
     g = cfg.generate
     info = DatasetInfo.load(run)
@@ -67,10 +64,9 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     new_plan = build_plan(generator, info, models, balance=g.balance, per_group=g.per_group,
                           unit_size=g.unit_size, seed=g.seed, sampling=sampling_settings(g),
                           base_model=base_model, config_hash=config_hash(cfg, sections))
-    keep_shards = (mode != "fresh" and same_config and plan is not None
-                   and plan_signature(plan) == plan_signature(new_plan))
-    if not keep_shards:
-        _wipe(run, generator)
+    if st.resumable and (plan is None or plan_signature(plan) != plan_signature(new_plan)):
+        # the same config over other inputs (a re-run fine-tune, another data description)
+        run.delete(synthetic_dir(generator))
     plan = new_plan
     save_plan(run, plan)
     # A unit's shard is its record: finishing one costs no manifest write (a rewrite per unit
@@ -104,7 +100,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     record = {"n_images": plan["n_images"], "units": len(plan["units"]),
               "made_now": facts.get("images", 0), "images_per_s": round(facts.get("images_per_s", 0.0), 3),
               **plan.get("runtime", {})}
-    run.finish_stage(key, record, units=[unit_key(u["unit"]) for u in plan["units"]])
+    st.finish(record, units=[unit_key(u["unit"]) for u in plan["units"]])
     if verbose:
         rate = f" at {facts['images_per_s']:.2f} images/s" if facts.get("images") else ""
         say(f"generate {generator}: {plan['n_images']} images in {run.path(synthetic_dir(generator))}{rate}"

@@ -10,6 +10,7 @@ directory: the same table per severity and a WGA-vs-severity line plot per metho
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import zlib
@@ -431,8 +432,7 @@ def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Op
                   "Test accuracy in %, mean ± std over seeds; model selection by validation worst-group accuracy.",
                   "", results_table(summary), "", f"![WGA per method]({_from_report(WGA_PNG)})", "",
                   "## Per-group test accuracy", "", _group_table(summary, info), ""]
-        df.to_csv(run.path(RESULTS_BY_SEED_CSV), index=False) if run.is_local else \
-            run.write_text(RESULTS_BY_SEED_CSV, df.to_csv(index=False))
+        run.write_text(RESULTS_BY_SEED_CSV, df.to_csv(index=False))
     try:
         plan = plan_sample_grid(run, info.n_groups)
         run.write_figure(REPORT_SAMPLES_PNG, sample_grid(run, plan=plan))
@@ -472,8 +472,7 @@ def write_sweep_report(sweep_dir: str) -> str:
     run = RunDir(sweep_dir)
     if not run.exists(SWEEP_RESULTS):
         raise FileNotFoundError(f"{run.path(SWEEP_RESULTS)} does not exist (is this a sweep directory?)")
-    df = pd.read_csv(run.path(SWEEP_RESULTS)) if run.is_local else pd.read_csv(
-        __import__("io").StringIO(run.read_text(SWEEP_RESULTS)))
+    df = pd.read_csv(io.StringIO(run.read_text(SWEEP_RESULTS)))
     df["severity_num"] = df["severity"].map(lambda s: 1.0 if str(s) == "original" else float(s))
     keys = ["severity_num", "synthetic_ratio", "method"]
     summary = summarize(df, keys=keys)

@@ -190,7 +190,7 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     # Tune refuses an all-zero request, so the trial asks for a sliver of a CPU.
     trainable = tune.with_resources(_trial, {"cpu": 0.01})
     # Tune keeps its experiment state beside the results (locally, or on the run's object store)
-    storage = sweep.path(SWEEP_TUNE) if run.is_local else f"{sweep.uri}/{SWEEP_TUNE}"
+    storage = sweep.url(SWEEP_TUNE)
     exp_path = f"{storage}/{sw.name}"
     scheduler = None
     if sw.asha:
