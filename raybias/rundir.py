@@ -50,6 +50,10 @@ class StageFailed(RuntimeError):
     """A stage could not finish; nothing it wrote is marked done."""
 
 
+class InputMissing(StageFailed):
+    """A stage's input (another stage's output) has not been made, or is no longer whole."""
+
+
 class RunDirBusy(StageFailed):
     """Another live raybias process holds this run directory's lease."""
 
@@ -76,6 +80,15 @@ _HELD = threading.local()  # the run directories whose manifest lock this thread
 def _thread_lock(uri: str) -> threading.Lock:
     with _THREAD_LOCKS_GUARD:
         return _THREAD_LOCKS.setdefault(uri, threading.Lock())
+
+
+HASHED_BYTES = 1 << 20  # outputs up to this size are recorded with their sha256 too
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def owner_info() -> str:
@@ -346,7 +359,9 @@ class RunDir:
             else:
                 info = self.fs.get_file_info(self.path(rel))
                 if info.type == pafs.FileType.File:
-                    out[rel] = int(info.size or 0)
+                    size = int(info.size or 0)
+                    # small files (JSON records, scores) also by content: an edit of the same length
+                    out[rel] = {"bytes": size, "sha256": _sha256(self.read_bytes(rel))} if size <= HASHED_BYTES else size
                 elif info.type == pafs.FileType.Directory:
                     out[rel] = "dir"
                 else:
@@ -367,8 +382,11 @@ class RunDir:
                 info = self.fs.get_file_info(self.path(rel))
                 if info.type != pafs.FileType.File:
                     return f"{self.path(rel)} is missing"
-                if int(info.size or 0) != int(what):
-                    return f"{self.path(rel)} has {info.size} bytes where {what} were written"
+                size = what["bytes"] if isinstance(what, dict) else what
+                if int(info.size or 0) != int(size):
+                    return f"{self.path(rel)} has {info.size} bytes where {size} were written"
+                if isinstance(what, dict) and _sha256(self.read_bytes(rel)) != what.get("sha256"):
+                    return f"{self.path(rel)} was changed since it was written (its content differs)"
         return None
 
     def clean_temporaries(self) -> List[str]:
@@ -461,6 +479,25 @@ class RunDir:
         checks before it reads another stage's outputs)."""
         rec = self.stage_record(key)
         return bool(rec and rec.get("done") and not self.outputs_problem(rec))
+
+    def require(self, *keys: str) -> None:
+        """Before a stage reads other stages' outputs: each stage of `keys` that this run
+        directory has a record of has finished, and what it recorded is still whole;
+        InputMissing naming the stage, the damaged file and the command that makes it otherwise.
+        (Inputs with no record at all — put in place by hand or by another tool — are left to
+        their readers, which refuse a missing or unfinished table by name.)"""
+        for key in keys:
+            rec = self.stage_record(key)
+            if rec is None:
+                continue
+            command = key.split("/", 1)[0]
+            if not rec.get("done"):
+                raise InputMissing(f"stage '{key}' of {self.uri} has not finished (run `raybias {command}` first, "
+                                   "or with --resume to finish it)")
+            problem = self.outputs_problem(rec)
+            if problem:
+                raise InputMissing(f"{problem}: stage '{key}' must be made again before this one reads it "
+                                   f"(run `raybias {command}`, or `raybias run`)")
 
     @staticmethod
     def matches(rec: Optional[Dict[str, Any]], cfg, sections: Sequence[str], exclude: Sequence[str] = ()) -> bool:
@@ -559,10 +596,11 @@ class RunDir:
 
     def stage(self, key: str, cfg, sections: Sequence[str], mode: str = "fresh", *,
               exclude: Sequence[str] = (), outputs: Sequence[str] = (), owns: Sequence[str] = (),
-              partial: bool = False, verify: Optional[Callable[[], Optional[str]]] = None) -> "Stage":
+              partial: bool = False, verify: Optional[Callable[[], Optional[str]]] = None,
+              needs: Sequence[str] = ()) -> "Stage":
         """Begin stage `key`: the one lifecycle every stage goes through (see `Stage`)."""
         return Stage(self, key, cfg, sections, mode, exclude=exclude, outputs=outputs, owns=owns,
-                     partial=partial, verify=verify)
+                     partial=partial, verify=verify, needs=needs)
 
 
 class Stage:
@@ -578,6 +616,8 @@ class Stage:
     - **resume** (`resumable`): mode is not fresh and the earlier record was made with the same
       config, so partial work on disk (finished units, checkpoints, whole shards) may be kept.
       `partial=False` stages (one table written in one go) never keep partial work.
+    - **inputs**: the stages it `needs` (whose outputs it reads) must have finished whole
+      (`RunDir.require`), checked before anything is wiped or begun.
     - **wipe**: when the stage is not resumable, the paths it `owns` are deleted before any work,
       so nothing another config made can be taken for this one's, and a failure later can never
       leave old outputs looking finished.
@@ -589,11 +629,12 @@ class Stage:
 
     def __init__(self, run: RunDir, key: str, cfg, sections: Sequence[str], mode: str, *,
                  exclude: Sequence[str], outputs: Sequence[str], owns: Sequence[str], partial: bool,
-                 verify: Optional[Callable[[], Optional[str]]]):
+                 verify: Optional[Callable[[], Optional[str]]], needs: Sequence[str] = ()):
         self.run, self.key, self.outputs = run, key, list(outputs)
         self.info: Dict[str, Any] = {}
         self.units: Optional[List[str]] = None
         self.finished = False
+        run.require(*needs)  # before the record is touched: a refusal changes nothing
         with run._manifest_locked():
             self.previous = run.stage_record(key)
             same = run.matches(self.previous, cfg, sections, exclude)

@@ -41,7 +41,7 @@ def test_a_stage_finishes_only_when_its_work_returns_and_records_its_outputs(tmp
         assert not st.skip
         _work(run)
     rec = run.stage_record("s")
-    assert rec["done"] and rec["outputs"] == {"out/table.txt": len("rows\n")}
+    assert rec["done"] and rec["outputs"]["out/table.txt"]["bytes"] == len("rows\n")
     again = run.stage("s", cfg, SECTIONS, "auto")
     assert again.skip and run.is_done("s")
 
@@ -177,3 +177,60 @@ def test_fault_hooks_are_inert_unless_a_test_arms_one(monkeypatch):
     readers = [p.relative_to(REPO) for p in (REPO / "raybias").rglob("*.py")
                if "RAYBIAS_FAULTS" in p.read_text() or "inject" in p.read_text().lower()]
     assert [str(p) for p in readers] == ["raybias/faults.py"]
+
+
+def test_a_same_length_edit_of_a_recorded_file_is_seen(tmp_path):
+    run, cfg = RunDir(str(tmp_path / "r")), _cfg()
+    with run.stage("s", cfg, SECTIONS, outputs=("out/table.txt",)):
+        _work(run, text='{"n_classes": 2}')
+    Path(run.path("out/table.txt")).write_text('{"n_classes": 9}')
+    assert "content differs" in run.outputs_problem(run.stage_record("s"))
+    assert not run.stage("s", cfg, SECTIONS, "auto", outputs=("out/table.txt",)).skip
+
+
+def test_a_stage_refuses_inputs_that_are_unfinished_or_damaged_before_touching_its_record(tmp_path):
+    from raybias.rundir import InputMissing
+
+    run, cfg = RunDir(str(tmp_path / "r")), _cfg()
+    run.stage("up", cfg, SECTIONS)  # begun, never finished
+    with pytest.raises(InputMissing, match=r"stage 'up' .* has not finished \(run `raybias up` first"):
+        run.stage("down", cfg, SECTIONS, needs=("up",))
+    assert run.stage_record("down") is None
+    with run.stage("up", cfg, SECTIONS, outputs=("out/table.txt",)):
+        _work(run)
+    with run.stage("down", cfg, SECTIONS, needs=("up",), outputs=("out/down.txt",)):
+        _work(run, "out/down.txt")
+    before = run.stage_record("down")
+    Path(run.path("out/table.txt")).write_text("")
+    with pytest.raises(InputMissing, match=r"table.txt has 0 bytes where 5 were written: stage 'up' must be made again"):
+        run.stage("down", cfg, SECTIONS, "auto", needs=("up",))
+    assert run.stage_record("down") == before
+    run.stage("other", cfg, SECTIONS, needs=("never-recorded",)).finish()  # left to its readers
+
+
+@pytest.mark.parametrize("content,words", [
+    ("[]", "a JSON list"), ('{"source": 5}', "missing"), ("not json", "not JSON"),
+])
+def test_a_damaged_info_json_is_one_line_naming_it(tmp_path, content, words):
+    from raybias.data.info import DatasetInfo
+
+    run = RunDir(str(tmp_path / "r"))
+    run.write_text("data/info.json", content)  # no prepare record: the file itself is checked
+    with pytest.raises(StageFailed, match=words):
+        DatasetInfo.load(run)
+
+
+def test_an_info_json_with_a_wrong_type_is_refused_naming_the_field(tmp_path):
+    from dataclasses import asdict
+
+    from raybias.data.info import DatasetInfo
+
+    good = DatasetInfo(source="colored_digits", n_classes=2, n_bias=2, class_names=["a", "b"], bias_names=["r", "g"],
+                       class_words=[["a"], ["b"]], bias_words=["red", "green"], prompt_template="{member}",
+                       aligned=[0, 1], image_size=16, severity=0.95)
+    run = RunDir(str(tmp_path / "r"))
+    run.write_json("data/info.json", asdict(good))
+    assert DatasetInfo.load(run) == good
+    run.write_json("data/info.json", dict(asdict(good), n_classes="two", severity="high"))
+    with pytest.raises(StageFailed, match="wrong type for n_classes, severity"):
+        DatasetInfo.load(run)

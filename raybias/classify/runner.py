@@ -32,8 +32,9 @@ from raybias.classify.methods import get_method
 from raybias.classify.models import check_pretrained
 from raybias.config import config_hash
 from raybias.data.info import DatasetInfo
-from raybias.layout import classifier_dir, curves_png, metrics_path, train_key, trainer_name
-from raybias.methods import method_config, train_method_of, train_sections
+from raybias.layout import (DDB, DDB_AMPLIFIER_KEY, DDB_GENERATE_KEY, PREPARE_KEY, classifier_dir, curves_png,
+                            filter_key, metrics_path, train_key, trainer_name)
+from raybias.methods import generator_of, method_config, train_method_of, train_sections
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias.train")
@@ -205,6 +206,15 @@ def _write_outputs(run: RunDir, job: TrainJob, result, mcfg, seconds: float) -> 
     return record
 
 
+def _inputs(method: str, train_method: str) -> tuple:
+    """The stages whose outputs a classifier reads: the real data, and its synthetic set (the
+    filtered one of a generator; DDB's amplifier reads DDB's set, the recipes its outputs)."""
+    gen = generator_of(method)
+    if gen == DDB:
+        return (PREPARE_KEY, DDB_GENERATE_KEY if train_method == "ddb_amplifier" else DDB_AMPLIFIER_KEY)
+    return (PREPARE_KEY, filter_key(gen)) if gen else (PREPARE_KEY,)
+
+
 def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fresh", *,
                      info: Optional[DatasetInfo] = None, real: Optional[Dict[str, DataSet]] = None,
                      name: Optional[str] = None, callbacks=None) -> Dict[str, Any]:
@@ -229,7 +239,7 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     sections = train_sections(method)
     # partial: a killed trainer's checkpoints continue a run of the same config
     st = run.stage(key, mcfg, sections, mode, partial=True, owns=(classifier_dir(name, seed),),
-                   outputs=(metrics_path(name, seed),))
+                   outputs=(metrics_path(name, seed),), needs=_inputs(method, t.method))
     if st.skip:
         return json.loads(run.read_text(metrics_path(name, seed)))
     if t.use_gpu:

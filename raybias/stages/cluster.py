@@ -37,7 +37,7 @@ from raybias.data.info import DatasetInfo
 from raybias.data.io import shard_paths
 from raybias.embed import vectors_dataset
 from raybias.layout import (CLUSTER_KEY, CLUSTERS_JSON, CLUSTERS_PARQUET, CLUSTERS_PROJECTION_PNG,
-                            CLUSTERS_SAMPLES_PNG, EMBED_DIR, REAL, VECTORS)
+                            CLUSTERS_SAMPLES_PNG, EMBED_DIR, EMBED_KEY, PREPARE_KEY, REAL, VECTORS)
 from raybias.methods import CLUSTER
 from raybias.ray_utils import init_ray
 from raybias.rundir import RunDir, StageFailed
@@ -63,7 +63,7 @@ def _images_by_id(run: RunDir, ids: List[str]) -> Dict[str, np.ndarray]:
 def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Any]:
     """Cluster every group's embeddings; returns the contents of embed/clusters.json."""
     st = run.stage(CLUSTER_KEY, cfg, CLUSTER, mode, outputs=(CLUSTERS_PARQUET, CLUSTERS_JSON),
-                   owns=(CLUSTERS_PARQUET, CLUSTERS_JSON))
+                   owns=(CLUSTERS_PARQUET, CLUSTERS_JSON), needs=(PREPARE_KEY, EMBED_KEY))
     if st.skip:
         if verbose:
             say("cluster: already done, skipped")

@@ -35,7 +35,7 @@ from raybias.config import config_hash
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.layout import (DDB, DDB_AMPLIFIER_KEY, DDB_AMPLIFIER_MODEL, DDB_AMPLIFIER_OUTPUTS, DDB_CONFLICT_JSON,
-                            DDB_GENERATE_KEY, DDB_MANIFEST, DDB_MODEL_DIR, DDB_MODEL_KEY, DDB_MODEL_NAME,
+                            DDB_GENERATE_KEY, DDB_MANIFEST, PREPARE_KEY, DDB_MODEL_DIR, DDB_MODEL_KEY, DDB_MODEL_NAME,
                             TRAINING_JSON, classifier_model, generator_dir, synthetic_dir, synthetic_samples)
 from raybias.rundir import RunDir, StageFailed
 
@@ -77,7 +77,8 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
 
     # partial: the job's checkpoints resume a killed training of the same config
     st = run.stage(DDB_MODEL_KEY, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
-                   owns=(generator_dir(DDB),), outputs=(DDB_MANIFEST, f"{DDB_MODEL_DIR}/{TRAINING_JSON}"))
+                   owns=(generator_dir(DDB),), outputs=(DDB_MANIFEST, f"{DDB_MODEL_DIR}/{TRAINING_JSON}"),
+                   needs=(PREPARE_KEY,))
     if st.skip:
         return run.read_json(DDB_MANIFEST)
     require_gpus(cfg.finetune.num_gpus_per_job, "ddb (finetune.num_gpus_per_job)")
@@ -164,7 +165,7 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
         return f"{len(left)} of its {len(old['units'])} shards are missing or broken" if left else None
 
     st = run.stage(DDB_GENERATE_KEY, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
-                   owns=(synthetic_dir(DDB),), verify=shards_whole)
+                   owns=(synthetic_dir(DDB),), verify=shards_whole, needs=(DDB_MODEL_KEY,))
     if st.skip:
         return st.record_info
     if st.resumable and (old is None or plan_signature(old) != plan_signature(plan)):
@@ -202,7 +203,7 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
 
     st = run.stage(DDB_AMPLIFIER_KEY, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS,
                    outputs=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS),
-                   owns=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS, DDB_AMPLIFIER_MODEL))
+                   owns=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS, DDB_AMPLIFIER_MODEL), needs=(DDB_GENERATE_KEY,))
     if st.skip:
         return run.read_json(DDB_CONFLICT_JSON)
     amp = cfg.copy()

@@ -16,7 +16,7 @@ from raybias.data.images import ImageError
 from raybias.data.info import DatasetInfo
 from raybias.data.io import read_dataset, shard_paths
 from raybias.embed import embed_dataset, write_vectors
-from raybias.layout import EMBED_KEY, REAL, VECTORS
+from raybias.layout import EMBED_KEY, PREPARE_KEY, REAL, VECTORS
 from raybias.methods import EMBED
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
@@ -51,7 +51,7 @@ def run_embed(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
         # Fail before touching the manifest: a finished stage stays finished.
         init_ray(cfg)
         require_gpus(cfg.embed.num_gpus, "embed (embed.num_gpus)")
-    st = run.stage(EMBED_KEY, cfg, EMBED, mode, outputs=(VECTORS,), owns=(VECTORS,))
+    st = run.stage(EMBED_KEY, cfg, EMBED, mode, outputs=(VECTORS,), owns=(VECTORS,), needs=(PREPARE_KEY,))
     if st.skip:
         info = st.record_info
         if verbose:

@@ -31,7 +31,7 @@ from raybias.data.synthetic import finished_units
 from raybias.generation.scoring import (FilterScorer, GroupSums, centroids_from_sums, choose_kept,
                                         class_digits, class_prompt_texts, group_sums_from_batches,
                                         prompt_term_kind)
-from raybias.layout import (EMBED_KEY, REAL, VECTORS, filter_key, generate_key, scores_path, scores_png, shard_path,
+from raybias.layout import (EMBED_KEY, PREPARE_KEY, REAL, VECTORS, filter_key, generate_key, scores_path, scores_png, shard_path,
                             shards_dir, synthetic_dir)
 from raybias.methods import EMBED, filter_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
@@ -129,7 +129,7 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
     sections = filter_sections(generator)
     # A regenerated set deletes its scores: the recorded output is then gone and the set is scored again.
     st = run.stage(key, cfg, sections, mode, outputs=(scores_path(generator),),
-                   owns=(scores_path(generator), scores_png(generator)))
+                   owns=(scores_path(generator), scores_png(generator)), needs=(PREPARE_KEY,))
     if st.skip:
         if verbose:
             say(f"filter {generator}: finished earlier, skipped")

@@ -38,7 +38,7 @@ from raybias.data.io import TableMissing, read_table
 from raybias.diffusion.finetune import (FINETUNED_GENERATORS, KIND_OF, JobSpec, model_name, prompt_template,
                                         train_loop_per_worker)
 from raybias import faults
-from raybias.layout import (CLUSTERS_PARQUET, REAL, fault_marker, finetune_key, finetune_storage, generator_dir,
+from raybias.layout import (CLUSTER_KEY, CLUSTERS_PARQUET, PREPARE_KEY, REAL, fault_marker, finetune_key, finetune_storage, generator_dir,
                             generator_manifest, generator_samples, model_dir, preview_png, previews_json,
                             training_json)
 from raybias.methods import finetune_sections, generators_needed
@@ -483,7 +483,8 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         # partial: finished jobs (their training.json) and a killed job's checkpoints are kept
         # when resuming the same config; anything else of the generator's is wiped first
         st = run.stage(finetune_key(gen), cfg, finetune_sections(gen), mode, partial=True,
-                       owns=(generator_dir(gen),), outputs=(generator_manifest(gen),))
+                       owns=(generator_dir(gen),), outputs=(generator_manifest(gen),),
+                       needs=(PREPARE_KEY, CLUSTER_KEY) if "cluster" in finetune_sections(gen) else (PREPARE_KEY,))
         if st.skip:
             out[gen] = run.read_json(generator_manifest(gen))
             continue

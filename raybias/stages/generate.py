@@ -24,7 +24,7 @@ from raybias.diffusion.backbone import resolve_base_model
 from raybias.generation.plan import build_plan, describe_plan, load_plan, models_for, plan_signature, save_plan
 from raybias.generation.runner import missing_units, run_units, sample_grid, sampling_settings, unit_key
 from raybias.generation.shards import sort_out_shards
-from raybias.layout import generate_key, generator_dir, scores_path, synthetic_dir, synthetic_samples
+from raybias.layout import PREPARE_KEY, finetune_key, generate_key, generator_dir, scores_path, synthetic_dir, synthetic_samples
 from raybias.methods import generate_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
@@ -48,7 +48,10 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
         return f"{missing} of its {len(plan['units'])} shards are missing or broken" if missing else None
 
     # partial: a resumed (or damaged) set keeps every shard that reads whole with its planned ids
-    st = run.stage(key, cfg, sections, mode, owns=(synthetic_dir(generator),), partial=True, verify=shards_whole)
+    fine_tuned = generator in GENERATORS and generator != "vanilla"  # vanilla samples the base model
+    needs = (PREPARE_KEY, finetune_key(generator)) if fine_tuned else (PREPARE_KEY,)
+    st = run.stage(key, cfg, sections, mode, owns=(synthetic_dir(generator),), partial=True, verify=shards_whole,
+                   needs=needs)
     if st.skip:
         if verbose:
             say(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
