@@ -107,6 +107,37 @@ def check_gpus(cfg, key: str, value, per_task: float, what: str, fix: str) -> No
                           f"{what}, but {where}; set {fix} to run on CPU, or give Ray more GPUs (ray.num_gpus)")
 
 
+def known_cpus(cfg) -> Optional[Tuple[float, str]]:
+    """(CPUs the run's Ray will have, how that is known), or None when it is not known yet."""
+    ray = sys.modules.get("ray")
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        have = float(ray.cluster_resources().get("CPU", 0.0))
+        return have, f"the Ray cluster this process is connected to has {have:g}"
+    if not local_ray(cfg):
+        return None  # an autoscaling cluster may grow: its stage asks the live cluster
+    if cfg.ray.num_cpus:
+        return float(cfg.ray.num_cpus), f"the local Ray is started with ray.num_cpus={cfg.ray.num_cpus}"
+    n = float(os.cpu_count() or 1)
+    return n, f"the local Ray will have this machine's {n:g} CPUs (ray.num_cpus is unset)"
+
+
+def check_pool(cfg, what: str, concurrency_key: str, concurrency: int, cpus_per_actor: float,
+               per_actor_key: str, reads: bool) -> None:
+    """ConfigError if an actor pool of `concurrency` actors (plus one CPU for Ray Data's read
+    tasks, when the pool's input is read from Parquet) cannot all be placed at once: Ray Data
+    would wait for them, or the reads would wait behind them, for ever."""
+    known = known_cpus(cfg)
+    if known is None:
+        return
+    have, where = known
+    need = int(concurrency) * float(cpus_per_actor) + (1.0 if reads else 0.0)
+    if have + 1e-9 < need:
+        parts = f"{concurrency_key}={concurrency} actor(s) x {float(cpus_per_actor):g} CPU ({per_actor_key})"
+        parts += " + 1 CPU for Ray Data's read tasks" if reads else ""
+        raise ConfigError(f"{what} needs {need:g} CPUs at once ({parts}), but {where}; lower {concurrency_key}, "
+                          "or give Ray more CPUs (ray.num_cpus)")
+
+
 # --------------------------------------------------------------------------- shared checks
 
 
@@ -169,6 +200,9 @@ def check_embed(cfg, methods: Sequence[str]) -> None:
     _embedder_model(cfg, cfg.embed.embedder)
     check_gpus(cfg, "embed.num_gpus", cfg.embed.num_gpus, cfg.embed.num_gpus, "per embed actor",
                "embed.num_gpus=0")
+    e = cfg.embed
+    check_pool(cfg, "embed", "embed.concurrency", e.concurrency, 0.0 if e.num_gpus > 0 else 1.0,
+               "embed.num_gpus=0: one CPU each", reads=True)
 
 
 def check_cluster(cfg, methods: Sequence[str]) -> None:
@@ -192,6 +226,8 @@ def check_generate(cfg, methods: Sequence[str]) -> None:
     _base_model(cfg)
     g = cfg.generate
     check_gpus(cfg, "generate.num_gpus", g.num_gpus, g.num_gpus, "per sampler actor", "generate.num_gpus=0")
+    check_pool(cfg, "generate", "generate.concurrency", g.concurrency, 0.0 if g.num_gpus > 0 else g.num_cpus,
+               "generate.num_cpus", reads=False)
     _attention(cfg)
 
 
@@ -218,6 +254,8 @@ def check_filter(cfg, methods: Sequence[str]) -> None:
     num_gpus = float(opts.get("num_gpus") or 0)
     check_gpus(cfg, "embed.num_gpus", cfg.embed.num_gpus, num_gpus, "per filter actor (the filter embeds "
                "with the embed section's settings)", "embed.num_gpus=0")
+    check_pool(cfg, "filter", "embed.concurrency", int(opts.get("concurrency") or 1), 0.0 if num_gpus > 0 else 1.0,
+               "embed.num_gpus=0: one CPU each", reads=False)
 
 
 def check_ddb(cfg, methods: Sequence[str]) -> None:
@@ -228,6 +266,8 @@ def check_ddb(cfg, methods: Sequence[str]) -> None:
     check_gpus(cfg, "finetune.num_gpus_per_job", ft.num_gpus_per_job, ft.num_gpus_per_job,
                "for the DDB diffusion model's training job", "finetune.num_gpus_per_job=0")
     check_gpus(cfg, "generate.num_gpus", g.num_gpus, g.num_gpus, "per DDB sampler actor", "generate.num_gpus=0")
+    check_pool(cfg, "ddb generation", "generate.concurrency", g.concurrency, 0.0 if g.num_gpus > 0 else g.num_cpus,
+               "generate.num_cpus", reads=False)
     _attention(cfg)
     _classifier(cfg, cfg.train, "the DDB bias amplifier")
 
