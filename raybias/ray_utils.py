@@ -5,13 +5,17 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import ray
 
 from raybias.errors import ResourceError, first_line  # ResourceError re-exported: defined without Ray
 
 log = logging.getLogger("raybias")
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def init_ray(cfg=None, quiet: bool = False) -> None:
@@ -151,6 +155,37 @@ def require_gpus(per_task: float, what: str) -> None:
 
 def cpus_available() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def run_trainers(items: Sequence[T], fit: Callable[[T], R], width: int, *, name: str,
+                 on_done: Callable[[T, R], None], on_error: Callable[[T, Exception], None]) -> None:
+    """Several Ray Train trainers at once: `fit(item)` for every item, `width` at a time.
+
+    A TorchTrainer's `fit()` blocks its caller while its workers hold the cluster's CPUs or
+    GPUs, so each runs in a thread of its own. `on_done(item, result)` / `on_error(item, exc)`
+    as each ends, in the driver's threads one at a time; one failing does not stop the others.
+    Ctrl-C or SIGTERM starts nothing more and returns at once: the running trainers end with
+    the driver, and `--resume` continues them from their checkpoints.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(items), int(width))), thread_name_prefix=name)
+    try:
+        futures = {pool.submit(fit, item): item for item in items}
+        for fut in as_completed(futures):
+            item = futures[fut]
+            try:
+                result = fut.result()
+            except Exception as exc:
+                on_error(item, exc)
+            else:
+                on_done(item, result)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def shutdown_ray() -> None:

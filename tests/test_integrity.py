@@ -209,7 +209,7 @@ def test_damaged_outputs_are_never_taken_for_done(tmp_path):
     assert rc == 0, err
     assert RunDir(run_dir).table_problem("data/real") is None
     (real / "_SUCCESS").unlink()  # the marker gone: prepare is not done, embed refuses naming it
-    rc, out, err, _ = _raybias(["embed", QUICKSTART, "--run-dir", "run", "--resume", "ray.num_cpus=1",
+    rc, out, err, _ = _raybias(["embed", QUICKSTART, "--run-dir", "run", "--resume", "ray.num_cpus=2",
                                 "ray.object_store_mb=200"], tmp_path)
     _one_error_line(rc, out, err, "data/real", "prepare")
     rc, out, err, _ = _raybias(["prepare", QUICKSTART, "--run-dir", "run", "data.shard_rows=300",

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
@@ -70,7 +69,8 @@ def build_job(cfg, run: RunDir, method: str, seed: int, info: DatasetInfo,
                               f"({', '.join(ds.files[:2]) or 'no files'})")
     group_names = [info.group_name(g) for g in range(info.n_groups)]
     return TrainJob(
-        run_spec=run.spec(),  # absolute (RunDir makes it so): Ray Train workers run elsewhere method=method, train_method=t.method, seed=int(seed),
+        # run.spec() is absolute (RunDir makes it so): Ray Train workers run in their own directory
+        run_spec=run.spec(), method=method, train_method=t.method, seed=int(seed),
         train=OmegaConf.to_container(t, resolve=True), n_classes=info.n_classes, n_groups=info.n_groups,
         group_names=group_names, image_size=int(info.image_size), sets=sets, method_state=method_state,
         torch_threads=max(1, int(t.cpus_per_worker)),
@@ -294,7 +294,7 @@ def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int]
     """
     from raybias.console import bar as progress_bar
 
-    from raybias.ray_utils import init_ray
+    from raybias.ray_utils import init_ray, run_trainers
 
     init_ray(cfg)
     pairs = [(m, int(s)) for m in methods for s in seeds]
@@ -306,20 +306,19 @@ def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int]
     width = min(len(pairs), max_concurrent_trainers(cfg.train)) or 1
     results: Dict[Tuple[str, int], Dict[str, Any]] = {}
     errors: List[Tuple[str, BaseException]] = []
-    bar = progress_bar(total=len(pairs), desc="classifiers", unit="run", disable=not progress)
-    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="raybias-train") as pool:
-        futures = {pool.submit(train_classifier, cfg, run, m, s, mode, info=info, real=real): (m, s)
-                   for m, s in pairs}
-        for fut in as_completed(futures):
-            m, s = futures[fut]
-            try:
-                results[(m, s)] = fut.result()
-                wga = 100 * (results[(m, s)]["test"]["wga"] or 0)
-                bar.set_postfix_str(f"{m}/{s} test WGA {wga:.1f}", refresh=False)
-            except Exception as exc:
-                errors.append((f"{m} seed {s}", exc))
-            bar.update(1)
-    bar.close()
+
+    def done(pair, record) -> None:
+        results[pair] = record
+        bar.set_postfix_str(f"{pair[0]}/{pair[1]} test WGA {100 * (record['test']['wga'] or 0):.1f}", refresh=False)
+        bar.update(1)
+
+    def failed(pair, exc) -> None:
+        errors.append((f"{pair[0]} seed {pair[1]}", exc))
+        bar.update(1)
+
+    with progress_bar(total=len(pairs), desc="classifiers", unit="run", disable=not progress) as bar:
+        run_trainers(pairs, lambda p: train_classifier(cfg, run, p[0], p[1], mode, info=info, real=real), width,
+                     name="raybias-train", on_done=done, on_error=failed)
     if len(errors) == 1:
         raise errors[0][1]
     if errors:

@@ -24,7 +24,6 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -42,7 +41,7 @@ from raybias.layout import (CLUSTER_KEY, CLUSTERS_PARQUET, PREPARE_KEY, REAL, fa
                             generator_manifest, generator_samples, model_dir, preview_png, previews_json,
                             training_json)
 from raybias.methods import finetune_sections, generators_needed
-from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus
+from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus, run_trainers
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias")
@@ -372,32 +371,26 @@ def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[s
         return errors
     board = _progress_board_class().remote()
     monitor = ProgressMonitor(board, total_steps).start()
-    pool = ThreadPoolExecutor(max_workers=min(len(units), _capacity(cfg.finetune)),
-                              thread_name_prefix="raybias-finetune")
+
+    def done(item, records) -> None:
+        for job, _ in item[1]:
+            on_done(job, records[job.key])
+
+    def failed(item, exc) -> None:
+        # a pack's jobs published before the failure are kept; the others failed
+        unit = item[1]
+        for job, _ in unit:
+            if len(unit) > 1 and run.exists(training_json(job.generator, job.name)):
+                on_done(job, run.read_json(training_json(job.generator, job.name)))
+            else:
+                errors[job.key] = exc
+
     try:
-        futures = {pool.submit(_run_unit, cfg, run, unit, board, name): (name, unit) for name, unit in units}
-        for fut in as_completed(futures):
-            name, unit = futures[fut]
-            try:
-                records = fut.result()
-                for job, _ in unit:
-                    on_done(job, records[job.key])
-            except Exception as exc:  # one trainer failing must not stop the others
-                # a pack's jobs published before the failure are kept; the others failed
-                for job, _ in unit:
-                    if len(unit) > 1 and run.exists(training_json(job.generator, job.name)):
-                        on_done(job, run.read_json(training_json(job.generator, job.name)))
-                    else:
-                        errors[job.key] = exc
-    except BaseException:
-        # Ctrl-C: start nothing more; running trainers end with the driver, and --resume
-        # continues them from their checkpoints.
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+        run_trainers(units, lambda item: _run_unit(cfg, run, item[1], board, item[0]), _capacity(cfg.finetune),
+                     name="raybias-finetune", on_done=done, on_error=failed)
     finally:
         monitor.close()
         ray.kill(board)
-    pool.shutdown(wait=True)
     return errors
 
 
