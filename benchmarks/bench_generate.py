@@ -118,12 +118,12 @@ def bare_child(args) -> None:
                        args.threads)
     plan = plan_for(cfg, run)
     started = time.time()  # imports done; model load and first-unit warm-up included from here
-    actor = SamplerActor(run.spec(), "vanilla", args.base, None, plan["models"], plan["sampling"])
+    actor = SamplerActor(run.spec(), "vanilla", args.base, None, plan, plan["sampling"])
     stamps, sizes = [], []
-    for unit in plan["units"]:
-        actor({"spec": np.array([json.dumps(unit)], dtype=object)})
+    for n in range(plan["n_units"]):
+        out = actor({"unit": np.array([n])})
         stamps.append(time.time())
-        sizes.append(len(unit["ids"]))
+        sizes.append(int(out["n_images"][0]))
     print("RESULT " + json.dumps({"started": started, "stamps": stamps, "sizes": sizes, "end": time.time()}), flush=True)
 
 
@@ -159,7 +159,7 @@ def run_ray(args, base: str, tmp: str, round_: int):
         busy.append(float(row["seconds"]))
 
     started = time.time()
-    run_units(run, plan, plan["units"], base_model=base, base_revision=None, concurrency=1, num_gpus=0,
+    run_units(run, plan, range(plan["n_units"]), base_model=base, base_revision=None, concurrency=1, num_gpus=0,
               num_cpus=args.threads, on_unit=on_unit, progress=False)
     order = np.argsort(stamps)
     stamps, sizes, busy = ([x[i] for i in order] for x in (stamps, sizes, busy))

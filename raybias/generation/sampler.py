@@ -1,10 +1,11 @@
 """The sampler actor: one per Ray Data actor-pool slot, one base pipeline each.
 
 `SamplerActor` is the class-based UDF of `map_batches`: its constructor loads the base
-pipeline once (on the actor, never on the driver), and each call gets one work unit (a
-JSON spec from the plan), puts that unit's model into the pipeline, samples the unit's
-prompts with their seeds, encodes PNGs and writes the unit's shard itself. It returns
-one small row per unit (counts, seconds, attention backend) for the driver's progress bar.
+pipeline once (on the actor, never on the driver), and each call gets one work unit (its
+number; the plan's unit table gives its ids, prompts and seeds), puts that unit's model
+into the pipeline, samples the unit's prompts with their seeds, encodes PNGs and writes
+the unit's shard itself. It returns one small row per unit (counts, seconds, attention
+backend) for the driver's progress bar.
 
 Model switching (`ModelSwitcher`): LoRA adapters are loaded into the base UNet under
 their own adapter names and switched with `set_adapters`; DreamBooth models swap the
@@ -15,7 +16,6 @@ models over and over loads each once.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -192,14 +192,16 @@ class SamplerActor:
     """Ray Data UDF: work units in, shards written, one summary row per unit out."""
 
     def __init__(self, run_spec: str, generator: str, base_model: str, base_revision: Optional[str],
-                 models: Dict[str, Dict[str, Any]], sampling: Dict[str, Any]):
+                 plan: Dict[str, Any], sampling: Dict[str, Any]):
         import torch
 
         from raybias.diffusion.backbone import load_pipeline
+        from raybias.generation.plan import PlanUnits
 
         self.run = RunDir(run_spec)
         self.generator = generator
-        self.models = models
+        self.units = PlanUnits(plan)  # a unit's ids, seeds and prompts, from its number
+        self.models = plan["models"]
         self.sampling = dict(sampling)
         threads = int(self.sampling.get("num_threads") or 0)
         if threads > 0:
@@ -252,8 +254,8 @@ class SamplerActor:
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
         out: Dict[str, list] = {"unit": [], "n_images": [], "seconds": [], "finished_at": [], "pid": [], "attention": [],
                                 "device": [], "dtype": [], "model_loads": []}
-        for spec in batch["spec"]:
-            unit = json.loads(spec)
+        for number in batch["unit"]:
+            unit = self.units.expand(int(number))
             started = time.perf_counter()
             pngs = self.sample_unit(unit)
             write_shard(self.run, self.generator, unit["unit"], unit_table(self.generator, unit, pngs))

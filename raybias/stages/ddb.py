@@ -107,34 +107,34 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
 
 
 def build_ddb_plan(cfg, info: DatasetInfo, manifest: Dict[str, Any], base_model: str) -> Dict[str, Any]:
-    """The generation plan: ddb.per_class images per class, class-only prompts, a = group = -1."""
-    from raybias.generation.plan import ModelSpec, PLAN_VERSION, Unit, fill_template, image_draw
+    """The generation plan: ddb.per_class images per class, class-only prompts, a = group = -1.
+
+    Its unit table has one row per class; image i of class c is `ddb-y<c>-<i>`, its seed and
+    member drawn by `image_draw(ddb.seed, "ddb", c, i)`."""
+    from raybias.generation.plan import PLAN_VERSION, ModelSpec, unit_run
     from raybias.generation.runner import sampling_settings
 
     g, d = cfg.generate, cfg.ddb
     sampling = sampling_settings(g)
     sampling.update(guidance=float(d.guidance), steps=int(d.sample_steps))
     models = {}
-    units: List[Unit] = []
+    runs: List[Dict[str, Any]] = []
+    n_units = 0
     for entry in manifest["models"]:
         c = int(entry["y"])
         spec = ModelSpec(name=entry["name"], group=-1, kind="dreambooth", prompt_template=entry["prompt_template"],
                          members=list(entry["members"]), folder=entry["folder"])
         models[spec.name] = spec.to_dict()
         n = int(d.per_class)
-        for start in range(0, n, int(g.unit_size)):
-            u = Unit(unit=len(units), model=spec.name, group=-1, y=c, a=-1, cluster=None, negative_prompt=None)
-            for i in range(start, min(n, start + int(g.unit_size))):
-                s, draw = image_draw(int(d.seed), DDB, c, i)
-                u.ids.append(f"{DDB}-y{c}-{i:06d}")
-                u.seeds.append(s)
-                u.prompts.append(fill_template(spec.prompt_template, member=spec.members[draw % len(spec.members)]))
-            units.append(u)
+        if n > 0:
+            runs.append(unit_run(spec, group=-1, y=c, a=-1, draw_group=c, id_stem=f"{DDB}-y{c}-", first_index=0,
+                                 count=n, first_unit=n_units, unit_size=int(g.unit_size)))
+            n_units += runs[-1]["n_units"]
     return {"version": PLAN_VERSION, "generator": DDB, "base": base_model,
             "config_hash": config_hash(cfg, GENERATE_SECTIONS), "balance": "per_class", "seed": int(d.seed),
             "unit_size": int(g.unit_size), "class_counts": {str(c): int(d.per_class) for c in range(info.n_classes)},
-            "models": models, "sampling": sampling, "n_images": sum(len(u.ids) for u in units),
-            "units": [u.to_dict() for u in units]}
+            "models": models, "sampling": sampling, "n_images": sum(r["count"] for r in runs), "n_units": n_units,
+            "runs": runs}
 
 
 class _ClassLabels:
@@ -150,7 +150,7 @@ class _ClassLabels:
 def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, Any], mode: str) -> Dict[str, Any]:
     """`ddb/generate`: the bias-aligned synthetic set through the generation path."""
     from raybias.diffusion.backbone import resolve_base_model
-    from raybias.generation.plan import load_plan, plan_signature, save_plan
+    from raybias.generation.plan import is_current, load_plan, same_plan, save_plan
     from raybias.generation.runner import missing_units, run_units, sample_grid, unit_key
     from raybias.generation.shards import sort_out_shards
     from raybias.ray_utils import require_gpus
@@ -159,20 +159,21 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
 
     def shards_whole():
-        if old is None:
-            return "its plan is missing"
+        if not is_current(old):  # missing, or an earlier raybias's (same_plan below may keep its shards)
+            return "its plan is missing" if old is None else "its plan is in an earlier raybias's form"
         left = missing_units(run, DDB, old)
-        return f"{len(left)} of its {len(old['units'])} shards are missing or broken" if left else None
+        return f"{len(left)} of its {old['n_units']} shards are missing or broken" if left else None
 
     st = run.stage(DDB_GENERATE_KEY, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
                    owns=(synthetic_dir(DDB),), verify=shards_whole, needs=(DDB_MODEL_KEY,))
     if st.skip:
         return st.record_info
-    if st.resumable and (old is None or plan_signature(old) != plan_signature(plan)):
+    if st.resumable and not same_plan(old, plan):
         run.delete(synthetic_dir(DDB))
     save_plan(run, plan)
-    whole, _ = sort_out_shards(run, DDB, plan["units"])  # the shards are the units' record
-    todo = [u for u in plan["units"] if u["unit"] not in set(whole)]
+    whole, _ = sort_out_shards(run, DDB, plan)  # the shards are the units' record
+    done = set(whole)
+    todo = [n for n in range(plan["n_units"]) if n not in done]
     g = cfg.generate
     facts: Dict[str, Any] = {}
     if todo:
@@ -184,11 +185,11 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     if left:
         raise StageFailed(f"ddb generation: {len(left)} planned unit(s) have no shard (e.g. {unit_key(left[0])}); "
                           "rerun with --resume")
-    shown = dict(plan, units=[dict(u, group=u["y"]) for u in plan["units"]])
+    shown = dict(plan, runs=[dict(r, group=r["y"]) for r in plan["runs"]])
     sample_grid(run, shown, _ClassLabels(info), synthetic_samples(DDB))
-    record = {"n_images": plan["n_images"], "units": len(plan["units"]), "made_now": facts.get("images", 0),
+    record = {"n_images": plan["n_images"], "units": plan["n_units"], "made_now": facts.get("images", 0),
               "images_per_s": round(facts.get("images_per_s", 0.0), 3)}
-    st.finish(record, units=[unit_key(u["unit"]) for u in plan["units"]])
+    st.finish(record, units=[unit_key(n) for n in range(plan["n_units"])])
     return record
 
 
