@@ -28,7 +28,6 @@ import argparse
 import json
 import os
 import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +35,7 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from child import result_line, run_child  # noqa: E402  (benchmarks/child.py)
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 MIB = 2 ** 20
@@ -164,16 +164,11 @@ def child_store(args) -> dict:
     return {"n": plan["n_images"], "blocks": n_blocks, "store_bytes": used}
 
 
-def run_child(args, kind: str, n: int) -> dict:
+def measure(args, kind: str, n: int) -> dict:
     cmd = [sys.executable, os.path.abspath(__file__), "--child", kind, "--n", str(n), "--tmp", args.tmp,
            "--models-per-group", str(args.models_per_group), "--unit-size", str(args.unit_size),
            "--actors", str(args.actors), "--store-mb", str(args.store_mb)]
-    out = subprocess.run(cmd, capture_output=True, text=True)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        print(out.stdout[-2000:], out.stderr[-4000:])
-        raise SystemExit(f"{kind} at {n} images failed")
-    return json.loads(lines[-1][7:])
+    return run_child(cmd, f"{kind} at {n} images")
 
 
 def best(results):
@@ -205,7 +200,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.child:
         result = child_store(args) if args.child.startswith("store") else child_plan(args)
-        print("RESULT " + json.dumps(result), flush=True)
+        print(result_line(result), flush=True)
         return
 
     skip = set(filter(None, args.skip.split(",")))
@@ -217,10 +212,10 @@ def main() -> None:
         if "plan" not in skip:
             new, old = [], []
             for _ in range(args.rounds):
-                new.append(run_child(args, "new", args.images))
-                old.append(run_child(args, "old", args.old_images))
+                new.append(measure(args, "new", args.images))
+                old.append(measure(args, "old", args.old_images))
             new, old = best(new), best(old)
-            print(f"\n1. plan: build, save plan.json, load it back; then the to-do list and the actors' blocks")
+            print("\n1. plan: build, save plan.json, load it back; then the to-do list and the actors' blocks")
             print(f"{'':<26}{'images':>12}{'build s':>9}{'save s':>8}{'load s':>8}{'to-do s':>9}"
                   f"{'plan.json':>12}{'peak RSS':>11}")
             for name, r in (("unit table (now)", new), ("every image (before)", old)):
@@ -239,9 +234,9 @@ def main() -> None:
             print(f"goal (a 10 M-image plan in < 200 MB of driver memory and < 5 s), at {new['n']:,} images: "
                   f"{new['peak_bytes'] / MIB:.1f} MiB, {new['build_s']:.3f} s -> {'met' if met else 'NOT met'}")
         if "store" not in skip:
-            print(f"\n2. object store: the units' blocks before sampling starts")
-            rows = [run_child(args, "store-new", n) for n in (args.old_images, args.images)]
-            rows.append(run_child(args, "store-old", args.old_images))
+            print("\n2. object store: the units' blocks before sampling starts")
+            rows = [measure(args, "store-new", n) for n in (args.old_images, args.images)]
+            rows.append(measure(args, "store-old", args.old_images))
             print(f"{'':<34}{'images':>12}{'blocks':>9}{'store':>12}{'per image':>11}")
             for name, r in zip(("unit numbers (now)", "unit numbers (now)", "one spec per unit (before)"), rows):
                 print(f"{name:<34}{r['n']:>12,}{r['blocks']:>9,}{r['store_bytes'] / MIB:>10.2f} M"

@@ -286,8 +286,8 @@ def plot(result: Dict[str, Any], path: str) -> None:
     plt.close(fig)
 
 
-def report_generation(result: Dict[str, Any], out: str) -> None:
-    c, k = result["checks"], result["killed"]
+def report_generation(result: Dict[str, Any]) -> None:
+    c = result["checks"]
     ok = (c["images"] == c["planned_images"] == result["images"] and not c["duplicates"] and not c["missing"]
           and not c["unplanned"] and not c["temporaries"] and c["done"])
     print(f"resume: {result['resume_seconds']:.1f} s, made {result['resume_made_now']:,} images at "
@@ -327,7 +327,7 @@ def main() -> None:
     plot(result, png)
     with open(os.path.join(out, "generate_results.json"), "w") as f:
         json.dump(result, f, indent=1, default=str)
-    report_generation(result, out)
+    report_generation(result)
     print(f"plot: {png}\nresults: {os.path.join(out, 'generate_results.json')}")
 
 

@@ -26,7 +26,7 @@ run-relative, "/"-separated strings for `RunDir` (`run.path(rel)`, `run.exists(r
     generators/<gen>/_class/<g>-<key>.npz      prior-preservation class images (a cache)
     generators/ddb/cond/                       DDB's class-conditional diffusion model
     generators/ddb/amplifier/                  model.safetensors, outputs.parquet, conflict.json
-    synthetic/<gen>/plan.json                  units, per-group/cluster counts, prompts, seeds
+    synthetic/<gen>/plan.json                  counts, models, the unit table (ids, seeds, prompts derived)
     synthetic/<gen>/shards/unit-NNNNN.parquet  one work unit each, renamed into place when whole
     synthetic/<gen>/scores.parquet, scores.png the filter's scores and keep flags; histograms
     synthetic/<gen>/samples.png                the first images of each model
@@ -172,7 +172,7 @@ def synthetic_dir(generator: str) -> str:
 
 
 def plan_path(generator: str) -> str:
-    """The generation plan (units, counts, prompts, seeds)."""
+    """The generation plan (counts, models, the unit table)."""
     return f"{synthetic_dir(generator)}/plan.json"
 
 
