@@ -202,7 +202,7 @@ def generation_half(args, out: str) -> Dict[str, Any]:
     names = os.listdir(shards)
     killed.update(units=sum(1 for n in names if n.startswith("unit-")), images=images_in_place(),
                   temporaries=sum(1 for n in names if n.startswith(".tmp-")), rc=rc)
-    # Processes outside the CLI's process group (Ray's workers may be) outlive the signal until
+    # Ray starts each worker in a process group of its own: those outlive the signal until
     # the local Ray's sentinel stops them, the driver gone: a unit they were finishing may land
     killed["leftovers_gone_s"] = wait_gone(watch.seen)
     killed["units_when_gone"] = sum(1 for n in os.listdir(shards) if n.startswith("unit-"))

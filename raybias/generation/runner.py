@@ -5,7 +5,7 @@ derives ids, seeds and prompts from the plan's unit table), in blocks of consecu
 of one model: Ray Data gives a block to one actor, so a model is loaded by few actors
 instead of by whichever actor is free for each of its units. The actors write the shards;
 a small summary row per unit comes back to the driver for the progress bar (images/s).
-Memory on the driver and in the object store stays flat however many images are made.
+The driver and the object store hold a few bytes per unit, nothing per image.
 """
 
 from __future__ import annotations
