@@ -1,0 +1,178 @@
+"""A thousand models: `raybias finetune` with --jobs tiny DreamBooth jobs packed on the local Ray.
+
+clustered_dreambooth trains one model per (group, cluster). This makes a run of the built-in
+colored_digits at severity "original" (about 314 training images per group), writes
+embed/clusters.parquet by hand with ceil(jobs / 4) clusters per group (round-robin by id),
+so the stage plans exactly --jobs jobs, and runs `python -m raybias finetune` in a fresh
+process (its own local Ray, both cores) with a tiny random-weight backbone built from config,
+1 step per job, batch 1, no prior preservation and no preview samples, and
+finetune.jobs_per_trainer = ceil(jobs / 2): two trainers, one per core. It samples the
+driver's RSS every second and the number of published models, and prints:
+
+  total wall time, time per job (total / jobs, and the median of the jobs' own seconds),
+  the driver's RSS over time (start, peak, end, and a line every --every seconds),
+  the manifest's size, and where the stage's driver time went (from its log).
+
+    python benchmarks/bench_scale_finetune.py --jobs 100
+    nice python benchmarks/bench_scale_finetune.py --jobs 1000 --json /tmp/ft1000.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+sys.path.insert(0, ROOT)
+
+from machine import machine  # noqa: E402  (benchmarks/machine.py)
+
+GEN = "clustered_dreambooth"
+
+
+def write_config(path: str, run_dir: str, base: str, jobs: int) -> None:
+    import yaml
+
+    cfg = {
+        "run_dir": run_dir,
+        "methods": [GEN],
+        "data": {"source": "colored_digits", "severity": "original", "image_size": 16},
+        "base": {"model": base},
+        "ray": {"num_cpus": 2, "object_store_mb": 400},
+        "finetune": {"steps": 1, "batch_size": 1, "checkpoint_every": 1, "prior_preservation": False,
+                     "n_samples": 0, "min_images": 1, "num_cpus_per_job": 1, "max_failures": 0,
+                     "jobs_per_trainer": max(1, math.ceil(jobs / 2)), "progress_every": 1},
+    }
+    with open(path, "w") as f:
+        yaml.safe_dump(cfg, f)
+
+
+def write_clusters(run_dir: str, jobs: int) -> int:
+    """embed/clusters.parquet: ceil(jobs / 4) clusters per group, the last group trimmed so
+    that the plan has exactly `jobs` jobs. Returns the number of jobs planned."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from raybias.data.io import read_table
+    from raybias.rundir import RunDir
+
+    run = RunDir(run_dir)
+    real = read_table(run, "data/real", columns=["id", "group", "split"], split="train")
+    groups = sorted(real["group"].unique())
+    per = math.ceil(jobs / len(groups))
+    rows, planned = [], 0
+    for g in groups:
+        k = min(per, jobs - planned)
+        ids = sorted(real.loc[real["group"] == g, "id"])
+        if k > len(ids):
+            raise SystemExit(f"group {g} has {len(ids)} training images, fewer than {k} clusters")
+        rows += [{"id": i, "group": int(g), "cluster": n % k} for n, i in enumerate(ids)]
+        planned += k
+    run.makedirs("embed")
+    pq.write_table(pa.Table.from_pylist(rows), run.local_path("embed/clusters.parquet"))
+    return planned
+
+
+def sample_driver(proc, run_dir: str, out: list, stop: threading.Event, period: float = 1.0) -> None:
+    import psutil
+
+    p = psutil.Process(proc.pid)
+    models = os.path.join(run_dir, "generators", GEN)
+    t0 = time.time()
+    while not stop.is_set() and proc.poll() is None:
+        try:
+            rss = p.memory_info().rss
+        except psutil.Error:
+            break
+        try:
+            done = sum(1 for n in os.listdir(models) if n.startswith("g") and "-c" in n)
+        except OSError:
+            done = 0
+        out.append((time.time() - t0, rss, done))
+        stop.wait(period)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--jobs", type=int, default=100)
+    ap.add_argument("--every", type=float, default=30.0, help="seconds between printed RSS lines")
+    ap.add_argument("--json", help="write the figures (and the RSS series) here")
+    ap.add_argument("--keep", help="make the run here and keep it (default: a temporary folder)")
+    args = ap.parse_args()
+    print(machine(), flush=True)
+
+    from raybias.diffusion.backbone import build_pipeline, save_pipeline
+
+    tmp = args.keep or tempfile.mkdtemp(prefix="raybias-ft-scale-")
+    run_dir, base = os.path.join(tmp, "run"), os.path.join(tmp, "base")
+    save_pipeline(build_pipeline("tiny", seed=0), base)
+    cfg_path = os.path.join(tmp, "ft.yaml")
+    write_config(cfg_path, run_dir, base, args.jobs)
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    cli = [sys.executable, "-m", "raybias"]
+    subprocess.run(cli + ["prepare", cfg_path, "--run-dir", run_dir], check=True, env=env, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    planned = write_clusters(run_dir, args.jobs)
+    print(f"{planned} jobs planned ({GEN}, {math.ceil(planned / 4)} clusters per group), 2 trainers", flush=True)
+
+    log_path = os.path.join(tmp, "finetune.log")
+    series: list = []
+    stop = threading.Event()
+    started = time.time()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(cli + ["finetune", cfg_path, "--run-dir", run_dir], env=env, cwd=ROOT,
+                                stdout=log, stderr=subprocess.STDOUT)
+        sampler = threading.Thread(target=sample_driver, args=(proc, run_dir, series, stop), daemon=True)
+        sampler.start()
+        rc = proc.wait()
+        stop.set()
+        sampler.join()
+    total = time.time() - started
+    if rc != 0:
+        with open(log_path) as f:
+            print(f.read()[-3000:])
+        raise SystemExit(f"raybias finetune failed (rc {rc}); log: {log_path}")
+
+    from raybias.rundir import RunDir
+
+    run = RunDir(run_dir)
+    rec = run.stage_record(f"finetune/{GEN}")
+    manifest = run.read_json(f"generators/{GEN}/manifest.json")
+    walls = [w for w in (rec.get("info", {}).get("job_wall_seconds") or {}).values() if w is not None]
+    rss = [r for _, r, _ in series]
+    mb = 1 / 2 ** 20
+    print(f"\n{planned} jobs: stage done {rec['done']}, {len(manifest['models'])} models in the manifest")
+    print(f"total {total:.0f} s (raybias finetune process, Ray start included); {total / planned:.2f} s per job; "
+          f"median job's own seconds {statistics.median(walls):.2f} (setup + 1 step + publish)")
+    print(f"driver RSS: start {rss[0] * mb:.0f} MiB, peak {max(rss) * mb:.0f} MiB, end {rss[-1] * mb:.0f} MiB")
+    print(f"manifest.json: {os.path.getsize(run.path('manifest.json')) / 1024:.1f} KiB")
+    print(f"{'t (s)':>8}{'driver RSS (MiB)':>18}{'models':>8}")
+    last = -1e9
+    for t, r, done in series:
+        if t - last >= args.every:
+            print(f"{t:>8.0f}{r * mb:>18.0f}{done:>8}")
+            last = t
+    t, r, done = series[-1]
+    print(f"{t:>8.0f}{r * mb:>18.0f}{done:>8}")
+    figures = {"jobs": planned, "total_s": total, "per_job_s": total / planned,
+               "median_job_s": statistics.median(walls), "rss_start_mib": rss[0] * mb,
+               "rss_peak_mib": max(rss) * mb, "rss_end_mib": rss[-1] * mb,
+               "manifest_kib": os.path.getsize(run.path("manifest.json")) / 1024,
+               "series": [(round(t, 1), round(r * mb, 1), d) for t, r, d in series], "machine": machine()}
+    print("RESULT " + json.dumps({k: v for k, v in figures.items() if k != "series"}))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(figures, f)
+
+
+if __name__ == "__main__":
+    main()
