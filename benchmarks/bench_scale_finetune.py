@@ -9,9 +9,10 @@ process (its own local Ray, both cores) with a tiny random-weight backbone built
 finetune.jobs_per_trainer = ceil(jobs / 2): two trainers, one per core. It samples the
 driver's RSS every second and the number of published models, and prints:
 
-  total wall time, time per job (total / jobs, and the median of the jobs' own seconds),
-  the driver's RSS over time (start, peak, end, and a line every --every seconds),
-  the manifest's size, and where the stage's driver time went (from its log).
+  total wall time, time per job (total / jobs, the median of the jobs' own seconds, and the
+  interval between published models early vs. late in the stage), the seconds from the last
+  published model to the end of the stage, the driver's RSS and CPU time over time (a line
+  every --every seconds), the largest trainer worker's RSS, and the manifest's size.
 
     python benchmarks/bench_scale_finetune.py --jobs 100
     nice python benchmarks/bench_scale_finetune.py --jobs 1000 --json /tmp/ft1000.json
@@ -82,23 +83,77 @@ def write_clusters(run_dir: str, jobs: int) -> int:
     return planned
 
 
+def _trainer_workers(driver) -> list:
+    """The driver's Ray Train worker processes (its local Ray's processes are its descendants;
+    other users' Ray on the same machine are not)."""
+    import psutil
+
+    out = []
+    for proc in driver.children(recursive=True):
+        try:
+            if "RayTrainWorker" in " ".join(proc.cmdline()):
+                out.append(proc)
+        except psutil.Error:
+            pass
+    return out
+
+
 def sample_driver(proc, run_dir: str, out: list, stop: threading.Event, period: float = 1.0) -> None:
+    """Every `period` s: (t, driver RSS, driver CPU seconds, published models, largest trainer
+    worker RSS)."""
     import psutil
 
     p = psutil.Process(proc.pid)
     models = os.path.join(run_dir, "generators", GEN)
     t0 = time.time()
+    workers, last_scan = [], -1e9
     while not stop.is_set() and proc.poll() is None:
         try:
             rss = p.memory_info().rss
+            cpu = sum(p.cpu_times()[:2])
         except psutil.Error:
+            break
+        if rss == 0:  # exited, not yet reaped
             break
         try:
             done = sum(1 for n in os.listdir(models) if n.startswith("g") and "-c" in n)
         except OSError:
             done = 0
-        out.append((time.time() - t0, rss, done))
+        if time.time() - last_scan > 10:  # trainer workers come and go: look for them now and then
+            workers, last_scan = _trainer_workers(p), time.time()
+        worker_rss = 0
+        for w in workers:
+            try:
+                worker_rss = max(worker_rss, w.memory_info().rss)
+            except psutil.Error:
+                pass
+        out.append((time.time() - t0, rss, cpu, done, worker_rss))
         stop.wait(period)
+
+
+def job_trend(run_dir: str) -> dict:
+    """Per-job seconds early vs. late in the stage (from the published models' records and
+    their times): does a job cost more once many are done?"""
+    import glob
+
+    recs = []
+    for path in glob.glob(os.path.join(run_dir, "generators", GEN, "g*", "training.json")):
+        with open(path) as f:
+            r = json.load(f)
+        recs.append((os.path.getmtime(path), r))
+    recs.sort(key=lambda x: x[0])
+    tenth = max(1, len(recs) // 10)
+    gaps = [b[0] - a[0] for a, b in zip(recs, recs[1:])]
+
+    def mean(xs):
+        return sum(xs) / len(xs) if xs else float("nan")
+
+    return {"first_tenth_gap_s": mean(gaps[:tenth]), "last_tenth_gap_s": mean(gaps[-tenth:]),
+            "first_tenth_setup_s": mean([r["setup_seconds"] for _, r in recs[:tenth]]),
+            "last_tenth_setup_s": mean([r["setup_seconds"] for _, r in recs[-tenth:]]),
+            "first_tenth_train_s": mean([r["train_seconds"] for _, r in recs[:tenth]]),
+            "last_tenth_train_s": mean([r["train_seconds"] for _, r in recs[-tenth:]]),
+            "last_published": recs[-1][0] if recs else None}
 
 
 def main() -> None:
@@ -117,7 +172,9 @@ def main() -> None:
     save_pipeline(build_pipeline("tiny", seed=0), base)
     cfg_path = os.path.join(tmp, "ft.yaml")
     write_config(cfg_path, run_dir, base, args.jobs)
-    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    # RAY_ADDRESS=local: a local Ray of its own, even while another one (`ray start`) runs on
+    # this machine, which ray.init() without an address would join
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), RAY_ADDRESS="local")
     cli = [sys.executable, "-m", "raybias"]
     subprocess.run(cli + ["prepare", cfg_path, "--run-dir", run_dir], check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
@@ -148,26 +205,40 @@ def main() -> None:
     rec = run.stage_record(f"finetune/{GEN}")
     manifest = run.read_json(f"generators/{GEN}/manifest.json")
     walls = [w for w in (rec.get("info", {}).get("job_wall_seconds") or {}).values() if w is not None]
-    rss = [r for _, r, _ in series]
+    trend = job_trend(run_dir)
     mb = 1 / 2 ** 20
+    during = [x for x in series if x[3] > 0]  # once the first model is published
+    first_model_t = during[0][0] if during else float("nan")
+    tail_s = (started + total) - trend["last_published"] if trend["last_published"] else float("nan")
     print(f"\n{planned} jobs: stage done {rec['done']}, {len(manifest['models'])} models in the manifest")
-    print(f"total {total:.0f} s (raybias finetune process, Ray start included); {total / planned:.2f} s per job; "
-          f"median job's own seconds {statistics.median(walls):.2f} (setup + 1 step + publish)")
-    print(f"driver RSS: start {rss[0] * mb:.0f} MiB, peak {max(rss) * mb:.0f} MiB, end {rss[-1] * mb:.0f} MiB")
+    print(f"total {total:.0f} s (the raybias finetune process, Ray start included); {total / planned:.2f} s per "
+          f"job; first model after {first_model_t:.0f} s; median job's own seconds {statistics.median(walls):.2f} "
+          f"(setup + 1 step + checkpoint + publish)")
+    print(f"per job, first vs last tenth of the stage: interval between published models "
+          f"{trend['first_tenth_gap_s']:.2f} -> {trend['last_tenth_gap_s']:.2f} s (2 trainers), setup "
+          f"{trend['first_tenth_setup_s']:.2f} -> {trend['last_tenth_setup_s']:.2f} s, step + checkpoint "
+          f"{trend['first_tenth_train_s']:.2f} -> {trend['last_tenth_train_s']:.2f} s")
+    print(f"after the last model was published: {tail_s:.1f} s until the stage was finished and the process ended")
+    if during:
+        print(f"driver RSS: at the first model {during[0][1] * mb:.0f} MiB, peak {max(x[1] for x in series) * mb:.0f} "
+              f"MiB, at the last sample {series[-1][1] * mb:.0f} MiB; driver CPU {series[-1][2]:.1f} s in all, "
+              f"{series[-1][2] - during[0][2]:.1f} s from the first model on")
+        print(f"largest trainer worker RSS: {max(x[4] for x in during) * mb:.0f} MiB")
     print(f"manifest.json: {os.path.getsize(run.path('manifest.json')) / 1024:.1f} KiB")
-    print(f"{'t (s)':>8}{'driver RSS (MiB)':>18}{'models':>8}")
+    print(f"{'t (s)':>8}{'driver RSS MiB':>16}{'driver CPU s':>14}{'models':>8}{'worker RSS MiB':>16}")
     last = -1e9
-    for t, r, done in series:
-        if t - last >= args.every:
-            print(f"{t:>8.0f}{r * mb:>18.0f}{done:>8}")
+    for i, (t, r, c, done, w) in enumerate(series):
+        if t - last >= args.every or i == len(series) - 1:
+            print(f"{t:>8.0f}{r * mb:>16.0f}{c:>14.1f}{done:>8}{w * mb:>16.0f}")
             last = t
-    t, r, done = series[-1]
-    print(f"{t:>8.0f}{r * mb:>18.0f}{done:>8}")
-    figures = {"jobs": planned, "total_s": total, "per_job_s": total / planned,
-               "median_job_s": statistics.median(walls), "rss_start_mib": rss[0] * mb,
-               "rss_peak_mib": max(rss) * mb, "rss_end_mib": rss[-1] * mb,
+    figures = {"jobs": planned, "total_s": total, "per_job_s": total / planned, "first_model_s": first_model_t,
+               "median_job_s": statistics.median(walls), "tail_s": tail_s, **trend,
+               "rss_first_model_mib": during[0][1] * mb if during else None,
+               "rss_peak_mib": max(x[1] for x in series) * mb, "rss_end_mib": series[-1][1] * mb,
+               "driver_cpu_s": series[-1][2], "worker_rss_peak_mib": max(x[4] for x in series) * mb,
                "manifest_kib": os.path.getsize(run.path("manifest.json")) / 1024,
-               "series": [(round(t, 1), round(r * mb, 1), d) for t, r, d in series], "machine": machine()}
+               "series": [(round(t, 1), round(r * mb, 1), round(c, 2), d, round(w * mb, 1))
+                          for t, r, c, d, w in series], "machine": machine()}
     print("RESULT " + json.dumps({k: v for k, v in figures.items() if k != "series"}))
     if args.json:
         with open(args.json, "w") as f:
