@@ -283,3 +283,16 @@ def test_config_checks_the_image_format_quality_and_cache_cap():
                                 ("image_quality", 101, r"\[1, 100\]"), ("model_cache_gb", 0, r"\(0,")):
         with pytest.raises(ConfigError, match=rf"'generate.{key}'.*{allowed}"):
             config_from_dict({"generate": {key: value}})
+
+
+def test_open_atomic_publishes_whole_files_only(tmp_path):
+    run = RunDir(str(tmp_path / "run"))
+    with pytest.raises(RuntimeError, match="half way"):
+        with run.open_atomic("synthetic/vanilla/shards/unit-00000.parquet") as f:
+            f.write(b"PAR1" + b"x" * 1000)
+            raise RuntimeError("the writer failed half way")
+    assert run.listdir(shards_dir("vanilla")) == []  # neither the file nor its temporary
+    with run.open_atomic("synthetic/vanilla/shards/unit-00000.parquet") as f:
+        f.write(b"whole")
+    assert run.listdir(shards_dir("vanilla")) == ["unit-00000.parquet"]
+    assert run.read_bytes("synthetic/vanilla/shards/unit-00000.parquet") == b"whole"
