@@ -14,6 +14,13 @@ driver's RSS every second and the number of published models, and prints:
   published model to the end of the stage, the driver's RSS and CPU time over time (a line
   every --every seconds), the largest trainer worker's RSS, and the manifest's size.
 
+First, in-process and alternating (so the ratio holds on a shared machine), the driver's
+per-job work at --jobs jobs the old way and the new: recording the jobs in manifest.json
+(a rewrite per job vs. one per finished pack) and one progress poll (the whole board vs.
+what changed since the last poll). --health-check-s sets how often Ray Train's controller
+takes a worker's report (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S, Ray's default 2 s): a report
+waits until the previous one was taken, so each packed job after the first waits for it.
+
     python benchmarks/bench_scale_finetune.py --jobs 100
     nice python benchmarks/bench_scale_finetune.py --jobs 1000 --json /tmp/ft1000.json
 """
@@ -156,14 +163,77 @@ def job_trend(run_dir: str) -> dict:
             "last_published": recs[-1][0] if recs else None}
 
 
+def driver_micro(jobs: int, repeats: int = 5) -> dict:
+    """In-process A/B of the driver's per-job work at `jobs` jobs (old way vs. new, alternating):
+
+    - bookkeeping: recording every job of two packs in manifest.json, one `mark_units` (a
+      manifest rewrite) per job as before vs. one per finished pack now;
+    - progress: one poll of the progress board holding `jobs` finished jobs and one training
+      job, the whole board as before vs. only the entries changed since the last poll now.
+    """
+    import ray
+
+    from raybias.config import config_from_dict
+    from raybias.ray_utils import init_ray
+    from raybias.rundir import RunDir
+    from raybias.stages.finetune import _progress_board_class
+
+    cfg = config_from_dict({"ray": {"num_cpus": 2, "object_store_mb": 400}})
+    names = [f"g{i % 4}-c{i // 4}" for i in range(jobs)]
+    key = f"finetune/{GEN}"
+    out = {"mark_per_job_s": [], "mark_per_pack_s": []}
+    with tempfile.TemporaryDirectory(prefix="raybias-ft-micro-") as tmp:
+        for r in range(2):
+            for arm in ("mark_per_job_s", "mark_per_pack_s"):
+                run = RunDir(os.path.join(tmp, f"{arm}-{r}"))
+                run.begin_stage(key, cfg, ("data", "base", "embed", "cluster", "finetune"), "fresh")
+                t0 = time.perf_counter()
+                if arm == "mark_per_job_s":
+                    for n in names:
+                        run.mark_units(key, [n])
+                else:
+                    for pack in (names[0::2], names[1::2]):
+                        run.mark_units(key, pack)
+                out[arm].append(time.perf_counter() - t0)
+    init_ray(cfg, quiet=True)
+    board = _progress_board_class().remote()
+    for n in names:
+        board.update.remote(GEN, n, 1, 1, 0.5, "done")
+    ray.get(board.update.remote(GEN, "g9-c0", 0, 1, None, "training"))
+    version, _ = ray.get(board.snapshot.remote(0))
+    out.update(poll_all_s=[], poll_changed_s=[])
+    for _ in range(repeats):
+        for arm, since in (("poll_all_s", 0), ("poll_changed_s", version)):
+            t0 = time.perf_counter()
+            _, changed = ray.get(board.snapshot.remote(since))
+            for key_, state in sorted(changed.items()):  # what the monitor then walks
+                _ = state["step"]
+            out[arm].append(time.perf_counter() - t0)
+    ray.kill(board)
+    ray.shutdown()
+    return {k: min(v) for k, v in out.items()}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--jobs", type=int, default=100)
     ap.add_argument("--every", type=float, default=30.0, help="seconds between printed RSS lines")
     ap.add_argument("--json", help="write the figures (and the RSS series) here")
     ap.add_argument("--keep", help="make the run here and keep it (default: a temporary folder)")
+    ap.add_argument("--health-check-s", type=float,
+                    help="RAY_TRAIN_HEALTH_CHECK_INTERVAL_S for the run (Ray's default: 2 s): how often "
+                         "the trainer's controller takes a report, which a packed job's report waits for")
+    ap.add_argument("--no-micro", action="store_true", help="skip the in-process driver A/B")
     args = ap.parse_args()
     print(machine(), flush=True)
+    os.environ["RAY_ADDRESS"] = "local"  # see the subprocess's env below
+    micro = {}
+    if not args.no_micro:
+        micro = driver_micro(args.jobs)
+        print(f"driver, {args.jobs} jobs in 2 packs (in-process, best of alternating rounds): recording them "
+              f"{micro['mark_per_job_s']:.2f} s with a manifest write per job -> {micro['mark_per_pack_s']:.3f} s "
+              f"with one per pack; a progress poll {1000 * micro['poll_all_s']:.1f} ms reading the whole board -> "
+              f"{1000 * micro['poll_changed_s']:.1f} ms reading what changed", flush=True)
 
     from raybias.diffusion.backbone import build_pipeline, save_pipeline
 
@@ -175,6 +245,8 @@ def main() -> None:
     # RAY_ADDRESS=local: a local Ray of its own, even while another one (`ray start`) runs on
     # this machine, which ray.init() without an address would join
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), RAY_ADDRESS="local")
+    if args.health_check_s is not None:
+        env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] = str(args.health_check_s)
     cli = [sys.executable, "-m", "raybias"]
     subprocess.run(cli + ["prepare", cfg_path, "--run-dir", run_dir], check=True, env=env, cwd=ROOT,
                    stdout=subprocess.DEVNULL)
@@ -236,7 +308,8 @@ def main() -> None:
                "rss_first_model_mib": during[0][1] * mb if during else None,
                "rss_peak_mib": max(x[1] for x in series) * mb, "rss_end_mib": series[-1][1] * mb,
                "driver_cpu_s": series[-1][2], "worker_rss_peak_mib": max(x[4] for x in series) * mb,
-               "manifest_kib": os.path.getsize(run.path("manifest.json")) / 1024,
+               "manifest_kib": os.path.getsize(run.path("manifest.json")) / 1024, "micro": micro,
+               "health_check_s": args.health_check_s,
                "series": [(round(t, 1), round(r * mb, 1), round(c, 2), d, round(w * mb, 1))
                           for t, r, c, d, w in series], "machine": machine()}
     print("RESULT " + json.dumps({k: v for k, v in figures.items() if k != "series"}))
