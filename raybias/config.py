@@ -29,6 +29,7 @@ EMBEDDERS = ("builtin", "clip")
 BALANCE = ("max_group", "per_group", "ffr")
 SCHEDULERS = ("ddim", "dpm_solver", "ddpm", "euler")
 ATTENTION = ("auto", "sdpa", "xformers")
+IMAGE_FORMATS = ("png", "jpeg", "webp")  # generate.image_format (raybias.data.images.encode)
 PRECISION = ("no", "fp16", "bf16")
 MODELS = ("small_cnn", "resnet18", "resnet50")
 STAGE2 = ("head", "full")
@@ -196,6 +197,12 @@ class GenerateConfig:
     num_gpus: float = 0.0  # per actor
     num_cpus: float = 1.0  # per actor (also its torch threads)
     model_cache: int = 2  # LoRA adapters / DreamBooth UNets kept loaded per actor
+    # A remote (s3://, gs://) run's model folders are fetched once per node into a shared disk
+    # cache ($RAYBIAS_CACHE_DIR or ~/.cache/raybias, private) holding at most this many GB;
+    # the least recently used models no actor has loaded are deleted to stay under it.
+    model_cache_gb: float = 50.0
+    image_format: str = "png"  # how each image is stored in the shards: png (lossless), jpeg or webp
+    image_quality: int = 95  # of jpeg and webp, 1..100 (png is lossless: not used)
     size: Optional[int] = None  # image size to sample at; None: the model's own
     negative_prompt: bool = True
     seed: int = 0
@@ -636,6 +643,10 @@ def validate(cfg: DictConfig) -> None:
     _at_least("generate.num_gpus", g.num_gpus, 0)
     _at_least("generate.num_cpus", g.num_cpus, 0)
     _at_least("generate.model_cache", g.model_cache, 1)
+    _between("generate.model_cache_gb", g.model_cache_gb, 0, 1e9, low_open=True)
+    _choice("generate.image_format", g.image_format, IMAGE_FORMATS)
+    if not isinstance(g.image_quality, int) or not 1 <= g.image_quality <= 100:
+        _fail("generate.image_quality", g.image_quality, "a whole number in [1, 100]")
     if g.size is not None and (g.size < 8 or g.size % 8):
         _fail("generate.size", g.size, "a multiple of 8, at least 8 (or null for the model's own size)")
 
@@ -725,7 +736,7 @@ def validate(cfg: DictConfig) -> None:
 EXECUTION_KEYS = frozenset({
     "finetune.num_cpus_per_job", "finetune.max_concurrent_jobs", "finetune.max_failures",
     "finetune.progress_every", "finetune.jobs_per_trainer",
-    "generate.concurrency", "generate.num_cpus", "generate.model_cache",
+    "generate.concurrency", "generate.num_cpus", "generate.model_cache", "generate.model_cache_gb",
     "embed.concurrency", "embed.batch_size",
     "train.max_concurrent", "train.max_failures", "train.cpus_per_worker",
     "base.allow_pickle",  # whether a pickled model may load, not what is made from it

@@ -200,15 +200,32 @@ class RunDir:
         infos = self.fs.get_file_info(pafs.FileSelector(p, recursive=False))
         return sorted(i.base_name for i in infos)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write atomically: a temporary name, then a rename (a copy+delete on S3)."""
+    @contextmanager
+    def open_atomic(self, rel: str) -> Iterator[Any]:
+        """`with run.open_atomic(rel) as f: ...write to f...`: the file appears under `rel`
+        whole or not at all. `f` is the filesystem's output stream to a temporary `.tmp-…`
+        name beside it (streamed out, no copy of the content in memory), moved to `rel`
+        (a copy+delete on S3) when the body returns; if the body raises, the temporary is
+        deleted. A crash leaves at most the temporary (`clean_temporaries` deletes it)."""
         target = self.path(rel)
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
-        with self.fs.open_output_stream(tmp) as f:
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                yield f
+            self.fs.move(tmp, target)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:  # never created, or already gone
+                pass
+            raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write atomically: a temporary name, then a rename (a copy+delete on S3)."""
+        with self.open_atomic(rel) as f:
             f.write(data)
-        self.fs.move(tmp, target)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:

@@ -351,13 +351,14 @@ def test_orphans_of_a_dead_driver_are_reaped_on_the_next_start(tmp_path, monkeyp
 def test_every_run_relative_path_stays_inside_the_run_directory(tmp_path):
     """A generator manifest's `folder: ../../x` (or any other run-relative path that climbs
     out) names no file outside the run: RunDir refuses it, naming the path."""
-    from raybias.generation.sampler import local_folder
+    from raybias.generation.model_cache import ModelCache
 
     run = RunDir(tmp_path / "run")
+    cache = ModelCache(run, 1.0, root=str(tmp_path / "cache"))
     assert run.path("generators", "lora", "g0") == f"{run.root}/generators/lora/g0"
     for bad in ("../../x", "generators/../../x", "a/./../../b"):
         with pytest.raises(StageFailed, match="outside the run directory"):
             run.path(bad)
         with pytest.raises(StageFailed, match="outside the run directory"):
-            local_folder(run, bad, str(tmp_path / "cache"))
+            cache.acquire(bad)
     assert run.path("/generators/lora") == f"{run.root}/generators/lora"  # a leading slash stays inside

@@ -35,6 +35,8 @@ def sampling_settings(gen_cfg) -> Dict[str, Any]:
         "num_gpus": float(gen_cfg.num_gpus),
         "num_threads": max(1, int(gen_cfg.num_cpus)),
         "model_cache": int(gen_cfg.model_cache),
+        "image_format": str(gen_cfg.image_format),
+        "image_quality": int(gen_cfg.image_quality),
     }
 
 
@@ -90,7 +92,7 @@ def run_units(run: RunDir, plan: Dict[str, Any], todo: Sequence[int], *, base_mo
               base_revision: Optional[str], concurrency: int, num_gpus: float, num_cpus: float,
               on_unit: Optional[Callable[[Dict[str, Any]], None]] = None, progress: bool = True,
               desc: Optional[str] = None, allow_pickle: bool = False,
-              per_task: Optional[int] = None) -> Dict[str, Any]:
+              per_task: Optional[int] = None, model_cache_gb: Optional[float] = None) -> Dict[str, Any]:
     """Sample and write the units numbered `todo` through an actor pool; returns runtime facts
     (attention, device…). `per_task`: units dealt to an actor at once (default `units_per_task`)."""
     import ray
@@ -112,9 +114,15 @@ def run_units(run: RunDir, plan: Dict[str, Any], todo: Sequence[int], *, base_mo
         SamplerActor,
         fn_constructor_kwargs=dict(run_spec=run.spec(), generator=generator, base_model=base_model,
                                    base_revision=base_revision, plan=compact,
-                                   # base.allow_pickle rides along, outside the saved plan
-                                   sampling=dict(plan["sampling"], allow_pickle=bool(allow_pickle))),
-        compute=ray.data.ActorPoolStrategy(size=actors),
+                                   # base.allow_pickle and the disk cache's cap ride along, outside
+                                   # the saved plan (they do not change what is made)
+                                   sampling=dict(plan["sampling"], allow_pickle=bool(allow_pickle),
+                                                 **({} if model_cache_gb is None
+                                                    else {"model_cache_gb": float(model_cache_gb)}))),
+        # two calls per actor at once, on two threads: one unit encodes and writes its shard
+        # while the next samples (SamplerActor.make_unit holds a lock around sampling only)
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,
+                                           enable_true_multi_threading=True),
         num_gpus=num_gpus or None, num_cpus=num_cpus, batch_size=1, batch_format="numpy",
         zero_copy_batch=True)
     total = sum(units.count(n) for n in todo)
@@ -145,8 +153,11 @@ def run_units(run: RunDir, plan: Dict[str, Any], todo: Sequence[int], *, base_mo
 
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip()
-    # Ray wraps the worker's traceback; the last non-empty line names the real error.
-    lines = [ln for ln in text.splitlines() if ln.strip()]
+    # Ray wraps the worker's traceback; the real error is its last non-empty line before the
+    # first "The above exception was the direct cause" (after it come Ray Data's wrapper and
+    # its advice on retries), or the last line when there is no such chain.
+    head = text.split("The above exception was the direct cause", 1)[0]
+    lines = [ln for ln in head.splitlines() if ln.strip()]
     if not lines:
         return type(exc).__name__
     return lines[-1] if len(lines) > 1 else lines[0]

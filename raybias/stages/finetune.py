@@ -183,13 +183,17 @@ def _progress_board_class():
 
         def __init__(self):
             self.state: Dict[str, Dict[str, Any]] = {}
+            self.version = 0  # bumped at every update; each entry keeps the version it was set at
 
         def update(self, generator, name, step, total, loss, phase):
+            self.version += 1
             self.state[f"{generator}/{name}"] = {"step": step, "total": total, "loss": loss, "phase": phase,
-                                                 "time": time.time()}
+                                                 "time": time.time(), "version": self.version}
 
-        def snapshot(self):
-            return dict(self.state)
+        def snapshot(self, since: int = 0):
+            """(version now, the entries updated after version `since`): a poll costs what
+            changed since the last one, not one entry per job of the stage."""
+            return self.version, {k: s for k, s in self.state.items() if s["version"] > since}
 
     return ProgressBoard
 
@@ -206,6 +210,8 @@ class ProgressMonitor:
         self.interval_s, self.line_every_s = interval_s, line_every_s
         self.seen: Dict[str, int] = {}
         self.last_line: Dict[str, Tuple[float, str]] = {}
+        self.version = 0  # the board's version at the last poll
+        self.training: Dict[str, Dict[str, Any]] = {}  # jobs now training: their latest state
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="raybias-finetune-progress")
 
@@ -221,24 +227,33 @@ class ProgressMonitor:
         import ray
 
         try:
-            snap = ray.get(self.board.snapshot.remote(), timeout=10)
+            self.version, changed = ray.get(self.board.snapshot.remote(self.version), timeout=10)
         except Exception:  # the display must never break training
             return
         now = time.time()
-        for key, s in sorted(snap.items()):
+        for key, s in sorted(changed.items()):
             advance = s["step"] - self.seen.get(key, 0)
             if advance > 0:
                 self.bar.update(advance)
                 self.seen[key] = s["step"]
-            last_t, last_phase = self.last_line.get(key, (0.0, ""))
-            if s["phase"] != last_phase or now - last_t >= self.line_every_s:
-                gen, name = key.split("/", 1)
-                loss = "" if s["loss"] is None else f" loss {s['loss']:.4f}"
-                log.info("[%s %s] step %d/%d%s (%s)", gen, name, s["step"], s["total"], loss, s["phase"])
-                self.last_line[key] = (now, s["phase"])
-        active = [k for k, s in snap.items() if s["phase"] == "training"]
-        if active:
-            self.bar.set_postfix_str(", ".join(sorted(active))[:60], refresh=False)
+            if s["phase"] == "training":
+                self.training[key] = s
+            else:
+                self.training.pop(key, None)
+                self._line(key, s, now)
+        # a line per training job every line_every_s; finished jobs said "done" once, above
+        for key, s in sorted(self.training.items()):
+            self._line(key, s, now)
+        if self.training:
+            self.bar.set_postfix_str(", ".join(sorted(self.training))[:60], refresh=False)
+
+    def _line(self, key: str, s: Dict[str, Any], now: float) -> None:
+        last_t, last_phase = self.last_line.get(key, (0.0, ""))
+        if s["phase"] != last_phase or now - last_t >= self.line_every_s:
+            gen, name = key.split("/", 1)
+            loss = "" if s["loss"] is None else f" loss {s['loss']:.4f}"
+            log.info("[%s %s] step %d/%d%s (%s)", gen, name, s["step"], s["total"], loss, s["phase"])
+            self.last_line[key] = (now, s["phase"])
 
     def close(self) -> None:
         self._stop.set()
@@ -363,7 +378,9 @@ def _interleave_groups(work: List[Tuple[JobSpec, Dict[str, Any]]]) -> List[Tuple
 def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[str, Any]]]]],
              on_done, total_steps: int) -> Dict[str, Exception]:
     """Run every unit (a trainer name and its one job or pack of jobs), as many at once as the
-    cluster holds; `on_done(job, record)` for each job as its unit finishes."""
+    cluster holds; `on_done([(job, record), ...])` once per unit as it finishes, with its
+    finished jobs (one call for a whole pack: its bookkeeping is one manifest write, not one
+    per job)."""
     import ray
 
     errors: Dict[str, Exception] = {}
@@ -373,17 +390,18 @@ def _run_all(cfg, run: RunDir, units: List[Tuple[str, List[Tuple[JobSpec, Dict[s
     monitor = ProgressMonitor(board, total_steps).start()
 
     def done(item, records) -> None:
-        for job, _ in item[1]:
-            on_done(job, records[job.key])
+        on_done([(job, records[job.key]) for job, _ in item[1]])
 
     def failed(item, exc) -> None:
         # a pack's jobs published before the failure are kept; the others failed
-        unit = item[1]
+        unit, kept = item[1], []
         for job, _ in unit:
             if len(unit) > 1 and run.exists(training_json(job.generator, job.name)):
-                on_done(job, run.read_json(training_json(job.generator, job.name)))
+                kept.append((job, run.read_json(training_json(job.generator, job.name))))
             else:
                 errors[job.key] = exc
+        if kept:
+            on_done(kept)
 
     try:
         run_trainers(units, lambda item: _run_unit(cfg, run, item[1], board, item[0]), _capacity(cfg.finetune),
@@ -521,10 +539,14 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     stages = {gen: st for gen, _, st in pending}
     lock = threading.Lock()
 
-    def on_done(job: JobSpec, record: Dict[str, Any]) -> None:
+    def on_done(finished: List[Tuple[JobSpec, Dict[str, Any]]]) -> None:
         with lock:  # trainers' threads report here
-            records[job.generator][job.name] = record
-            stages[job.generator].unit_done(job.name)
+            names: Dict[str, List[str]] = {}
+            for job, record in finished:
+                records[job.generator][job.name] = record
+                names.setdefault(job.generator, []).append(job.name)
+            for gen, done in names.items():  # one manifest write per trainer, not per job
+                stages[gen].unit_done(*done)
 
     started = time.time()
     errors = _run_all(cfg, run, units, on_done, total_steps=int(cfg.finetune.steps) * len(todo))
@@ -559,14 +581,29 @@ def _short(exc: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+# At most this many models get a line of their own in the stage's summary (a thousand
+# per-cluster models would be a thousand lines); the manifest lists them all.
+MAX_SUMMARY_LINES = 24
+
+
 def _print_summary(gen: str, manifest: Dict[str, Any], records: Dict[str, Dict[str, Any]]) -> None:
     say(f"{finetune_key(gen)}: {len(manifest['models'])} model(s)")
-    for m in manifest["models"]:
+    shown = manifest["models"]
+    if len(shown) > MAX_SUMMARY_LINES:
+        keep = set(preview_sample(range(len(shown)), MAX_SUMMARY_LINES))
+        shown = [m for i, m in enumerate(shown) if i in keep]
+    for m in shown:
         rec = records.get(m["borrowed_from"] or m["name"], {})
         how = (f"borrows {m['borrowed_from']} (negative prompt {m['negative_prompt']!r})" if m["borrowed_from"]
                else f"{m['n_images']} images, {m['steps']} steps, loss {m['final_loss']:.4f}, "
                     f"{rec.get('wall_seconds', 0):.1f}s")
         say(f"  {m['name']:<8} weight {m['weight']:.2f}  {m['prompt_template']!r:<28} {how}")
+    if len(shown) < len(manifest["models"]):
+        steps = [m["steps"] for m in manifest["models"] if not m["borrowed_from"]]
+        losses = [m["final_loss"] for m in manifest["models"] if not m["borrowed_from"]]
+        say(f"  ... {len(shown)} of {len(manifest['models'])} models shown; all {len(steps)} trained for "
+            f"{min(steps)}-{max(steps)} steps, final loss {min(losses):.4f}-{max(losses):.4f} "
+            f"({generator_manifest(gen)} lists them)")
 
 
 def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") -> Dict[str, Any]:

@@ -93,7 +93,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
         require_gpus(g.num_gpus, f"generate ({generator})")
         facts = run_units(run, plan, todo, base_model=base_model, base_revision=cfg.base.revision,
                           concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
-                          progress=verbose, allow_pickle=cfg.base.allow_pickle)
+                          progress=verbose, allow_pickle=cfg.base.allow_pickle, model_cache_gb=g.model_cache_gb)
     left = missing_units(run, generator, plan)
     if left:
         raise StageFailed(f"generate {generator}: {len(left)} planned unit(s) have no shard "
