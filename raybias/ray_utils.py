@@ -9,6 +9,7 @@ from typing import Callable, Optional, Sequence, TypeVar
 
 import ray
 
+from raybias import signals
 from raybias.errors import ResourceError, first_line  # ResourceError re-exported: defined without Ray
 
 log = logging.getLogger("raybias")
@@ -28,7 +29,8 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     if address and address != "local":
         target = reachable_address(address)
         try:
-            ray.init(address=address, log_to_driver=not quiet)
+            with signals.held_during_ray_start():
+                ray.init(address=address, log_to_driver=not quiet)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
             raise ResourceError(f"cannot connect to the Ray cluster at ray.address={address!r} ({target}): "
                                 f"{first_line(exc)}") from exc
@@ -40,7 +42,7 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     reap_orphans()
     dashboard_port = free_port()
     # A local Ray binds to loopback only: nothing it serves is reachable from the network.
-    with loopback_only():
+    with loopback_only(), signals.held_during_ray_start():
         ray.init(
             num_cpus=num_cpus,
             num_gpus=num_gpus,

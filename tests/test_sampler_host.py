@@ -26,7 +26,7 @@ from PIL import Image
 from raybias.data.images import decode, encode
 from raybias.data.info import DatasetInfo
 from raybias.data.synthetic import finished_units, read_synthetic
-from raybias.generation.plan import build_plan, models_for
+from raybias.generation.plan import PlanUnits, build_plan, models_for
 from raybias.generation.runner import sampling_settings
 from raybias.layout import shard_path, shards_dir
 from raybias.rundir import RunDir, StageFailed
@@ -39,14 +39,17 @@ def _plan(cfg, run: RunDir):
     info = DatasetInfo.load(run)
     _, models = models_for(run, "vanilla", info, cfg.generate.negative_prompt)
     g = cfg.generate
-    return build_plan("vanilla", info, models, balance=g.balance, per_group=g.per_group, unit_size=g.unit_size,
+    plan = build_plan("vanilla", info, models, balance=g.balance, per_group=g.per_group, unit_size=g.unit_size,
                       seed=g.seed, sampling=sampling_settings(g), base_model=cfg.base.model)
+    units = PlanUnits(plan)
+    return dict(plan, units=[units.expand(n) for n in range(len(units))])  # every unit, expanded, for the tests
 
 
 def _actor(cfg, run: RunDir, plan, cls=None):
     from raybias.generation.sampler import SamplerActor
 
-    return (cls or SamplerActor)(run.spec(), "vanilla", cfg.base.model, None, plan["models"], plan["sampling"])
+    compact = {k: plan[k] for k in ("generator", "seed", "unit_size", "models", "runs", "n_units")}
+    return (cls or SamplerActor)(run.spec(), "vanilla", cfg.base.model, None, compact, plan["sampling"])
 
 
 def _shards(run: RunDir):
@@ -152,7 +155,7 @@ def test_a_failing_unit_fails_the_stage_through_ray_naming_the_error(small, tmp_
     plan = _plan(cfg, run)
     plan["sampling"]["image_format"], plan["sampling"]["image_quality"] = "jpeg", 0  # the config refuses 0
     with pytest.raises(StageFailed, match="image quality must be in 1..100"):
-        run_units(run, plan, plan["units"][:2], base_model=cfg.base.model, base_revision=None, concurrency=1,
+        run_units(run, plan, [0, 1], base_model=cfg.base.model, base_revision=None, concurrency=1,
                   num_gpus=0, num_cpus=1, progress=False)
     assert finished_units(run, "vanilla") == []
     assert not [n for n in run.listdir(shards_dir("vanilla")) if n.startswith(".tmp")]
@@ -228,7 +231,8 @@ def test_a_writer_killed_mid_shard_leaves_no_shard_and_resume_removes_its_tempor
 
         shards.pq.write_table = stalled_write
         plan = json.load(open({str(tmp_path / "plan.json")!r}))
-        actor = SamplerActor({run.spec()!r}, "vanilla", {cfg.base.model!r}, None, plan["models"], plan["sampling"])
+        compact = {{k: plan[k] for k in ("generator", "seed", "unit_size", "models", "runs", "n_units")}}
+        actor = SamplerActor({run.spec()!r}, "vanilla", {cfg.base.model!r}, None, compact, plan["sampling"])
         actor.make_unit(plan["units"][0])
     """)
     import json
@@ -253,7 +257,7 @@ def test_a_writer_killed_mid_shard_leaves_no_shard_and_resume_removes_its_tempor
             proc.kill()
     names = os.listdir(run.path(shards_dir("vanilla")))
     assert finished_units(run, "vanilla") == [] and len(names) == 1 and names[0].startswith(".tmp-")
-    whole, broken = sort_out_shards(run, "vanilla", plan["units"])  # what --resume does first
+    whole, broken = sort_out_shards(run, "vanilla", plan)  # what --resume does first
     assert whole == [] and broken == [] and os.listdir(run.path(shards_dir("vanilla"))) == []
 
 

@@ -64,7 +64,8 @@ def test_a_signal_in_a_stage_then_resume_finishes_whole(tiny_base_folder, tmp_pa
                 break
             time.sleep(0.05)
         if proc.poll() is not None:
-            pytest.skip(f"the run ended before {stage} began")
+            out, err = proc.communicate()
+            raise AssertionError(f"the run ended (rc {proc.returncode}) before {stage} began: {err[-2000:]}")
         time.sleep(0.5)  # into the stage's work
         os.kill(proc.pid, sig)
         out, err = proc.communicate(timeout=120)
