@@ -74,14 +74,22 @@ def _detected_gpus() -> Optional[float]:
         return None
 
 
-def known_gpus(cfg) -> Optional[Tuple[float, str]]:
-    """(GPUs the run's Ray will have, how that is known), or None when it is not known yet."""
+def _known(cfg, resource: str) -> Optional[Tuple[float, str]]:
+    """(`resource` the Ray this process is connected to has, how that is known), None when no
+    Ray is running here and the run's is not a local one (an autoscaling cluster may grow: its
+    stage asks the live cluster); "unknown" when it is to be decided from the config."""
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        have = float(ray.cluster_resources().get("GPU", 0.0))
+        have = float(ray.cluster_resources().get(resource, 0.0))
         return have, f"the Ray cluster this process is connected to has {have:g}"
-    if not local_ray(cfg):
-        return None
+    return None if not local_ray(cfg) else (-1.0, "unknown")
+
+
+def known_gpus(cfg) -> Optional[Tuple[float, str]]:
+    """(GPUs the run's Ray will have, how that is known), or None when it is not known yet."""
+    known = _known(cfg, "GPU")
+    if known is None or known[1] != "unknown":
+        return known
     if cfg.ray.num_gpus is not None:
         return float(cfg.ray.num_gpus), f"the local Ray is started with ray.num_gpus={cfg.ray.num_gpus}"
     found = _detected_gpus()
@@ -109,12 +117,9 @@ def check_gpus(cfg, key: str, value, per_task: float, what: str, fix: str) -> No
 
 def known_cpus(cfg) -> Optional[Tuple[float, str]]:
     """(CPUs the run's Ray will have, how that is known), or None when it is not known yet."""
-    ray = sys.modules.get("ray")
-    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        have = float(ray.cluster_resources().get("CPU", 0.0))
-        return have, f"the Ray cluster this process is connected to has {have:g}"
-    if not local_ray(cfg):
-        return None  # an autoscaling cluster may grow: its stage asks the live cluster
+    known = _known(cfg, "CPU")
+    if known is None or known[1] != "unknown":
+        return known
     if cfg.ray.num_cpus:
         return float(cfg.ray.num_cpus), f"the local Ray is started with ray.num_cpus={cfg.ray.num_cpus}"
     n = float(os.cpu_count() or 1)
