@@ -332,10 +332,6 @@ class PlanUnits:
         return (self.unit(n) for n in range(self.n_units))
 
 
-def plan_units(plan: Dict[str, Any]) -> PlanUnits:
-    return PlanUnits(plan)
-
-
 def _normal(value: Any) -> Any:
     """`value` as it reads back from plan.json (tuples as lists, keys as strings)."""
     return json.loads(json.dumps(value, sort_keys=True, default=str))
