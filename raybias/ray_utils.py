@@ -44,6 +44,9 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     # A local Ray binds to loopback only: nothing it serves is reachable from the network.
     with loopback_only(), signals.held_during_ray_start():
         ray.init(
+            # "local": always a Ray of our own; with no address ray.init joins a `ray start`
+            # cluster it finds on the machine (/tmp/ray/ray_current_cluster) and then refuses num_cpus
+            address="local",
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             object_store_memory=int(store_mb) * 2**20,
