@@ -29,7 +29,7 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     if address and address != "local":
         target = reachable_address(address)
         try:
-            with signals.held_during_ray_start():
+            with signals.kept_across_ray_start():
                 ray.init(address=address, log_to_driver=not quiet)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
             raise ResourceError(f"cannot connect to the Ray cluster at ray.address={address!r} ({target}): "
@@ -42,7 +42,7 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     reap_orphans()
     dashboard_port = free_port()
     # A local Ray binds to loopback only: nothing it serves is reachable from the network.
-    with loopback_only(), signals.held_during_ray_start():
+    with loopback_only(), signals.kept_across_ray_start():
         ray.init(
             # "local": always a Ray of our own; with no address ray.init joins a `ray start`
             # cluster it finds on the machine (/tmp/ray/ray_current_cluster) and then refuses num_cpus

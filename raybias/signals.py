@@ -3,8 +3,8 @@
 The CLI turns SIGTERM into an unwinding like Ctrl-C (one raybias line, exit 143, the local
 Ray shut down). `ray.init` replaces that handler: Ray's Python one exits, and the core
 worker's C++ failure handler prints a stack dump and, while trainers run in threads, aborts
-the process (SIGABRT, no raybias line). `raybias.ray_utils.init_ray` therefore starts Ray with SIGTERM held
-and puts the command's handler back once Ray is up (`held_during_ray_start`).
+the process (SIGABRT, no raybias line). `raybias.ray_utils.init_ray` therefore puts the command's handler back
+once Ray is up (`kept_across_ray_start`).
 """
 
 from __future__ import annotations
@@ -29,20 +29,14 @@ def forget() -> None:
 
 
 @contextlib.contextmanager
-def held_during_ray_start():
-    """SIGTERM held (blocked) while Ray starts, then the command's handler put back and the
-    signal let through. The threads Ray starts meanwhile inherit the blocked mask, so a later
-    SIGTERM always reaches the main thread, where the handler unwinds the command; one that
-    came during the start is delivered then, to that handler."""
-    main = threading.current_thread() is threading.main_thread()
-    if main:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
+def kept_across_ray_start():
+    """Put the command's SIGTERM handler back once Ray has started (ray.init replaced it).
+    (Not held with a signal mask meanwhile: Ray's raylet and GCS, started by ray.init,
+    would inherit the blocked mask and ignore the SIGTERM that shuts them down.)"""
     try:
         yield
     finally:
-        if main:
-            restore()
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
+        restore()
 
 
 def restore() -> None:
