@@ -100,7 +100,7 @@ def run_units(run: RunDir, plan: Dict[str, Any], todo: Sequence[int], *, base_mo
     from raybias.console import bar as progress_bar
     from raybias.generation.plan import PlanUnits
 
-    from raybias.generation.sampler import SamplerActor
+    from raybias.generation.sampler import CALLS_PER_ACTOR, SamplerActor
 
     generator = plan["generator"]
     if not len(todo):
@@ -121,7 +121,7 @@ def run_units(run: RunDir, plan: Dict[str, Any], todo: Sequence[int], *, base_mo
                                                     else {"model_cache_gb": float(model_cache_gb)}))),
         # two calls per actor at once, on two threads: one unit encodes and writes its shard
         # while the next samples (SamplerActor.make_unit holds a lock around sampling only)
-        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=2,
+        compute=ray.data.ActorPoolStrategy(size=actors, max_concurrent_calls_per_actor=CALLS_PER_ACTOR,
                                            enable_true_multi_threading=True),
         num_gpus=num_gpus or None, num_cpus=num_cpus, batch_size=1, batch_format="numpy",
         zero_copy_batch=True)

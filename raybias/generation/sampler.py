@@ -77,6 +77,8 @@ def adapter_name(model_name: str) -> str:
     return "m_" + re.sub(r"[^0-9A-Za-z_]", "_", model_name)
 
 
+CALLS_PER_ACTOR = 2  # units an actor works on at once: one samples while the other is encoded
+
 class ModelSwitcher:
     """Puts a plan model (kind base | lora | dreambooth) into the pipeline; caches recent ones.
 
@@ -254,7 +256,10 @@ class SamplerActor:
         # model folders of a remote run directory: fetched once per node, into its capped cache
         disk_cache = None if self.run.is_local else ModelCache(
             self.run, float(self.sampling.get("model_cache_gb", DEFAULT_MODEL_CACHE_GB)))
-        self.switcher = ModelSwitcher(self.pipe, self.run, int(self.sampling.get("model_cache", 2)), self._prepare,
+        # an actor works on CALLS_PER_ACTOR units at once, possibly of as many models (two blocks):
+        # keeping fewer would load them in turn at every unit
+        keep = max(int(self.sampling.get("model_cache", 2)), CALLS_PER_ACTOR)
+        self.switcher = ModelSwitcher(self.pipe, self.run, keep, self._prepare,
                                       disk_cache)
 
     def _prepare(self, pipe) -> None:
