@@ -269,10 +269,7 @@ class RunDir:
         import tempfile
 
         if self.is_local:
-            final = self.local_path(rel)
-            parent = os.path.dirname(final)
-            os.makedirs(parent, exist_ok=True)
-            tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:8]}-{os.path.basename(final)}")
+            final, tmp = self.local_path(rel), self.local_path(self.staging(rel))
             os.makedirs(tmp)
             try:
                 yield tmp

@@ -30,6 +30,7 @@ from raybias.layout import PREPARE_KEY, finetune_key, generate_key, generator_di
 from raybias.methods import generate_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
+from raybias.stages.pipeline import FINETUNED
 
 log = logging.getLogger("raybias.generation")
 
@@ -50,8 +51,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
         return f"{missing} of its {plan['n_units']} shards are missing or broken" if missing else None
 
     # partial: a resumed (or damaged) set keeps every shard that reads whole with its planned ids
-    fine_tuned = generator in GENERATORS and generator != "vanilla"  # vanilla samples the base model
-    needs = (PREPARE_KEY, finetune_key(generator)) if fine_tuned else (PREPARE_KEY,)
+    needs = (PREPARE_KEY, finetune_key(generator)) if generator in FINETUNED else (PREPARE_KEY,)
     st = run.stage(key, cfg, sections, mode, owns=(synthetic_dir(generator),), partial=True, verify=shards_whole,
                    needs=needs)
     if st.skip:
