@@ -40,6 +40,12 @@ def metrics_from_counts(correct: Sequence[float], total: Sequence[float]) -> Dic
     }
 
 
+def selection_key(m: Dict) -> tuple:
+    """How validation metrics rank (model selection: epochs, and stage-2 candidates): worst-group
+    accuracy, then average-group accuracy; a missing value ranks lowest."""
+    return (m["wga"] if m["wga"] is not None else -1.0, m["aga"] if m["aga"] is not None else -1.0)
+
+
 def group_metrics(pred: Sequence[int], y: Sequence[int], groups: Sequence[int], n_groups: int) -> Dict:
     """Metrics of a prediction table (one row per example)."""
     pred, y, groups = (np.asarray(v, dtype=np.int64) for v in (pred, y, groups))
