@@ -318,6 +318,18 @@ class DDBConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    # Per generator and group of its synthetic set (raybias/generation/diagnostics.py, written
+    # by the report): label fidelity (the oracle, or CLIP zero-shot with embed.embedder=clip),
+    # diversity and KID to the real group in the embedder's space.
+    enabled: bool = True
+    # at most this many generated images, and as many real training images, per group (drawn
+    # with `seed`): what bounds the work, whatever the set's size
+    sample_per_group: int = 256
+    seed: int = 0
+
+
+@dataclass
 class SweepConfig:
     name: str = "sweep"
     severities: List[Any] = field(default_factory=lambda: [0.95, 0.99])
@@ -345,6 +357,7 @@ class RaybiasConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ddb: DDBConfig = field(default_factory=DDBConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -743,6 +756,9 @@ def validate(cfg: DictConfig) -> None:
     _between("ddb.lff_q", dd.lff_q, 0, 1, low_open=True)
     _between("ddb.lff_ema", dd.lff_ema, 0, 1)
     _between("ddb.lff_min_weight", dd.lff_min_weight, 0, 1)
+
+    _at_least("diagnostics.sample_per_group", cfg.diagnostics.sample_per_group, 2)
+    _at_least("diagnostics.seed", cfg.diagnostics.seed, 0)
 
     sw = cfg.sweep
     if not sw.severities:
