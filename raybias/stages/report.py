@@ -24,12 +24,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from raybias.classify.metrics import collect_metrics, pct, summarize
+from raybias.classify.metrics import collect_metrics, metrics_records, pct, summarize
 from raybias.console import say
 from raybias.layout import (CLASSIFIERS_DIR, DIAGNOSTICS_PNG, INFO, REAL, REPORT_DIR, REPORT_MD, REPORT_SAMPLES_PNG,
                             RESULTS_BY_SEED_CSV, SWEEP_REPORT, SWEEP_RESULTS, SYNTHETIC_DIR, TIMINGS, WGA_PNG,
-                            diagnostics_path, metrics_path, scores_path, severity_png, shard_path, stage_of,
-                            synthetic_samples)
+                            diagnostics_path, scores_path, severity_png, shard_path, stage_of, synthetic_samples)
 from raybias.machine import machine_line
 from raybias.rundir import RunDir
 
@@ -401,17 +400,9 @@ def _timings_table(run: RunDir) -> str:
 
 def stage2_records(run: RunDir, methods: Optional[List[str]] = None) -> List[Dict]:
     """(method, seed, metrics.json's "stage2") of every two-stage classifier, by method and seed."""
-    out = []
-    for method in run.listdir(CLASSIFIERS_DIR):
-        if methods is not None and method not in methods:
-            continue
-        for seed in run.listdir(CLASSIFIERS_DIR, method):
-            rel = metrics_path(method, seed)
-            if run.exists(rel):
-                rec = run.read_json(rel)
-                if rec.get("stage2"):
-                    out.append({"method": method, "seed": int(rec.get("seed", seed)), "stage2": rec["stage2"],
-                                "val_wga": rec["val"]["wga"], "test_wga": rec["test"]["wga"]})
+    out = [{"method": method, "seed": seed, "stage2": rec["stage2"], "val_wga": rec["val"]["wga"],
+            "test_wga": rec["test"]["wga"]}
+           for method, seed, rec in metrics_records(run, methods) if rec.get("stage2")]
     rank = {m: i for i, m in enumerate(methods or [])}
     return sorted(out, key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["seed"]))
 
