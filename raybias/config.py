@@ -36,6 +36,7 @@ STAGE2_MODES = ("head", "full")
 STAGE2_LOSS = ("erm", "reweight", "groupdro")
 # train.stage2_candidates: what `auto` chooses among ("<mode>+<loss>"), in tie-break order
 STAGE2_CANDIDATES = tuple(f"{m}+{l}" for m in STAGE2_MODES for l in STAGE2_LOSS)
+STAGE2_RANKS = ("final", "best")  # train.stage2_rank: which validation WGA of a candidate ranks it
 PROJECTIONS = ("mlp", "linear", "none")  # train.stage1.projection (SupCon's projection head)
 SUPCON_ANCHORS = ("all", "with_positive")  # train.stage1.supcon_anchors
 VAL_PROTOCOLS = ("untouched", "biased")  # data.val_protocol (raybias/data/severity.py)
@@ -276,10 +277,15 @@ class TrainConfig:
     # stage 2: head (linear head on the frozen stage-1 encoder, Basu et al.), full (the whole
     # network, FFR), each with stage2_method as its loss; or auto: every stage2_candidates
     # entry ("<head|full>+<erm|reweight|groupdro>") is trained from the one stage-1 model and
-    # the one with the best validation WGA (ties: AGA, then the list's order) is kept.
+    # the one with the best validation WGA (ties: AGA, then the list's order) is kept, at its
+    # best epoch.
     stage2: str = "head"
     stage2_method: str = "groupdro"
     stage2_candidates: List[str] = field(default_factory=lambda: list(STAGE2_CANDIDATES))
+    # What ranks the candidates: final = each one's validation WGA at its last epoch (the model
+    # it converged to: a candidate whose validation WGA peaks for an epoch and falls, as the
+    # full network does at high severity, is not taken for its peak); best = at its best epoch.
+    stage2_rank: str = "final"
     # ddb
     ddb_select_with_bias_labels: bool = True
     num_workers: int = 1  # Ray Train workers per classifier (DDP when > 1)
@@ -734,6 +740,7 @@ def validate(cfg: DictConfig) -> None:
         _choice("train.stage2_candidates", c_, STAGE2_CANDIDATES)
     if len(set(t.stage2_candidates)) != len(t.stage2_candidates):
         _fail("train.stage2_candidates", list(t.stage2_candidates), "a list without repeats")
+    _choice("train.stage2_rank", t.stage2_rank, STAGE2_RANKS)
     if t.pretrained is not None and t.model == "small_cnn":
         _fail("train.pretrained", t.pretrained, "null for train.model=small_cnn (imagenet weights exist for resnet18/resnet50)")
     _between("train.cpus_per_worker", t.cpus_per_worker, 0, 1024, low_open=not t.use_gpu)

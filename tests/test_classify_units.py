@@ -201,25 +201,38 @@ def test_two_stage_projection_from_config():
 
 # --- stage 2 chosen by validation ---------------------------------------------------------
 
-def _val(wga, aga):
-    return {"val": {"wga": wga, "aga": aga}}
+def _val(wga, aga, final=None):
+    """A candidate's record: its best epoch's validation metrics, and its last epoch's."""
+    final = (wga, aga) if final is None else final
+    return {"val": {"wga": wga, "aga": aga}, "final": {"wga": final[0], "aga": final[1]}}
 
 
-def test_stage2_auto_keeps_the_candidate_validation_ranks_first():
+@pytest.mark.parametrize("rank", ["final", "best"])
+def test_stage2_auto_keeps_the_candidate_validation_ranks_first(rank):
     from raybias.classify.methods import choose_stage2
 
     order = ["head+erm", "head+reweight", "head+groupdro", "full+erm", "full+reweight", "full+groupdro"]
     cands = {"head+erm": _val(0.62, 0.80), "head+reweight": _val(0.70, 0.81), "head+groupdro": _val(0.68, 0.83),
              "full+erm": _val(0.10, 0.55), "full+reweight": _val(0.96, 0.97), "full+groupdro": _val(0.97, 0.97)}
-    assert choose_stage2(cands, order) == "full+groupdro"  # the argmax of validation WGA
+    assert choose_stage2(cands, order, rank) == "full+groupdro"  # the argmax of validation WGA
     # a tie in WGA goes to the higher AGA; a tie in both to the earlier in the list
     cands["head+reweight"] = _val(0.97, 0.98)
-    assert choose_stage2(cands, order) == "head+reweight"
+    assert choose_stage2(cands, order, rank) == "head+reweight"
     cands["head+reweight"] = _val(0.97, 0.97)
-    assert choose_stage2(cands, order) == "head+reweight"
-    assert choose_stage2(cands, list(reversed(order))) == "full+groupdro"
-    cands["full+erm"] = {"val": {"wga": None, "aga": None}}  # no validation value ranks last
-    assert choose_stage2({"full+erm": cands["full+erm"], "head+erm": cands["head+erm"]}, order) == "head+erm"
+    assert choose_stage2(cands, order, rank) == "head+reweight"
+    assert choose_stage2(cands, list(reversed(order)), rank) == "full+groupdro"
+    cands["full+erm"] = _val(None, None)  # no validation value ranks last
+    assert choose_stage2({"full+erm": cands["full+erm"], "head+erm": cands["head+erm"]}, order, rank) == "head+erm"
+
+
+def test_stage2_rank_final_takes_a_candidate_for_its_last_epoch_not_a_passing_peak():
+    from raybias.classify.methods import choose_stage2
+
+    order = ["head+groupdro", "full+groupdro"]
+    # the full network peaks at its first epoch and falls as it learns the shortcut
+    cands = {"head+groupdro": _val(0.71, 0.80, final=(0.68, 0.79)), "full+groupdro": _val(0.79, 0.82, final=(0.54, 0.75))}
+    assert choose_stage2(cands, order, "best") == "full+groupdro"
+    assert choose_stage2(cands, order, "final") == "head+groupdro"
 
 
 def test_stage2_auto_phases_start_from_the_stage1_model_and_draw_alike():

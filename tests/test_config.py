@@ -92,6 +92,7 @@ def test_wrong_types_are_named(override, key, value, allowed):
     ("train.stage2_candidates=[full+erm,full+erm]", "train.stage2_candidates", "['full+erm', 'full+erm']",
      "without repeats"),
     ("train.stage2_candidates=[]", "train.stage2_candidates", "[]", "a non-empty list of head+erm"),
+    ("train.stage2_rank=mean", "train.stage2_rank", "mean", "one of final, best"),
     ("train.stage1.projection=conv", "train.stage1.projection", "conv", "one of mlp, linear, none"),
     ("train.stage1.projection_dim=0", "train.stage1.projection_dim", "0", ">= 1"),
     ("train.stage1.projection_hidden=0", "train.stage1.projection_hidden", "0", ">= 1"),

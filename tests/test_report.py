@@ -301,18 +301,21 @@ def _metrics(run: RunDir, method: str, seed: int, val_wga: float, test_wga: floa
 
 def test_report_says_which_stage2_each_two_stage_classifier_kept(run_dir):
     order = ["head+erm", "full+erm", "full+groupdro"]
-    cands = {"head+erm": {"val_wga": 0.62, "test_wga": 0.64}, "full+erm": {"val_wga": 0.90, "test_wga": 0.88},
-             "full+groupdro": {"val_wga": 0.97, "test_wga": 0.937}}
+    cands = {"head+erm": {"val_wga": 0.62, "final_val_wga": 0.60, "test_wga": 0.64},
+             "full+erm": {"val_wga": 0.90, "final_val_wga": 0.85, "test_wga": 0.88},
+             "full+groupdro": {"val_wga": 0.97, "final_val_wga": 0.95, "test_wga": 0.937}}
     _metrics(run_dir, "lora", 0, 0.97, 0.937, {"mode": "auto", "order": order, "chosen": "full+groupdro",
-                                               "candidates": cands})
+                                               "rank": "final", "candidates": cands})
     _metrics(run_dir, "lora", 1, 0.70, 0.68, {"mode": "head", "order": ["head+groupdro"], "chosen": "head+groupdro"})
     _metrics(run_dir, "erm", 0, 0.5, 0.4)  # not two-stage: not in the section
     text = report.write_run_report(run_dir, ["erm", "lora"])
     section = text.split("## Two-stage: stage 2", 1)[1].split("\n## ", 1)[0]
-    assert "- lora seed 0: stage 2: full+groupdro chosen, val WGA 97.0 (head+erm 62.0, full+erm 90.0)" in section
+    assert ("- lora seed 0: stage 2: full+groupdro chosen, val WGA at the candidates' last epoch 95.0 "
+            "(head+erm 60.0, full+erm 85.0)") in section
     assert "- lora seed 1: stage 2: head+groupdro (fixed), val WGA 70.0" in section
     rows = [line for line in section.splitlines() if line.startswith("| lora")]
-    assert rows[0] == "| lora | 0 | full+groupdro (auto) | 62.0 (64.0) | 90.0 (88.0) | **97.0 (93.7)** | – |"
+    assert rows[0] == ("| lora | 0 | full+groupdro (auto) | 62.0 / 60.0 (64.0) | 90.0 / 85.0 (88.0) | "
+                       "**97.0 / 95.0 (93.7)** | – |")
     assert rows[1] == "| lora | 1 | head+groupdro (fixed) | – | – | – | **70.0 (68.0)** |"
     assert "| erm |" not in section
 

@@ -29,7 +29,7 @@ from raybias.allocator import keep_freed_memory
 from raybias.faults import strike
 from raybias.classify.data import (DataSet, InMemorySet, ParquetRows, StreamSet, augment, epoch_draw,
                                    generator, load_images)
-from raybias.classify.methods import LossInput, Phase, get_method
+from raybias.classify.methods import LossInput, Phase, choose_stage2, get_method
 from raybias.classify.metrics import metrics_from_counts, selection_key
 from raybias.classify.models import (Classifier, build_model, model_bytes, state_from_safetensors,
                                      state_to_safetensors)
@@ -193,8 +193,9 @@ class TrainState:
     loss_hook: Dict[str, Any] = field(default_factory=dict)
     best: Optional[Dict[str, torch.Tensor]] = None
     best_info: Optional[Dict[str, Any]] = None  # {phase, epoch, val}
-    # stage-2 candidates: name -> {epoch, val} of its best epoch so far (+ test once it ended);
-    # with several, the running phase's best weights are kept until its test evaluation
+    # stage-2 candidates: name -> {epoch, val} of its best epoch so far, final: the last epoch's
+    # val (+ test once it ended); with several, the running phase's best weights are kept until
+    # it ends, and become `best` if the candidate is then the one chosen so far
     candidates: Dict[str, Dict[str, Any]] = field(default_factory=dict)
     phase_best: Optional[Dict[str, torch.Tensor]] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
@@ -332,6 +333,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     report.t0 = session_start
 
     n_candidates = sum(1 for p in phases if p.candidate is not None)
+    stage2_order = [p.candidate for p in phases if p.candidate is not None]
+    stage2_rank = str(t.get("stage2_rank", "final"))
     for pi, phase in enumerate(phases):
         if pi < state.phase or state.result is not None:
             continue
@@ -415,13 +418,18 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                      "train_time": train_time, "epoch_time": time.time() - epoch_start}
             entry.update(hook.log())
             state.history.append(entry)
-            if phase.select and _better(val, (state.best_info or {}).get("val")):
+            # several stage-2 candidates: a candidate competes for `best` once it has ended
+            competing = phase.candidate is not None and n_candidates > 1
+            if phase.select and not competing and _better(val, (state.best_info or {}).get("val")):
                 state.best = _cpu_state(model)
                 state.best_info = {"phase": phase.name, "epoch": epoch + 1, "val": val}
-            if phase.candidate is not None and _better(val, state.candidates.get(phase.candidate, {}).get("val")):
-                state.candidates[phase.candidate] = {"epoch": epoch + 1, "val": val}
-                if n_candidates > 1:
-                    state.phase_best = _cpu_state(model)
+            if phase.candidate is not None:
+                rec = state.candidates.setdefault(phase.candidate, {})
+                if _better(val, rec.get("val")):
+                    rec.update(epoch=epoch + 1, val=val)
+                    if competing:
+                        state.phase_best = _cpu_state(model)
+                rec["final"] = val
             state.epoch = epoch + 1
             state.optimizer = opt.state_dict()
             state.loss_hook = hook.state_dict()
@@ -430,9 +438,13 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             strike(fault, epochs_done_here, first_session=ckpt is None)
         if phase.candidate is not None and state.phase_best is not None:
             # the candidate's own best epoch on test, for the record only (the choice reads validation)
+            rec = state.candidates[phase.candidate]
             model.load_state_dict(state.phase_best)
-            state.candidates[phase.candidate]["test"] = evaluate(model, ctx.data["test"], ctx.sets["test"].meta,
-                                                                 job.n_groups, device, rank, world)
+            rec["test"] = evaluate(model, ctx.data["test"], ctx.sets["test"].meta, job.n_groups, device, rank, world)
+            ended = {c: r for c, r in state.candidates.items() if "test" in r}
+            if choose_stage2(ended, stage2_order, stage2_rank) == phase.candidate:  # the one kept so far
+                state.best = state.phase_best
+                state.best_info = {"phase": phase.name, "epoch": rec["epoch"], "val": rec["val"]}
             state.phase_best = None
         method.end_phase(phase, ctx)
         state.phase, state.epoch, state.step = pi + 1, 0, 0

@@ -186,18 +186,18 @@ class Method:
         return {}
 
 
-def choose_stage2(candidates: Dict[str, Dict[str, Any]], order: List[str]) -> str:
+def choose_stage2(candidates: Dict[str, Dict[str, Any]], order: List[str], rank: str = "final") -> str:
     """The candidate to keep: the best validation metrics by `selection_key` (WGA, then AGA),
-    ties going to the earliest in `order`. `candidates`: name -> {"val": metrics, ...}.
-
-    The loop keeps the best epoch over all candidate phases with the same key and a strict
-    comparison, in the same order, so its kept model is this candidate's best epoch."""
+    ties going to the earliest in `order`. `candidates`: name -> {"val": metrics at its best
+    epoch, "final": at its last epoch, ...}; `rank` (train.stage2_rank) says which of the two
+    ranks them. The loop keeps the chosen candidate's best epoch."""
     names = [c for c in order if c in candidates]
     if not names:
         raise ValueError("no stage-2 candidate has finished an epoch")
+    field_ = "final" if rank == "final" else "val"
     best = names[0]
     for c in names[1:]:
-        if selection_key(candidates[c]["val"]) > selection_key(candidates[best]["val"]):
+        if selection_key(candidates[c][field_]) > selection_key(candidates[best][field_]):
             best = c
     return best
 
@@ -385,15 +385,19 @@ class TwoStage(Method):
         return self._stage2(phase).loss_hook(phase, ctx)
 
     def result_info(self, t, candidates):
-        """metrics.json's "stage2": the mode, the candidate kept and, for auto, every
-        candidate's validation metrics at its best epoch (its test metrics beside them are
-        for reading only: the choice never sees them)."""
+        """metrics.json's "stage2": the mode, the candidate kept and, for auto, what ranked
+        them and every candidate's validation metrics at its best and at its last epoch (its
+        test metrics, at its best epoch, beside them are for reading only: the choice never
+        sees them)."""
         order = stage2_candidates(t)
+        rank = str(t.get("stage2_rank", "final"))
         info: Dict[str, Any] = {"mode": str(t.stage2), "order": order,
-                                "chosen": choose_stage2(candidates, order) if candidates else order[0]}
+                                "chosen": choose_stage2(candidates, order, rank) if candidates else order[0]}
         if t.stage2 == "auto":
+            info["rank"] = rank
             info["candidates"] = {c: {"val_wga": r["val"]["wga"], "val_aga": r["val"]["aga"],
                                       "best_epoch": r["epoch"],
+                                      "final_val_wga": r["final"]["wga"], "final_val_aga": r["final"]["aga"],
                                       "test_wga": (r.get("test") or {}).get("wga"),
                                       "test_aga": (r.get("test") or {}).get("aga")}
                                   for c, r in candidates.items()}

@@ -407,14 +407,22 @@ def stage2_records(run: RunDir, methods: Optional[List[str]] = None) -> List[Dic
     return sorted(out, key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["seed"]))
 
 
+def _rank_field(s2: Dict) -> Tuple[str, str]:
+    """(the candidates' field that ranked them, in words) of an auto stage 2."""
+    if s2.get("rank", "best") == "final":
+        return "final_val_wga", "val WGA at the candidates' last epoch"
+    return "val_wga", "val WGA at the candidates' best epoch"
+
+
 def stage2_line(rec: Dict) -> str:
     """'stage 2: full+groupdro chosen, val WGA 96.8 (head+erm 62.0, ...)' for one classifier."""
     s2 = rec["stage2"]
     if s2.get("mode") != "auto":
         return f"stage 2: {s2['chosen']} (fixed), val WGA {pct(rec['val_wga'])}"
-    others = ", ".join(f"{c} {pct(s2['candidates'][c]['val_wga'])}" for c in s2["order"]
-                       if c in s2.get("candidates", {}) and c != s2["chosen"])
-    return f"stage 2: {s2['chosen']} chosen, val WGA {pct(rec['val_wga'])} ({others})"
+    key, words = _rank_field(s2)
+    cands = s2.get("candidates", {})
+    others = ", ".join(f"{c} {pct(cands[c][key])}" for c in s2["order"] if c in cands and c != s2["chosen"])
+    return f"stage 2: {s2['chosen']} chosen, {words} {pct(cands[s2['chosen']][key])} ({others})"
 
 
 def stage2_table(records: List[Dict]) -> str:
@@ -429,7 +437,8 @@ def stage2_table(records: List[Dict]) -> str:
         cells = []
         for c in order:
             v = cands.get(c)
-            cell = "–" if v is None else f"{pct(v['val_wga'])} ({pct(v.get('test_wga'))})"
+            final = "" if v is None or v.get("final_val_wga") is None else f" / {pct(v['final_val_wga'])}"
+            cell = "–" if v is None else f"{pct(v['val_wga'])}{final} ({pct(v.get('test_wga'))})"
             cells.append(f"**{cell}**" if c == s2["chosen"] else cell)
         kept = f"{s2['chosen']} ({'auto' if s2.get('mode') == 'auto' else 'fixed'})"
         lines.append(f"| {r['method']} | {r['seed']} | {kept} | " + " | ".join(cells) + " |")
@@ -441,9 +450,11 @@ def stage2_section(run: RunDir, methods: Optional[List[str]]) -> List[str]:
     if not records:
         return []
     return ["## Two-stage: stage 2", "",
-            "Per classifier, the stage 2 it kept and each candidate's validation WGA at its best epoch "
-            "(test WGA in brackets, for reading only: the choice sees validation alone; the kept one in bold). "
-            "Every candidate starts from the same stage-1 model.", "",
+            "Per classifier, the stage 2 it kept and each candidate's validation WGA at its best epoch / at "
+            "its last epoch (test WGA at its best epoch in brackets, for reading only: the choice sees "
+            "validation alone; the kept one in bold; train.stage2_rank says which validation WGA ranked "
+            "them). Every candidate starts from the same stage-1 model, and the kept model is the "
+            "chosen candidate's best epoch.", "",
             stage2_table(records), "", *[f"- {r['method']} seed {r['seed']}: {stage2_line(r)}" for r in records], ""]
 
 
