@@ -22,8 +22,9 @@ just those rows of each shard, embeds them and reads their labels; only vectors 
 back. The real images are read from data/real rather than taken from embed/vectors: the reader
 needs their pixels anyway, and one embedder instance then embeds both sides.
 
-Writes synthetic/<gen>/diagnostics.json, recorded as `diagnostics/<gen>` (hash of the
-generator's filter sections + `diagnostics`); the report renders the table and plot.
+Writes synthetic/<gen>/diagnostics.json, recorded as `diagnostics/<gen>` through the stage
+lifecycle (`RunDir.stage`; hash: the generator's filter sections + `diagnostics`); the report
+renders the table and plot.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import pyarrow as pa
 from raybias.config import GENERATORS, ConfigError
 from raybias.console import say
 from raybias.data.info import DatasetInfo
-from raybias.layout import diagnostics_key, diagnostics_path, generate_key, scores_path, shard_path
+from raybias.layout import PREPARE_KEY, diagnostics_key, diagnostics_path, generate_key, scores_path, shard_path
 from raybias.methods import diagnostics_sections, generators_needed
 from raybias.rundir import RunDir
 
@@ -244,10 +245,10 @@ def _kept_ids(run: RunDir, generator: str) -> Optional[Dict[str, bool]]:
 REAL_SET = "real"  # the pool's tag of the real training images (no generator is named so)
 
 
-def diagnose_sets(cfg, run: RunDir, generators: List[str], verbose: bool = True) -> Dict[str, Dict[str, Any]]:
+def diagnose_sets(cfg, run: RunDir, stages: Dict[str, Any], verbose: bool = True) -> Dict[str, Dict[str, Any]]:
     """Measure the generators' synthetic sets per group in one actor-pool pass (the real sample,
-    the same for all, read once); writes each diagnostics.json and finishes its stage key (which
-    the caller began)."""
+    the same for all, read once); `stages`: generator -> its begun `Stage` (RunDir.stage), which
+    is finished once its diagnostics.json is written."""
     from raybias.data.synthetic import finished_units
     from raybias.ray_utils import init_ray, require_gpus
     from raybias.stages.report import choose_rows, real_train_meta, shard_meta
@@ -262,6 +263,7 @@ def diagnose_sets(cfg, run: RunDir, generators: List[str], verbose: bool = True)
     require_gpus(float(cfg.embed.num_gpus or 0), "diagnostics (embed.num_gpus)")
     real_files, real_meta = real_train_meta(run)
     items = _picks_by_file(REAL_SET, real_files, choose_rows(real_meta, info.n_groups, n, seed, REAL_SET))
+    generators = list(stages)
     generated: Dict[str, pd.Series] = {}
     for gen in generators:
         files = [shard_path(gen, u) for u in finished_units(run, gen)]
@@ -281,8 +283,7 @@ def diagnose_sets(cfg, run: RunDir, generators: List[str], verbose: bool = True)
         record = {"generator": gen, "embedder": cfg.embed.embedder, "reader": reader, "sample_per_group": n,
                   "seed": seed, "groups": groups, "seconds": seconds, "measured_with": list(generators)}
         run.write_json(diagnostics_path(gen), record)
-        run.finish_stage(diagnostics_key(gen), {"reader": reader, "seconds": seconds},
-                         outputs=(diagnostics_path(gen),))
+        stages[gen].finish({"reader": reader, "seconds": seconds})
         out[gen] = record
         if verbose:
             fid = [g["fidelity"] for g in groups if g["fidelity"] is not None]
@@ -296,18 +297,18 @@ def run_diagnostics(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True)
     earlier with the same config is read back."""
     if not cfg.diagnostics.enabled:
         return {}
-    out, todo = {}, []
+    out, todo = {}, {}
     for gen in generators_needed(list(cfg.methods)):
         if gen not in GENERATORS or not run.is_done(generate_key(gen)):
             continue
-        key, sections = diagnostics_key(gen), diagnostics_sections(gen)
-        st = run.begin_stage(key, cfg, sections, mode)
-        if st.skip and run.exists(diagnostics_path(gen)):
-            out[gen] = run.read_json(diagnostics_path(gen))
-            continue
-        if st.skip:  # its file is gone: measure again
-            run.begin_stage(key, cfg, sections, "fresh")
-        todo.append(gen)
+        path = diagnostics_path(gen)
+        # skipped only while its file is whole; a regenerated set (new generate/filter config) changes the hash
+        st = run.stage(diagnostics_key(gen), cfg, diagnostics_sections(gen), mode, outputs=(path,), owns=(path,),
+                       needs=(PREPARE_KEY, generate_key(gen)))
+        if st.skip:
+            out[gen] = run.read_json(path)
+        else:
+            todo[gen] = st
     if todo:
         out.update(diagnose_sets(cfg, run, todo, verbose))
     return out
