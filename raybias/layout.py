@@ -30,10 +30,12 @@ run-relative, "/"-separated strings for `RunDir` (`run.path(rel)`, `run.exists(r
     synthetic/<gen>/shards/unit-NNNNN.parquet  one work unit each, renamed into place when whole
     synthetic/<gen>/scores.parquet, scores.png the filter's scores and keep flags; histograms
     synthetic/<gen>/samples.png                the first images of each model
+    synthetic/<gen>/diagnostics.json           per group: label fidelity, diversity, KID to the real group
     classifiers/<method>/<seed>/               metrics.json, model.safetensors, curves.png, the
                                                method's artifacts; train-<method>-<seed>/ (Ray
                                                Train checkpoints, removed when done)
-    report/report.md, timings.json, results_by_seed.csv, wga_by_method.png, samples.png
+    report/report.md, timings.json, results_by_seed.csv, wga_by_method.png, samples.png,
+                                               diagnostics.png
     sweeps/<name>/                             a sweep directory (below)
 
 A sweep directory (`sweeps/<name>/`) holds one run directory per severity
@@ -41,7 +43,7 @@ A sweep directory (`sweeps/<name>/`) holds one run directory per severity
 `wga_vs_severity_r<ratio>.png` and Ray Tune's experiment state `tune/<name>/`.
 
 Stage keys in manifest.json: `prepare`, `base`, `embed`, `cluster`, `finetune/<gen>`,
-`generate/<gen>`, `filter/<gen>`, `ddb/model`, `ddb/generate`, `ddb/amplifier`,
+`generate/<gen>`, `filter/<gen>`, `diagnostics/<gen>`, `ddb/model`, `ddb/generate`, `ddb/amplifier`,
 `train/<method>/<seed>`.
 """
 
@@ -213,6 +215,11 @@ def synthetic_samples(generator: str) -> str:
     return f"{synthetic_dir(generator)}/samples.png"
 
 
+def diagnostics_path(generator: str) -> str:
+    """Per group of the synthetic set: label fidelity, diversity, KID to the real group."""
+    return f"{synthetic_dir(generator)}/diagnostics.json"
+
+
 # --- classifiers: `raybias train` -------------------------------------------------------------
 
 CLASSIFIERS_DIR = "classifiers"  # classifiers/<method>/<seed>/
@@ -252,6 +259,7 @@ TIMINGS = f"{REPORT_DIR}/timings.json"  # `raybias run`'s wall clock and seconds
 RESULTS_BY_SEED_CSV = f"{REPORT_DIR}/results_by_seed.csv"  # one row per (method, seed)
 WGA_PNG = f"{REPORT_DIR}/wga_by_method.png"  # bar chart of WGA per method
 REPORT_SAMPLES_PNG = f"{REPORT_DIR}/samples.png"  # real and synthetic images per group
+DIAGNOSTICS_PNG = f"{REPORT_DIR}/diagnostics.png"  # the synthetic sets' diagnostics per generator and group
 
 # --- sweeps: `raybias sweep` ------------------------------------------------------------------
 
@@ -301,6 +309,11 @@ def generate_key(generator: str) -> str:
 def filter_key(generator: str) -> str:
     """synthetic/<gen>/scores.parquet."""
     return f"filter/{generator}"
+
+
+def diagnostics_key(generator: str) -> str:
+    """synthetic/<gen>/diagnostics.json."""
+    return f"diagnostics/{generator}"
 
 
 def train_key(method: str, seed: int) -> str:

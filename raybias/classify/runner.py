@@ -199,6 +199,8 @@ def _write_outputs(run: RunDir, job: TrainJob, result, mcfg, seconds: float) -> 
         "n_stage1": int(len(job.sets["stage1"])) if "stage1" in job.sets else None,
         "config": OmegaConf.to_container(mcfg.train, resolve=True),
     }
+    if "stage2" in state.result:  # two_stage: which stage 2 ran (auto: every candidate's val WGA, the choice)
+        record["stage2"] = state.result["stage2"]
     for name, data in sorted(state.artifacts.items()):
         run.write_bytes(f"{out}/{name}", data)
     run.write_bytes(curves_png(job.method, job.seed), _curves_png(state.history, f"{job.method} seed {job.seed}"))

@@ -194,8 +194,12 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto") -> pd.DataFrame:
     exp_path = f"{storage}/{sw.name}"
     scheduler = None
     if sw.asha:
+        from raybias.classify.methods import epochs_reported
+        from raybias.methods import method_config
+
+        trial_methods = list(sw.methods or cfg.methods)
         scheduler = ASHAScheduler(metric="val_wga", mode="max", time_attr="training_iteration",
-                                  max_t=max(cfg.train.epochs, cfg.train.stage1.epochs + cfg.train.epochs),
+                                  max_t=max(epochs_reported(method_config(cfg, m).train) for m in trial_methods),
                                   grace_period=max(1, cfg.train.epochs // 4))
     if tune.Tuner.can_restore(exp_path) and mode != "fresh":
         # No param_space: the experiment keeps the one it started with (Tune would refuse a
