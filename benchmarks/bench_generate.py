@@ -24,9 +24,7 @@ image, against --peak-tflops, 989 for an H100's dense fp16/bf16):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import subprocess
 import sys
 import tempfile
 import threading
@@ -37,6 +35,7 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
+from child import result_line, run_child  # noqa: E402  (benchmarks/child.py)
 from machine import machine  # noqa: E402  (benchmarks/machine.py)
 
 # SD-1.5 compute (REFERENCES.md, measured with torch's flop counter): UNet per step per image at
@@ -118,13 +117,13 @@ def bare_child(args) -> None:
                        args.threads)
     plan = plan_for(cfg, run)
     started = time.time()  # imports done; model load and first-unit warm-up included from here
-    actor = SamplerActor(run.spec(), "vanilla", args.base, None, plan["models"], plan["sampling"])
+    actor = SamplerActor(run.spec(), "vanilla", args.base, None, plan, plan["sampling"])
     stamps, sizes = [], []
-    for unit in plan["units"]:
-        actor({"spec": np.array([json.dumps(unit)], dtype=object)})
+    for n in range(plan["n_units"]):
+        out = actor({"unit": np.array([n])})
         stamps.append(time.time())
-        sizes.append(len(unit["ids"]))
-    print("RESULT " + json.dumps({"started": started, "stamps": stamps, "sizes": sizes, "end": time.time()}), flush=True)
+        sizes.append(int(out["n_images"][0]))
+    print(result_line({"started": started, "stamps": stamps, "sizes": sizes, "end": time.time()}), flush=True)
 
 
 def run_bare(args, base: str, tmp: str, round_: int):
@@ -132,12 +131,7 @@ def run_bare(args, base: str, tmp: str, round_: int):
     cmd = [sys.executable, os.path.abspath(__file__), "--bare-child", str(round_), "--base", base, "--tmp", tmp,
            "--speed-images", str(args.speed_images), "--speed-steps", str(args.speed_steps),
            "--unit-size", str(args.unit_size), "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-    if out.returncode != 0 or not lines:
-        print(out.stdout[-2000:], out.stderr[-3000:])
-        raise SystemExit("bare loop failed")
-    r = json.loads(lines[-1][7:])
+    r = run_child(cmd, "bare loop", env=env)
     return r["started"], r["stamps"], r["sizes"], r["end"]
 
 
@@ -159,7 +153,7 @@ def run_ray(args, base: str, tmp: str, round_: int):
         busy.append(float(row["seconds"]))
 
     started = time.time()
-    run_units(run, plan, plan["units"], base_model=base, base_revision=None, concurrency=1, num_gpus=0,
+    run_units(run, plan, range(plan["n_units"]), base_model=base, base_revision=None, concurrency=1, num_gpus=0,
               num_cpus=args.threads, on_unit=on_unit, progress=False)
     order = np.argsort(stamps)
     stamps, sizes, busy = ([x[i] for i in order] for x in (stamps, sizes, busy))
@@ -251,7 +245,7 @@ def memory_child(args) -> None:
     watcher.stop.set()
     watcher.join()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print("RESULT " + json.dumps({"n": summary["n_images"], "seconds": seconds, "driver_peak": max(peak, watcher.driver),
+    print(result_line({"n": summary["n_images"], "seconds": seconds, "driver_peak": max(peak, watcher.driver),
                                   "actor_peak": watcher.actor, "workers_peak": watcher.workers}), flush=True)
 
 
@@ -264,12 +258,7 @@ def memory(args, base: str, tmp: str) -> None:
         cmd = [sys.executable, os.path.abspath(__file__), "--memory-child", str(n), "--base", base, "--tmp", tmp,
                "--mem-steps", str(args.mem_steps), "--unit-size", str(args.unit_size),
                "--batch-size", str(args.batch_size), "--threads", str(args.threads)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        lines = [ln for ln in out.stdout.splitlines() if ln.startswith("RESULT ")]
-        if out.returncode != 0 or not lines:
-            print(out.stdout[-2000:], out.stderr[-3000:])
-            raise SystemExit(f"memory run of {n} images failed")
-        results.append(json.loads(lines[-1][7:]))
+        results.append(run_child(cmd, f"memory run of {n} images"))
     mib = 2 ** 20
     print(f"{'images':>8}{'seconds':>9}{'images/s':>10}{'driver peak':>13}{'actor peak':>12}{'all workers':>13}  (MiB)")
     for r in results:

@@ -154,7 +154,7 @@ def main(argv: Optional[List[str]] = None) -> int:
                     say(f"{args.command} finished in {time.time() - start:.1f}s ({run.uri})")
                 return 0
             except BaseException as exc:
-                if log_file and not isinstance(exc, (KeyboardInterrupt, SystemExit)) \
+                if log_file and not isinstance(exc, (KeyboardInterrupt, SystemExit, _Terminated)) \
                         and _known_cause(exc, known) is None:
                     # the whole traceback goes to the log; the terminal gets one line
                     traceback.print_exc()
@@ -214,12 +214,19 @@ def _terminate_as_interrupt():
         raise _Terminated()
 
     try:
-        return signal.signal(signal.SIGTERM, handler)
+        previous = signal.signal(signal.SIGTERM, handler)
     except (ValueError, OSError):
         return None
+    from raybias import signals
+
+    signals.keep(handler)  # init_ray puts it back after ray.init replaced it
+    return previous
 
 
 def _restore_sigterm(previous) -> None:
+    from raybias import signals
+
+    signals.forget()
     if previous is not None:
         try:
             signal.signal(signal.SIGTERM, previous)

@@ -25,10 +25,17 @@ from raybias.registry import EMBEDDERS, GENERATORS, SOURCES, method_names, recip
 BALANCE = ("max_group", "per_group", "ffr")
 SCHEDULERS = ("ddim", "dpm_solver", "ddpm", "euler")
 ATTENTION = ("auto", "sdpa", "xformers")
+IMAGE_FORMATS = ("png", "jpeg", "webp")  # generate.image_format (raybias.data.images.encode)
 PRECISION = ("no", "fp16", "bf16")
 MODELS = ("small_cnn", "resnet18", "resnet50")
-STAGE2 = ("head", "full")
+STAGE2 = ("head", "full", "auto")  # train.stage2; auto: chosen per run by validation WGA
+STAGE2_MODES = ("head", "full")
 STAGE2_LOSS = ("erm", "reweight", "groupdro")
+# train.stage2_candidates: what `auto` chooses among ("<mode>+<loss>"), in tie-break order
+STAGE2_CANDIDATES = tuple(f"{m}+{l}" for m in STAGE2_MODES for l in STAGE2_LOSS)
+STAGE2_RANKS = ("final", "best")  # train.stage2_rank: which validation WGA of a candidate ranks it
+PROJECTIONS = ("mlp", "linear", "none")  # train.stage1.projection (SupCon's projection head)
+SUPCON_ANCHORS = ("all", "with_positive")  # train.stage1.supcon_anchors
 VAL_PROTOCOLS = ("untouched", "biased")  # data.val_protocol (raybias/data/severity.py)
 JTT_DRAWS = ("exact", "replacement")  # train.jtt_draw (raybias/classify/recipes.py, JTT)
 
@@ -236,6 +243,12 @@ class GenerateConfig:
     num_gpus: float = 0.0  # per actor
     num_cpus: float = 1.0  # per actor (also its torch threads)
     model_cache: int = 2  # LoRA adapters / DreamBooth UNets kept loaded per actor
+    # A remote (s3://, gs://) run's model folders are fetched once per node into a shared disk
+    # cache ($RAYBIAS_CACHE_DIR or ~/.cache/raybias, private) holding at most this many GB;
+    # the least recently used models no actor has loaded are deleted to stay under it.
+    model_cache_gb: float = 50.0
+    image_format: str = "png"  # how each image is stored in the shards: png (lossless), jpeg or webp
+    image_quality: int = 95  # of jpeg and webp, 1..100 (png is lossless: not used)
     size: Optional[int] = None  # image size to sample at; None: the model's own
     negative_prompt: bool = True
     seed: int = 0
@@ -257,6 +270,20 @@ class Stage1Config:
     lr: float = 1e-3
     beta: float = 0.5  # loss = beta * CE + (1 - beta) * SupCon
     temperature: float = 0.1
+    # SupCon as HobbitLong/SupContrast computes it (docs/design.md, Methods): the loss reads an
+    # L2-normalised projection of the encoder's features, mlp = Linear(d, hidden) -> ReLU ->
+    # Linear(hidden, projection_dim) with hidden = d unless projection_hidden is set (linear:
+    # Linear(d, projection_dim); none: the encoder's post-ReLU features, raybias before);
+    # the head is used by SupCon only, never by the classifier's logits.
+    projection: str = "mlp"
+    projection_dim: int = 128
+    projection_hidden: Optional[int] = None
+    # all: the mean over every anchor of the batch (one without a positive adds 0), as
+    # SupConLoss does; with_positive: over the anchors with a positive only (raybias before).
+    supcon_anchors: str = "all"
+    # SupConLoss scales the loss by temperature / base_temperature, base 0.07 by default;
+    # null: no scaling (the paper's formula; raybias before).
+    base_temperature: Optional[float] = 0.07
 
 
 @dataclass
@@ -294,8 +321,18 @@ class TrainConfig:
     generator: str = "vanilla"
     synthetic_ratio: float = 0.0  # fraction of stage-1 data that is real
     stage1: Stage1Config = field(default_factory=Stage1Config)
+    # stage 2: head (linear head on the frozen stage-1 encoder, Basu et al.), full (the whole
+    # network, FFR), each with stage2_method as its loss; or auto: every stage2_candidates
+    # entry ("<head|full>+<erm|reweight|groupdro>") is trained from the one stage-1 model and
+    # the one with the best validation WGA (ties: AGA, then the list's order) is kept, at its
+    # best epoch.
     stage2: str = "head"
     stage2_method: str = "groupdro"
+    stage2_candidates: List[str] = field(default_factory=lambda: list(STAGE2_CANDIDATES))
+    # What ranks the candidates: final = each one's validation WGA at its last epoch (the model
+    # it converged to: a candidate whose validation WGA peaks for an epoch and falls, as the
+    # full network does at high severity, is not taken for its peak); best = at its best epoch.
+    stage2_rank: str = "final"
     # ddb
     ddb_select_with_bias_labels: bool = True
     num_workers: int = 1  # Ray Train workers per classifier (DDP when > 1)
@@ -334,6 +371,18 @@ class DDBConfig:
 
 
 @dataclass
+class DiagnosticsConfig:
+    # Per generator and group of its synthetic set (raybias/generation/diagnostics.py, written
+    # by the report): label fidelity (the oracle, or CLIP zero-shot with embed.embedder=clip),
+    # diversity and KID to the real group in the embedder's space.
+    enabled: bool = True
+    # at most this many generated images, and as many real training images, per group (drawn
+    # with `seed`): what bounds the work, whatever the set's size
+    sample_per_group: int = 256
+    seed: int = 0
+
+
+@dataclass
 class SweepConfig:
     name: str = "sweep"
     severities: List[Any] = field(default_factory=lambda: [0.95, 0.99])
@@ -361,6 +410,7 @@ class RaybiasConfig:
     filter: FilterConfig = field(default_factory=FilterConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     ddb: DDBConfig = field(default_factory=DDBConfig)
+    diagnostics: DiagnosticsConfig = field(default_factory=DiagnosticsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
@@ -632,6 +682,10 @@ def validate(cfg: DictConfig) -> None:
     _at_least("generate.num_gpus", g.num_gpus, 0)
     _at_least("generate.num_cpus", g.num_cpus, 0)
     _at_least("generate.model_cache", g.model_cache, 1)
+    _between("generate.model_cache_gb", g.model_cache_gb, 0, 1e9, low_open=True)
+    _choice("generate.image_format", g.image_format, IMAGE_FORMATS)
+    if not isinstance(g.image_quality, int) or not 1 <= g.image_quality <= 100:
+        _fail("generate.image_quality", g.image_quality, "a whole number in [1, 100]")
     if g.size is not None and (g.size < 8 or g.size % 8):
         _fail("generate.size", g.size, "a multiple of 8, at least 8 (or null for the model's own size)")
 
@@ -675,8 +729,25 @@ def validate(cfg: DictConfig) -> None:
     _between("train.stage1.lr", t.stage1.lr, 0, 10, low_open=True)
     _between("train.stage1.beta", t.stage1.beta, 0, 1)
     _between("train.stage1.temperature", t.stage1.temperature, 0, 10, low_open=True)
+    _choice("train.stage1.projection", t.stage1.projection, PROJECTIONS)
+    _at_least("train.stage1.projection_dim", t.stage1.projection_dim, 1)
+    if t.stage1.projection_hidden is not None:
+        _at_least("train.stage1.projection_hidden", t.stage1.projection_hidden, 1)
+        if t.stage1.projection != "mlp":
+            _fail("train.stage1.projection_hidden", t.stage1.projection_hidden,
+                  f"null unless train.stage1.projection=mlp (a {t.stage1.projection} head has no hidden layer)")
+    _choice("train.stage1.supcon_anchors", t.stage1.supcon_anchors, SUPCON_ANCHORS)
+    if t.stage1.base_temperature is not None:
+        _between("train.stage1.base_temperature", t.stage1.base_temperature, 0, 10, low_open=True)
     _choice("train.stage2", t.stage2, STAGE2)
     _choice("train.stage2_method", t.stage2_method, STAGE2_LOSS)
+    if not t.stage2_candidates:
+        _fail("train.stage2_candidates", [], "a non-empty list of " + ", ".join(STAGE2_CANDIDATES))
+    for c_ in t.stage2_candidates:
+        _choice("train.stage2_candidates", c_, STAGE2_CANDIDATES)
+    if len(set(t.stage2_candidates)) != len(t.stage2_candidates):
+        _fail("train.stage2_candidates", list(t.stage2_candidates), "a list without repeats")
+    _choice("train.stage2_rank", t.stage2_rank, STAGE2_RANKS)
     if t.pretrained is not None and t.model == "small_cnn":
         _fail("train.pretrained", t.pretrained, "null for train.model=small_cnn (imagenet weights exist for resnet18/resnet50)")
     _between("train.cpus_per_worker", t.cpus_per_worker, 0, 1024, low_open=not t.use_gpu)
@@ -700,6 +771,9 @@ def validate(cfg: DictConfig) -> None:
     _between("ddb.lff_ema", dd.lff_ema, 0, 1)
     _between("ddb.lff_min_weight", dd.lff_min_weight, 0, 1)
 
+    _at_least("diagnostics.sample_per_group", cfg.diagnostics.sample_per_group, 2)
+    _at_least("diagnostics.seed", cfg.diagnostics.seed, 0)
+
     sw = cfg.sweep
     if not sw.severities:
         _fail("sweep.severities", [], "a non-empty list of severities")
@@ -721,7 +795,7 @@ def validate(cfg: DictConfig) -> None:
 EXECUTION_KEYS = frozenset({
     "finetune.num_cpus_per_job", "finetune.max_concurrent_jobs", "finetune.max_failures",
     "finetune.progress_every", "finetune.jobs_per_trainer",
-    "generate.concurrency", "generate.num_cpus", "generate.model_cache",
+    "generate.concurrency", "generate.num_cpus", "generate.model_cache", "generate.model_cache_gb",
     "embed.concurrency", "embed.batch_size",
     "train.max_concurrent", "train.max_failures", "train.cpus_per_worker",
     "base.allow_pickle",  # whether a pickled model may load, not what is made from it

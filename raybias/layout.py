@@ -26,14 +26,16 @@ run-relative, "/"-separated strings for `RunDir` (`run.path(rel)`, `run.exists(r
     generators/<gen>/_class/<g>-<key>.npz      prior-preservation class images (a cache)
     generators/ddb/cond/                       DDB's class-conditional diffusion model
     generators/ddb/amplifier/                  model.safetensors, outputs.parquet, conflict.json
-    synthetic/<gen>/plan.json                  units, per-group/cluster counts, prompts, seeds
+    synthetic/<gen>/plan.json                  counts, models, the unit table (ids, seeds, prompts derived)
     synthetic/<gen>/shards/unit-NNNNN.parquet  one work unit each, renamed into place when whole
     synthetic/<gen>/scores.parquet, scores.png the filter's scores and keep flags; histograms
     synthetic/<gen>/samples.png                the first images of each model
+    synthetic/<gen>/diagnostics.json           per group: label fidelity, diversity, KID to the real group
     classifiers/<method>/<seed>/               metrics.json, model.safetensors, curves.png, the
                                                method's artifacts; train-<method>-<seed>/ (Ray
                                                Train checkpoints, removed when done)
-    report/report.md, timings.json, results_by_seed.csv, wga_by_method.png, samples.png
+    report/report.md, timings.json, results_by_seed.csv, wga_by_method.png, samples.png,
+                                               diagnostics.png
     sweeps/<name>/                             a sweep directory (below)
 
 A sweep directory (`sweeps/<name>/`) holds one run directory per severity
@@ -41,7 +43,7 @@ A sweep directory (`sweeps/<name>/`) holds one run directory per severity
 `wga_vs_severity_r<ratio>.png` and Ray Tune's experiment state `tune/<name>/`.
 
 Stage keys in manifest.json: `prepare`, `base`, `embed`, `cluster`, `finetune/<gen>`,
-`generate/<gen>`, `filter/<gen>`, `ddb/model`, `ddb/generate`, `ddb/amplifier`,
+`generate/<gen>`, `filter/<gen>`, `diagnostics/<gen>`, `ddb/model`, `ddb/generate`, `ddb/amplifier`,
 `train/<method>/<seed>`.
 """
 
@@ -141,7 +143,7 @@ def finetune_storage(generator: str) -> str:
 
 
 def fault_marker(generator: str, job: str) -> str:
-    """Test hook (RAYBIAS_FINETUNE_FAULT): present once the job's worker was killed."""
+    """Test hook (raybias.faults, point finetune.step): present once the job's worker was killed."""
     return f"{finetune_storage(generator)}/{job}.fault-marker"
 
 
@@ -172,7 +174,7 @@ def synthetic_dir(generator: str) -> str:
 
 
 def plan_path(generator: str) -> str:
-    """The generation plan (units, counts, prompts, seeds)."""
+    """The generation plan (counts, models, the unit table)."""
     return f"{synthetic_dir(generator)}/plan.json"
 
 
@@ -211,6 +213,11 @@ def scores_png(generator: str) -> str:
 def synthetic_samples(generator: str) -> str:
     """The first images of each of the generator's models."""
     return f"{synthetic_dir(generator)}/samples.png"
+
+
+def diagnostics_path(generator: str) -> str:
+    """Per group of the synthetic set: label fidelity, diversity, KID to the real group."""
+    return f"{synthetic_dir(generator)}/diagnostics.json"
 
 
 # --- classifiers: `raybias train` -------------------------------------------------------------
@@ -252,6 +259,7 @@ TIMINGS = f"{REPORT_DIR}/timings.json"  # `raybias run`'s wall clock and seconds
 RESULTS_BY_SEED_CSV = f"{REPORT_DIR}/results_by_seed.csv"  # one row per (method, seed)
 WGA_PNG = f"{REPORT_DIR}/wga_by_method.png"  # bar chart of WGA per method
 REPORT_SAMPLES_PNG = f"{REPORT_DIR}/samples.png"  # real and synthetic images per group
+DIAGNOSTICS_PNG = f"{REPORT_DIR}/diagnostics.png"  # the synthetic sets' diagnostics per generator and group
 
 # --- sweeps: `raybias sweep` ------------------------------------------------------------------
 
@@ -301,6 +309,11 @@ def generate_key(generator: str) -> str:
 def filter_key(generator: str) -> str:
     """synthetic/<gen>/scores.parquet."""
     return f"filter/{generator}"
+
+
+def diagnostics_key(generator: str) -> str:
+    """synthetic/<gen>/diagnostics.json."""
+    return f"diagnostics/{generator}"
 
 
 def train_key(method: str, seed: int) -> str:

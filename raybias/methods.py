@@ -27,6 +27,10 @@ def filter_sections(generator: str) -> Tuple[str, ...]:
     return generate_sections(generator) + ("filter", "embed")
 
 
+def diagnostics_sections(generator: str) -> Tuple[str, ...]:
+    return filter_sections(generator) + ("diagnostics",)
+
+
 def generator_of(method: str) -> str | None:
     """The generator whose synthetic data `method` trains on, if any."""
     if method in GENERATORS:

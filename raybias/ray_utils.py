@@ -5,13 +5,18 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Optional
+from typing import Callable, Optional, Sequence, TypeVar
 
 import ray
 
+from raybias import signals
 from raybias.errors import ResourceError, first_line  # ResourceError re-exported: defined without Ray
 
 log = logging.getLogger("raybias")
+
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def init_ray(cfg=None, quiet: bool = False) -> None:
@@ -24,7 +29,8 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     if address and address != "local":
         target = reachable_address(address)
         try:
-            ray.init(address=address, log_to_driver=not quiet)
+            with signals.kept_across_ray_start():
+                ray.init(address=address, log_to_driver=not quiet)
         except (ConnectionError, TimeoutError, RuntimeError, ValueError) as exc:
             raise ResourceError(f"cannot connect to the Ray cluster at ray.address={address!r} ({target}): "
                                 f"{first_line(exc)}") from exc
@@ -36,8 +42,11 @@ def init_ray(cfg=None, quiet: bool = False) -> None:
     reap_orphans()
     dashboard_port = free_port()
     # A local Ray binds to loopback only: nothing it serves is reachable from the network.
-    with loopback_only():
+    with loopback_only(), signals.kept_across_ray_start():
         ray.init(
+            # "local": always a Ray of our own; with no address ray.init joins a `ray start`
+            # cluster it finds on the machine (/tmp/ray/ray_current_cluster) and then refuses num_cpus
+            address="local",
             num_cpus=num_cpus,
             num_gpus=num_gpus,
             object_store_memory=int(store_mb) * 2**20,
@@ -92,15 +101,25 @@ def reachable_address(address: str, timeout_s: float = 5.0) -> str:
     return hostport
 
 
+# How often a Ray Train controller takes its workers' reports (Ray's default: 2 s). Every
+# `ray.train.report` waits for that poll, so a short job pays up to 2 s per report: a packed
+# tiny LoRA job 2.00 s instead of 0.26 s, a quickstart classifier (78 reports with
+# train.stage2=auto) minutes (docs/performance.md). On a cluster, where a report follows
+# minutes of GPU work, the user's Ray keeps its own setting.
+TRAIN_POLL_S = "0.2"
+
+
 def pinned_env(dashboard_port: int) -> dict:
-    """Environment for every worker of a local Ray: its own State API address.
+    """Environment for every worker of a local Ray: its own State API address, and a Train
+    controller that takes reports every TRAIN_POLL_S (unless the caller's environment says).
 
     Ray Train's placement-group cleaner (and anything else that asks Ray's State API without
     an address) otherwise looks for "the" Ray on the machine; with two local Rays (a sweep
     and a quickstart at once) it finds both, says "Found multiple active Ray instances" and
     picks the newest, which may be the other run's.
     """
-    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+    return {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{dashboard_port}",
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", TRAIN_POLL_S)}
 
 
 def free_port() -> int:
@@ -151,6 +170,37 @@ def require_gpus(per_task: float, what: str) -> None:
 
 def cpus_available() -> float:
     return float(ray.cluster_resources().get("CPU", 1.0))
+
+
+def run_trainers(items: Sequence[T], fit: Callable[[T], R], width: int, *, name: str,
+                 on_done: Callable[[T, R], None], on_error: Callable[[T, Exception], None]) -> None:
+    """Several Ray Train trainers at once: `fit(item)` for every item, `width` at a time.
+
+    A TorchTrainer's `fit()` blocks its caller while its workers hold the cluster's CPUs or
+    GPUs, so each runs in a thread of its own. `on_done(item, result)` / `on_error(item, exc)`
+    as each ends, in the driver's threads one at a time; one failing does not stop the others.
+    Ctrl-C or SIGTERM starts nothing more and returns at once: the running trainers end with
+    the driver, and `--resume` continues them from their checkpoints.
+    """
+    from concurrent.futures import ThreadPoolExecutor, as_completed
+
+    if not items:
+        return
+    pool = ThreadPoolExecutor(max_workers=max(1, min(len(items), int(width))), thread_name_prefix=name)
+    try:
+        futures = {pool.submit(fit, item): item for item in items}
+        for fut in as_completed(futures):
+            item = futures[fut]
+            try:
+                result = fut.result()
+            except Exception as exc:
+                on_error(item, exc)
+            else:
+                on_done(item, result)
+    except BaseException:
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise
+    pool.shutdown(wait=True)
 
 
 def shutdown_ray() -> None:

@@ -28,7 +28,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Any, Dict, Iterator, List, Optional, Sequence
 
 import pyarrow.fs as pafs
 
@@ -48,6 +48,10 @@ class ResumeRefused(RuntimeError):
 
 class StageFailed(RuntimeError):
     """A stage could not finish; nothing it wrote is marked done."""
+
+
+class InputMissing(StageFailed):
+    """A stage's input (another stage's output) has not been made, or is no longer whole."""
 
 
 class RunDirBusy(StageFailed):
@@ -70,11 +74,21 @@ def package_versions() -> Dict[str, str]:
 
 _THREAD_LOCKS: Dict[str, threading.Lock] = {}
 _THREAD_LOCKS_GUARD = threading.Lock()
+_HELD = threading.local()  # the run directories whose manifest lock this thread holds
 
 
 def _thread_lock(uri: str) -> threading.Lock:
     with _THREAD_LOCKS_GUARD:
         return _THREAD_LOCKS.setdefault(uri, threading.Lock())
+
+
+HASHED_BYTES = 1 << 20  # outputs up to this size are recorded with their sha256 too
+
+
+def _sha256(data: bytes) -> str:
+    import hashlib
+
+    return hashlib.sha256(data).hexdigest()
 
 
 def owner_info() -> str:
@@ -186,15 +200,32 @@ class RunDir:
         infos = self.fs.get_file_info(pafs.FileSelector(p, recursive=False))
         return sorted(i.base_name for i in infos)
 
-    def write_bytes(self, rel: str, data: bytes) -> None:
-        """Write atomically: a temporary name, then a rename (a copy+delete on S3)."""
+    @contextmanager
+    def open_atomic(self, rel: str) -> Iterator[Any]:
+        """`with run.open_atomic(rel) as f: ...write to f...`: the file appears under `rel`
+        whole or not at all. `f` is the filesystem's output stream to a temporary `.tmp-…`
+        name beside it (streamed out, no copy of the content in memory), moved to `rel`
+        (a copy+delete on S3) when the body returns; if the body raises, the temporary is
+        deleted. A crash leaves at most the temporary (`clean_temporaries` deletes it)."""
         target = self.path(rel)
         parent = target.rsplit("/", 1)[0]
         self.fs.create_dir(parent, recursive=True)
         tmp = f"{parent}/.tmp-{uuid.uuid4().hex}-{target.rsplit('/', 1)[1]}"
-        with self.fs.open_output_stream(tmp) as f:
+        try:
+            with self.fs.open_output_stream(tmp) as f:
+                yield f
+            self.fs.move(tmp, target)
+        except BaseException:
+            try:
+                self.fs.delete_file(tmp)
+            except OSError:  # never created, or already gone
+                pass
+            raise
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        """Write atomically: a temporary name, then a rename (a copy+delete on S3)."""
+        with self.open_atomic(rel) as f:
             f.write(data)
-        self.fs.move(tmp, target)
 
     def read_bytes(self, rel: str) -> bytes:
         with self.fs.open_input_stream(self.path(rel)) as f:
@@ -225,6 +256,40 @@ class RunDir:
         elif info.type == pafs.FileType.File:
             self.fs.delete_file(p)
 
+    @contextmanager
+    def publishing(self, rel: str, last: Optional[str] = None) -> Iterator[str]:
+        """`with run.publishing("generators/x/models/g0") as folder:` fill the local `folder`;
+        when the block ends normally it replaces `rel` in the run directory whole, so a reader
+        never sees half a folder: on a local disk the folder is a `.tmp-` sibling renamed into
+        place (a crash leaves only the temporary, which the next writer removes); on an object
+        store the files are uploaded after `rel` is cleared, `last` (the file whose presence
+        says "whole", e.g. training.json) after all others. On an error nothing is published.
+        `self.is_local` tells the filler whether it may hard-link files into `folder`."""
+        import shutil
+        import tempfile
+
+        if self.is_local:
+            final, tmp = self.local_path(rel), self.local_path(self.staging(rel))
+            os.makedirs(tmp)
+            try:
+                yield tmp
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(tmp, final)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            return
+        with tempfile.TemporaryDirectory(prefix="raybias-publish-") as tmp:
+            yield tmp
+            self.delete(rel)
+            files = sorted(os.path.relpath(os.path.join(d, n), tmp).replace(os.sep, "/")
+                           for d, _, names in os.walk(tmp) for n in names)
+            for name in sorted(files, key=lambda n: n == last):  # `last` goes last
+                target = self.path(rel, name)
+                self.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
+                with open(os.path.join(tmp, name), "rb") as src, self.fs.open_output_stream(target) as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
     def write_figure(self, rel: str, fig) -> None:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
@@ -237,6 +302,39 @@ class RunDir:
         """Write `rel_dir`'s `_SUCCESS` marker, last: the shard names and sizes it holds."""
         sizes = {n: int(self.fs.get_file_info(self.path(rel_dir, n)).size or 0) for n in shards}
         self.write_text(f"{rel_dir}/{self.MARKER}", json.dumps({"shards": sizes}, sort_keys=True) + "\n")
+
+    def staging(self, rel: str) -> str:
+        """A fresh temporary name beside `rel` (run-relative) to write a table or file under
+        before `publish_table` / a move puts it in place; the next lease holder removes any a
+        dead writer left (`clean_temporaries`)."""
+        head, _, name = rel.rstrip("/").rpartition("/")
+        tmp = f"{name}.tmp-{uuid.uuid4().hex[:8]}"
+        return f"{head}/{tmp}" if head else tmp
+
+    def publish_table(self, staged: str, rel_dir: str) -> List[str]:
+        """Put the finished shards written under `staged` (see `staging`) in place as the table
+        `rel_dir` — a rename on a local disk, a move per shard on an object store — then write
+        its `_SUCCESS` marker last. Returns the shard names."""
+        self.delete(rel_dir)
+        if self.is_local:
+            self.fs.move(self.path(staged), self.path(rel_dir))
+        else:
+            self.makedirs(rel_dir)
+            for name in self.listdir(staged):
+                self.fs.move(self.path(staged, name), self.path(rel_dir, name))
+            self.delete(staged)
+        shards = [n for n in self.listdir(rel_dir) if n.endswith(".parquet")]
+        self.write_marker(rel_dir, shards)
+        return shards
+
+    def url(self, *parts: str) -> str:
+        """A folder of the run as Ray Tune / Train take a storage path: a local path, or the
+        run's URI (without its options) and the folder."""
+        rel = "/".join(p.strip("/") for p in parts if p)
+        if self.is_local:
+            return self.path(rel)
+        self.path(rel)  # confinement check
+        return f"{self.uri}/{rel}" if rel else self.uri
 
     def table_problem(self, rel_dir: str) -> Optional[str]:
         """Why the table in `rel_dir` is not whole ("does not exist", "is incomplete",
@@ -275,7 +373,9 @@ class RunDir:
             else:
                 info = self.fs.get_file_info(self.path(rel))
                 if info.type == pafs.FileType.File:
-                    out[rel] = int(info.size or 0)
+                    size = int(info.size or 0)
+                    # small files (JSON records, scores) also by content: an edit of the same length
+                    out[rel] = {"bytes": size, "sha256": _sha256(self.read_bytes(rel))} if size <= HASHED_BYTES else size
                 elif info.type == pafs.FileType.Directory:
                     out[rel] = "dir"
                 else:
@@ -296,8 +396,11 @@ class RunDir:
                 info = self.fs.get_file_info(self.path(rel))
                 if info.type != pafs.FileType.File:
                     return f"{self.path(rel)} is missing"
-                if int(info.size or 0) != int(what):
-                    return f"{self.path(rel)} has {info.size} bytes where {what} were written"
+                size = what["bytes"] if isinstance(what, dict) else what
+                if int(info.size or 0) != int(size):
+                    return f"{self.path(rel)} has {info.size} bytes where {size} were written"
+                if isinstance(what, dict) and _sha256(self.read_bytes(rel)) != what.get("sha256"):
+                    return f"{self.path(rel)} was changed since it was written (its content differs)"
         return None
 
     def clean_temporaries(self) -> List[str]:
@@ -342,18 +445,33 @@ class RunDir:
         process-wide lock per run directory, and on a local disk an flock that other
         processes (Tune trials writing the same run) respect too. On an object store the
         run directory's lease (one writing command) is what keeps writers apart."""
+        held = getattr(_HELD, "uris", None)
+        if held is None:
+            held = _HELD.uris = set()
+        if self.uri in held:  # re-entered (a Stage begins under the lock it also takes)
+            yield
+            return
         with _thread_lock(self.uri):
-            if not self.is_local:
-                yield
-                return
-            import fcntl
-
-            with open(self.path(MANIFEST_LOCK), "a") as f:
-                fcntl.flock(f, fcntl.LOCK_EX)
-                try:
+            held.add(self.uri)
+            try:
+                with self._manifest_flock():
                     yield
-                finally:
-                    fcntl.flock(f, fcntl.LOCK_UN)
+            finally:
+                held.discard(self.uri)
+
+    @contextmanager
+    def _manifest_flock(self) -> Iterator[None]:
+        if not self.is_local:
+            yield
+            return
+        import fcntl
+
+        with open(self.path(MANIFEST_LOCK), "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
 
     def _owned_record(self, m: Dict[str, Any], key: str, action: str) -> Dict[str, Any]:
         """The record of stage `key` if this object began it; StageFailed otherwise."""
@@ -371,8 +489,29 @@ class RunDir:
         return self.manifest()["stages"].get(key)
 
     def is_done(self, key: str) -> bool:
+        """Stage `key` finished and what it recorded is still whole (what a later stage
+        checks before it reads another stage's outputs)."""
         rec = self.stage_record(key)
-        return bool(rec and rec.get("done"))
+        return bool(rec and rec.get("done") and not self.outputs_problem(rec))
+
+    def require(self, *keys: str) -> None:
+        """Before a stage reads other stages' outputs: each stage of `keys` that this run
+        directory has a record of has finished, and what it recorded is still whole;
+        InputMissing naming the stage, the damaged file and the command that makes it otherwise.
+        (Inputs with no record at all — put in place by hand or by another tool — are left to
+        their readers, which refuse a missing or unfinished table by name.)"""
+        for key in keys:
+            rec = self.stage_record(key)
+            if rec is None:
+                continue
+            command = key.split("/", 1)[0]
+            if not rec.get("done"):
+                raise InputMissing(f"stage '{key}' of {self.uri} has not finished (run `raybias {command}` first, "
+                                   "or with --resume to finish it)")
+            problem = self.outputs_problem(rec)
+            if problem:
+                raise InputMissing(f"{problem}: stage '{key}' must be made again before this one reads it "
+                                   f"(run `raybias {command}`, or `raybias run`)")
 
     @staticmethod
     def matches(rec: Optional[Dict[str, Any]], cfg, sections: Sequence[str], exclude: Sequence[str] = ()) -> bool:
@@ -469,15 +608,96 @@ class RunDir:
     def stage_seconds(self) -> Dict[str, float]:
         return {k: float(v.get("seconds", 0.0)) for k, v in self.manifest()["stages"].items() if v.get("done")}
 
-    @contextmanager
-    def stage(self, key: str, cfg, sections: Sequence[str], mode: str = "fresh",
-              outputs: Sequence[str] = ()) -> Iterator[StageState]:
-        """`with run.stage(...) as st:` — finishes the stage only if the body returns normally,
-        recording `outputs` to check on resume."""
-        st = self.begin_stage(key, cfg, sections, mode)
-        yield st
-        if not st.skip:
-            self.finish_stage(key, outputs=outputs)
+    def stage(self, key: str, cfg, sections: Sequence[str], mode: str = "fresh", *,
+              exclude: Sequence[str] = (), outputs: Sequence[str] = (), owns: Sequence[str] = (),
+              partial: bool = False, verify: Optional[Callable[[], Optional[str]]] = None,
+              needs: Sequence[str] = ()) -> "Stage":
+        """Begin stage `key`: the one lifecycle every stage goes through (see `Stage`)."""
+        return Stage(self, key, cfg, sections, mode, exclude=exclude, outputs=outputs, owns=owns,
+                     partial=partial, verify=verify, needs=needs)
+
+
+class Stage:
+    """One stage's lifecycle in a run directory: begin -> skip or resume -> wipe what another
+    config (or a fresh start) made -> work, unit by unit -> verify -> finish.
+
+    Every stage goes through this, so the run directory's promises hold for all of them at once:
+
+    - **skip** only what is whole: a stage finished earlier with the same config is skipped only
+      if the outputs it recorded are still whole (`RunDir.outputs_problem`) and the stage's own
+      `verify()` (e.g. "every planned shard reads whole") finds nothing wrong; otherwise it is
+      begun again, keeping what is whole when `partial`.
+    - **resume** (`resumable`): mode is not fresh and the earlier record was made with the same
+      config, so partial work on disk (finished units, checkpoints, whole shards) may be kept.
+      `partial=False` stages (one table written in one go) never keep partial work.
+    - **inputs**: the stages it `needs` (whose outputs it reads) must have finished whole
+      (`RunDir.require`), checked before anything is wiped or begun.
+    - **wipe**: when the stage is not resumable, the paths it `owns` are deleted before any work,
+      so nothing another config made can be taken for this one's, and a failure later can never
+      leave old outputs looking finished.
+    - **finish** marks done only a record this process began (another writer restarting the stage
+      makes this one's finish refuse), records `outputs` to check on every later skip, and
+      happens only when the work returned normally: as a context manager, on leaving the block
+      without an exception (unless `finish()` was called, or the stage was skipped).
+    """
+
+    def __init__(self, run: RunDir, key: str, cfg, sections: Sequence[str], mode: str, *,
+                 exclude: Sequence[str], outputs: Sequence[str], owns: Sequence[str], partial: bool,
+                 verify: Optional[Callable[[], Optional[str]]], needs: Sequence[str] = ()):
+        self.run, self.key, self.outputs = run, key, list(outputs)
+        self.info: Dict[str, Any] = {}
+        self.units: Optional[List[str]] = None
+        self.finished = False
+        run.require(*needs)  # before the record is touched: a refusal changes nothing
+        with run._manifest_locked():
+            self.previous = run.stage_record(key)
+            same = run.matches(self.previous, cfg, sections, exclude)
+            st = run.begin_stage(key, cfg, sections, mode, exclude)
+            if st.skip and verify is not None:
+                problem = verify()
+                if problem:  # done means whole: begin again, keeping what is whole
+                    log.warning("stage '%s' finished earlier but %s; redoing it", key, problem)
+                    st = run.begin_stage(key, cfg, sections, "fresh", exclude)
+                    mode = "resume"
+        self.skip = st.skip
+        self.resumable = bool(partial and mode != "fresh" and same)
+        self.done_units: List[str] = list(st.done_units) if self.resumable or self.skip else []
+        if not self.skip and not self.resumable:
+            for rel in owns:
+                run.delete(rel)
+
+    @property
+    def record_info(self) -> Dict[str, Any]:
+        """The `info` the stage recorded when it finished earlier (for a skipped stage)."""
+        return dict((self.previous or {}).get("info") or {})
+
+    def unit_done(self, *names: str) -> None:
+        """Record finished units one by one (for units that keep no record of their own)."""
+        self.run.mark_units(self.key, names)
+        self.done_units.extend(n for n in names if n not in self.done_units)
+
+    def finish(self, info: Optional[Dict[str, Any]] = None, outputs: Sequence[str] = (),
+               units: Optional[Sequence[str]] = None) -> None:
+        """Verify and record the stage's outputs, then mark it done (see `RunDir.finish_stage`)."""
+        if self.skip:
+            raise StageFailed(f"stage '{self.key}' was skipped as done; it cannot be finished again")
+        if self.finished:
+            return
+        if info is not None:
+            self.info = dict(info)
+        if units is not None:
+            self.units = list(units)
+        self.outputs += [o for o in outputs if o not in self.outputs]
+        self.run.finish_stage(self.key, self.info or None, outputs=self.outputs, units=self.units)
+        self.finished = True
+
+    def __enter__(self) -> "Stage":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None and not self.skip and not self.finished:
+            self.finish()
+        return False  # an error propagates; the stage stays not done, its units kept for --resume
 
 
 # --- the lease: one writing command per run directory ---------------------------------------
@@ -548,7 +768,32 @@ class Lease:
             f"or use another --run-dir (a lease whose heartbeat is over {LEASE_TTL_S:.0f} s old is taken over)")
 
     # --- acquire / renew / release -------------------------------------------
+    def _enclosing_holder(self) -> Optional[Dict[str, Any]]:
+        """A live lease on a run directory that holds this one (a sweep's per-severity
+        sub-runs live inside the sweep's run directory, written by its trials): a command on the
+        sub-run would write under that holder's feet. Local disks only (a cheap walk up)."""
+        if not self.run.is_local:
+            return None
+        here = os.path.dirname(self.run.root)
+        while here and here != os.path.dirname(here):
+            path = os.path.join(here, LEASE)
+            if os.path.isfile(path):
+                try:
+                    with open(path) as f:
+                        rec = json.load(f)
+                except (OSError, ValueError):
+                    rec = None
+                if isinstance(rec, dict) and not self.is_stale(rec):
+                    return dict(rec, where=here)
+            here = os.path.dirname(here)
+        return None
+
     def acquire(self) -> "Lease":
+        outer = self._enclosing_holder()
+        if outer is not None:
+            busy = self._busy(outer)
+            raise RunDirBusy(str(busy).replace(f"run directory {self.run.uri} is in use",
+                                               f"run directory {self.run.uri} is inside {outer['where']}, in use", 1))
         for _ in range(3):
             rec = self.holder()
             if rec is not None:

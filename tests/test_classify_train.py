@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from raybias import faults
 from raybias.classify.data import real_sets, load_images
 from raybias.classify.metrics import group_metrics
 from raybias.classify.models import load_classifier, state_from_safetensors
@@ -78,7 +79,7 @@ def test_groupdro_beats_erm_on_planted_shortcut(shortcut_run):
     assert again[("erm", 0)]["seconds"] == erm["seconds"]
 
 
-def test_same_seed_identical_and_resume_continues(shortcut_run, tmp_path, capsys):
+def test_same_seed_identical_and_resume_continues(shortcut_run, tmp_path, capsys, monkeypatch):
     _, run, _ = shortcut_run
     from raybias.cli import main
 
@@ -100,8 +101,9 @@ def test_same_seed_identical_and_resume_continues(shortcut_run, tmp_path, capsys
 
     # killed after 2 of 4 epochs (no automatic restart): nothing marked done, checkpoints kept
     cfg0 = with_overrides(cfg, ["train.max_failures=0"])
+    faults.arm(monkeypatch, "train.epoch", "reweight/3", 2)
     with pytest.raises(StageFailed, match="injected failure"):
-        train_classifier(cfg0, run, "reweight", 3, "fresh", fail_after_epochs=2)
+        train_classifier(cfg0, run, "reweight", 3, "fresh")
     assert not run.is_done("train/reweight/3")
     assert not run.exists("classifiers/reweight/3/metrics.json")
     with pytest.raises(ResumeRefused, match="train.lr"):
@@ -178,11 +180,57 @@ def test_two_stage_head_streaming_keeps_encoder(shortcut_run):
     assert rec["test"]["wga"] is not None
 
 
-def test_ddp_two_workers_restart_after_failure(shortcut_run):
+def test_two_stage_auto_keeps_the_stage2_validation_chooses(shortcut_run, monkeypatch):
+    """stage2=auto trains each candidate from the one stage-1 model, records every candidate's
+    validation WGA and keeps the argmax; a candidate is exactly the fixed stage 2 it names, and a
+    worker failure inside the candidates resumes from the epoch checkpoint."""
+    cfg, run, info = shortcut_run
+    _write_synthetic(run, "lora")
+    common = ["train.method=two_stage", "train.generator=lora", "train.stage1.epochs=2", "train.epochs=2",
+              "train.lr=0.003"]
+    fixed = train_classifier(with_overrides(cfg, common + ["train.stage2=head", "train.stage2_method=groupdro"]),
+                             run, "lora", 0, "fresh", name="lora-fixed")
+    assert fixed["stage2"] == {"mode": "head", "order": ["head+groupdro"], "chosen": "head+groupdro"}
+    auto_cfg = with_overrides(cfg, common + ["train.stage2=auto", "train.max_failures=1",
+                                             "train.stage2_candidates=[full+erm,head+groupdro]", "train.stage2_rank=final"])
+    # the worker fails after stage 1 (2 epochs) and the first candidate's first epoch
+    faults.arm(monkeypatch, "train.epoch", "lora/0", 3)
+    rec = train_classifier(auto_cfg, run, "lora", 0, "fresh")
+    assert rec["restarts"] == 1
+    assert [h["phase"] for h in rec["history"]] == ["stage1"] * 2 + ["stage2:full+erm"] * 2 + ["stage2:head+groupdro"] * 2
+    s2 = rec["stage2"]
+    assert s2["mode"] == "auto" and s2["order"] == ["full+erm", "head+groupdro"] and s2["rank"] == "final"
+    cands = s2["candidates"]
+    assert set(cands) == {"full+erm", "head+groupdro"}
+    for c, r in cands.items():  # each candidate's record: its best epoch on validation, and its last
+        hist = [h for h in rec["history"] if h["phase"] == f"stage2:{c}"]
+        assert r["val_wga"] == max(h["val_wga"] for h in hist) == hist[r["best_epoch"] - 1]["val_wga"]
+        assert (r["final_val_wga"], r["final_val_aga"]) == (hist[-1]["val_wga"], hist[-1]["val_aga"])
+    key = {c: (r["final_val_wga"], r["final_val_aga"]) for c, r in cands.items()}
+    best = max(key.values())
+    assert s2["chosen"] == next(c for c in s2["order"] if key[c] == best)  # the argmax, ties to the first
+    assert rec["best_phase"] == f"stage2:{s2['chosen']}"
+    chosen = cands[s2["chosen"]]
+    assert rec["best_epoch"] == chosen["best_epoch"] and rec["val"]["wga"] == chosen["val_wga"]
+    assert rec["test"]["wga"] == chosen["test_wga"]  # the kept model is the chosen one's best epoch
+    # the candidate head+groupdro trained exactly what the fixed stage 2 did
+    hg = cands["head+groupdro"]
+    assert hg["val_wga"] == fixed["val"]["wga"] and hg["test_wga"] == fixed["test"]["wga"]
+    assert [h["train_loss"] for h in rec["history"] if h["phase"] == "stage2:head+groupdro"] == \
+        [h["train_loss"] for h in fixed["history"] if h["phase"] == "stage2"]
+    on_disk = json.loads(run.read_text("classifiers/lora/0/metrics.json"))
+    assert on_disk["stage2"] == s2
+    # the classifier's file carries the projection head it was pretrained with
+    model = load_classifier(run.read_bytes("classifiers/lora/0/model.safetensors"))
+    assert model.projection_spec is not None and model.projection_spec.kind == "mlp"
+
+
+def test_ddp_two_workers_restart_after_failure(shortcut_run, monkeypatch):
     cfg, run, info = shortcut_run
     cfg = with_overrides(cfg, ["train.method=groupdro", "train.num_workers=2", "train.max_failures=1",
                                "train.epochs=3", "train.lr=0.003"])
-    rec = train_classifier(cfg, run, "groupdro", 7, "fresh", fail_after_epochs=1)
+    faults.arm(monkeypatch, "train.epoch", "groupdro/7", 1)
+    rec = train_classifier(cfg, run, "groupdro", 7, "fresh")
     assert rec["restarts"] == 1  # Ray Train restarted the worker group from the epoch-1 checkpoint
     assert [h["epoch"] for h in rec["history"]] == [1, 2, 3]
     # two ranks share each epoch's N draws (equal halves; at most one short batch dropped each)

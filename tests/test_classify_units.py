@@ -75,7 +75,8 @@ def test_group_means_absent_group_is_zero():
 
 # --- SupCon -------------------------------------------------------------------------------
 
-def test_supcon_equals_formula_by_loops():
+def test_supcon_with_positive_anchors_equals_formula_by_loops():
+    """anchors=with_positive, no base temperature: raybias's SupCon before the reference's rule."""
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(6, 5, generator=gen, dtype=torch.float64)
     labels = torch.tensor([0, 1, 0, 2, 1, 0])  # label 2 has no positive: not an anchor
@@ -90,14 +91,165 @@ def test_supcon_equals_formula_by_loops():
         li = -sum(math.log(math.exp(float(z[i] @ z[p]) / tau) / denom) for p in pos) / len(pos)
         losses.append(li)
     expected = sum(losses) / len(losses)
-    assert float(supcon_loss(feats, labels, tau)) == pytest.approx(expected, rel=1e-10)
+    assert float(supcon_loss(feats, labels, tau, anchors="with_positive")) == pytest.approx(expected, rel=1e-10)
+    # the reference's rule averages over all 6 anchors, the one without a positive adding 0
+    assert float(supcon_loss(feats, labels, tau, anchors="all")) == pytest.approx(sum(losses) / 6, rel=1e-10)
 
 
-def test_supcon_without_positives_is_zero_and_differentiable():
+@pytest.mark.parametrize("anchors", ["all", "with_positive"])
+def test_supcon_without_positives_is_zero_and_differentiable(anchors):
     feats = torch.randn(3, 4, requires_grad=True)
-    loss = supcon_loss(feats, torch.tensor([0, 1, 2]), 0.1)
+    loss = supcon_loss(feats, torch.tensor([0, 1, 2]), 0.1, 0.07, anchors)
     loss.backward()
     assert float(loss.detach()) == 0.0 and feats.grad is not None
+
+
+def reference_supcon_loss(features, labels, temperature=0.07, base_temperature=0.07):
+    """HobbitLong/SupContrast's SupConLoss (losses.py, contrast_mode 'all'), re-typed from the
+    reference's computation: features [batch, views, dim], already L2-normalised (its model
+    normalises the projection); the views stacked view-major as anchors and contrasts; logits
+    shifted by their row maximum; self-contrast masked out of the positives and the denominator;
+    an anchor without a positive gets mean log-prob 0 (its divisor clamped to 1); the loss is
+    -(temperature / base_temperature) * that, averaged over every anchor."""
+    batch, views = features.shape[0], features.shape[1]
+    contrast = torch.cat([features[:, v] for v in range(views)], dim=0)
+    logits = contrast @ contrast.T / temperature
+    logits = logits - logits.max(dim=1, keepdim=True).values.detach()
+    same = (labels.view(-1, 1) == labels.view(1, -1)).to(features.dtype).repeat(views, views)
+    not_self = 1 - torch.eye(batch * views, dtype=features.dtype)
+    positives = same * not_self
+    log_prob = logits - torch.log((torch.exp(logits) * not_self).sum(1, keepdim=True))
+    n_pos = positives.sum(1)
+    n_pos = torch.where(n_pos < 1e-6, torch.ones_like(n_pos), n_pos)
+    mean_log_prob_pos = (positives * log_prob).sum(1) / n_pos
+    return (-(temperature / base_temperature) * mean_log_prob_pos).view(views, batch).mean()
+
+
+def reference_projection(dim_in: int, feat_dim: int = 128):
+    """SupConResNet's 'mlp' head (networks/resnet_big.py), re-typed: Linear(d, d), ReLU, Linear(d, 128)."""
+    return torch.nn.Sequential(torch.nn.Linear(dim_in, dim_in), torch.nn.ReLU(), torch.nn.Linear(dim_in, feat_dim))
+
+
+@pytest.mark.parametrize("temperature,base", [(0.07, 0.07), (0.1, 0.07), (0.5, 0.5)])
+def test_supcon_equals_the_reference_supconloss_on_random_inputs(temperature, base):
+    gen = torch.Generator().manual_seed(3)
+    feats = torch.randn(24, 16, generator=gen, dtype=torch.float64, requires_grad=True)
+    labels = torch.randint(0, 5, (24,), generator=gen)
+    labels[:2] = torch.tensor([7, 8])  # two anchors without a positive: the averaging rule matters
+    ours = supcon_loss(feats, labels, temperature, base, "all")
+    ref = reference_supcon_loss(torch.nn.functional.normalize(feats, dim=1)[:, None], labels, temperature, base)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-9)
+    g_ours, = torch.autograd.grad(ours, feats)
+    g_ref, = torch.autograd.grad(ref, feats)
+    assert torch.allclose(g_ours, g_ref, rtol=1e-7, atol=1e-12)
+    # the earlier rule (anchors with a positive only) is the reference's mean over 22 of 24 anchors
+    older = supcon_loss(feats, labels, temperature, base, "with_positive")
+    assert float(older.detach()) == pytest.approx(float(ref.detach()) * 24 / 22, rel=1e-9)
+
+
+def test_stage1_loss_through_the_projection_head_equals_the_reference():
+    """The model carries SupContrast's mlp head; stage 1's loss on a batch is beta CE on the
+    logits + (1 - beta) SupConLoss on the L2-normalised head output, as the reference computes."""
+    from raybias.classify.recipes import CEPlusSupCon
+    from raybias.classify.models import ProjectionSpec
+
+    model = build_model("small_cnn", 2, seed=0, projection=ProjectionSpec("mlp", 128))
+    ref_head = reference_projection(model.feature_dim, 128).double()
+    ref_head.load_state_dict(model.projection.state_dict())  # same layout, or this raises
+    model = model.double()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.rand(16, 3, 16, 16, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 2, (16,), generator=gen)
+    logits, z = model(x, with_features=True)
+    hook = CEPlusSupCon(beta=0.3, temperature=0.1, base_temperature=0.07, anchors="all")
+    ours = hook(LossInput(logits=logits, y=y, groups=y, rows=torch.arange(16), features=z))
+    feats = model.features(x)
+    ref_z = torch.nn.functional.normalize(ref_head(feats), dim=1)
+    ref = 0.3 * torch.nn.functional.cross_entropy(model.head(feats), y) + 0.7 * reference_supcon_loss(ref_z[:, None], y, 0.1, 0.07)
+    assert float(ours.detach()) == pytest.approx(float(ref.detach()), rel=1e-10)
+    assert float(z.min()) < 0  # the projection, unlike the post-ReLU features, can point anywhere
+
+
+def test_projection_head_leaves_encoder_and_head_init_alone_and_round_trips():
+    from raybias.classify.models import ProjectionSpec
+
+    plain = build_model("small_cnn", 2, seed=4)
+    spec = ProjectionSpec("mlp", 32, 64)
+    with_head = build_model("small_cnn", 2, seed=4, projection=spec)
+    for k, v in plain.state_dict().items():  # old behaviour reachable: same initial encoder and head
+        assert torch.equal(v, with_head.state_dict()[k]), k
+    shapes = [tuple(p.shape) for p in with_head.projection.parameters()]
+    assert shapes == [(64, with_head.feature_dim), (64,), (32, 64), (32,)]
+    again = load_classifier(model_bytes(with_head, "small_cnn"))
+    assert again.projection_spec == spec
+    x = torch.rand(3, 3, 16, 16)
+    with_head.eval(), again.eval()
+    assert torch.equal(again(x, with_features=True)[1], with_head(x, with_features=True)[1])
+    assert load_classifier(model_bytes(plain, "small_cnn")).projection is None
+
+
+def test_two_stage_projection_from_config():
+    from raybias.classify.models import ProjectionSpec
+
+    method = get_method("two_stage")
+    assert method.projection(config_from_dict({}).train) == ProjectionSpec("mlp", 128, None)
+    assert method.projection(config_from_dict({"train": {"stage1": {"projection": "none"}}}).train) is None
+    assert method.projection(config_from_dict({"train": {"stage1": {"beta": 1.0}}}).train) is None  # no SupCon
+    lin = config_from_dict({"train": {"stage1": {"projection": "linear", "projection_dim": 16}}}).train
+    assert method.projection(lin) == ProjectionSpec("linear", 16, None)
+
+
+# --- stage 2 chosen by validation ---------------------------------------------------------
+
+def _val(wga, aga, final=None):
+    """A candidate's record: its best epoch's validation metrics, and its last epoch's."""
+    final = (wga, aga) if final is None else final
+    return {"val": {"wga": wga, "aga": aga}, "final": {"wga": final[0], "aga": final[1]}}
+
+
+@pytest.mark.parametrize("rank", ["final", "best"])
+def test_stage2_auto_keeps_the_candidate_validation_ranks_first(rank):
+    from raybias.classify.recipes import choose_stage2
+
+    order = ["head+erm", "head+reweight", "head+groupdro", "full+erm", "full+reweight", "full+groupdro"]
+    cands = {"head+erm": _val(0.62, 0.80), "head+reweight": _val(0.70, 0.81), "head+groupdro": _val(0.68, 0.83),
+             "full+erm": _val(0.10, 0.55), "full+reweight": _val(0.96, 0.97), "full+groupdro": _val(0.97, 0.97)}
+    assert choose_stage2(cands, order, rank) == "full+groupdro"  # the argmax of validation WGA
+    # a tie in WGA goes to the higher AGA; a tie in both to the earlier in the list
+    cands["head+reweight"] = _val(0.97, 0.98)
+    assert choose_stage2(cands, order, rank) == "head+reweight"
+    cands["head+reweight"] = _val(0.97, 0.97)
+    assert choose_stage2(cands, order, rank) == "head+reweight"
+    assert choose_stage2(cands, list(reversed(order)), rank) == "full+groupdro"
+    cands["full+erm"] = _val(None, None)  # no validation value ranks last
+    assert choose_stage2({"full+erm": cands["full+erm"], "head+erm": cands["head+erm"]}, order, rank) == "head+erm"
+
+
+def test_stage2_rank_final_takes_a_candidate_for_its_last_epoch_not_a_passing_peak():
+    from raybias.classify.recipes import choose_stage2
+
+    order = ["head+groupdro", "full+groupdro"]
+    # the full network peaks at its first epoch and falls as it learns the shortcut
+    cands = {"head+groupdro": _val(0.71, 0.80, final=(0.68, 0.79)), "full+groupdro": _val(0.79, 0.82, final=(0.54, 0.75))}
+    assert choose_stage2(cands, order, "best") == "full+groupdro"
+    assert choose_stage2(cands, order, "final") == "head+groupdro"
+
+
+def test_stage2_auto_phases_start_from_the_stage1_model_and_draw_alike():
+    t = config_from_dict({"train": {"stage2": "auto", "stage2_candidates": ["full+groupdro", "head+erm"],
+                                    "epochs": 3, "stage1": {"epochs": 2}}}).train
+    s1, a, b = get_method("two_stage").phases(t)
+    assert s1.name == "stage1" and not s1.select
+    assert (a.candidate, a.reinit, a.freeze_encoder) == ("full+groupdro", "none", False)
+    assert (b.candidate, b.reinit, b.freeze_encoder) == ("head+erm", "head", True)
+    assert a.start_from == b.start_from == "stage1_model.safetensors"
+    assert a.rng_phase == b.rng_phase == 1 and a.select and b.select
+    fixed = get_method("two_stage").phases(config_from_dict({"train": {"stage2": "full", "stage2_method": "erm"}}).train)
+    assert [p.candidate for p in fixed] == [None, "full+erm"]
+    from raybias.classify.recipes import epochs_reported
+
+    t.method = "two_stage"
+    assert epochs_reported(t) == 2 + 2 * 3  # what a sweep's ASHA must allow a trial
 
 
 # --- metrics ------------------------------------------------------------------------------

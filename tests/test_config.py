@@ -87,10 +87,35 @@ def test_wrong_types_are_named(override, key, value, allowed):
     ("data.prompt_template='a {cls}'", "data.prompt_template", "a {cls}", "{member} and {bias}"),
     ("filter.keep_fraction=0", "filter.keep_fraction", "0", "(0, 1]"),
     ("cluster.k=0", "cluster.k", "0", "'auto'"),
+    ("train.stage2=best", "train.stage2", "best", "one of head, full, auto"),
+    ("train.stage2_candidates=[head+erm,half+erm]", "train.stage2_candidates", "half+erm", "full+groupdro"),
+    ("train.stage2_candidates=[full+erm,full+erm]", "train.stage2_candidates", "['full+erm', 'full+erm']",
+     "without repeats"),
+    ("train.stage2_candidates=[]", "train.stage2_candidates", "[]", "a non-empty list of head+erm"),
+    ("train.stage2_rank=mean", "train.stage2_rank", "mean", "one of final, best"),
+    ("train.stage1.projection=conv", "train.stage1.projection", "conv", "one of mlp, linear, none"),
+    ("train.stage1.projection_dim=0", "train.stage1.projection_dim", "0", ">= 1"),
+    ("train.stage1.projection_hidden=0", "train.stage1.projection_hidden", "0", ">= 1"),
+    ("train.stage1.supcon_anchors=some", "train.stage1.supcon_anchors", "some", "all, with_positive"),
+    ("train.stage1.base_temperature=0", "train.stage1.base_temperature", "0", "(0, 10]"),
+    ("diagnostics.sample_per_group=1", "diagnostics.sample_per_group", "1", ">= 2"),
 ])
 def test_out_of_range_values_name_key_value_and_allowed(override, key, value, allowed):
     msg = error([override])
     assert f"'{key}'" in msg and value in msg and allowed in msg, msg
+
+
+def test_stage1_and_stage2_keys():
+    cfg = load_config(QUICKSTART, ["train.stage2=auto", "train.stage2_candidates=[full+groupdro,head+erm]",
+                                   "train.stage1.projection=linear", "train.stage1.base_temperature=null"])
+    assert list(cfg.train.stage2_candidates) == ["full+groupdro", "head+erm"]
+    assert cfg.train.stage1.projection == "linear" and cfg.train.stage1.base_temperature is None
+    defaults = config_from_dict({}).train
+    assert defaults.stage1.projection == "mlp" and defaults.stage1.projection_dim == 128  # SupContrast's head
+    assert defaults.stage1.supcon_anchors == "all" and defaults.stage1.base_temperature == 0.07
+    assert len(defaults.stage2_candidates) == 6
+    msg = error(["train.stage1.projection=linear", "train.stage1.projection_hidden=64"])
+    assert "'train.stage1.projection_hidden'" in msg and "unless train.stage1.projection=mlp" in msg
 
 
 def test_dataset_specific_checks():

@@ -31,7 +31,7 @@ from PIL import Image
 from raybias.data.synthetic import finished_units
 from raybias.layout import shards_dir, unit_name
 from raybias.rundir import RunDir
-from test_generate import _check_set, _info, gen_config
+from test_generate import _check_set, _info, expanded, gen_config
 
 REPO = Path(__file__).resolve().parents[1]
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
@@ -207,9 +207,9 @@ def test_generation_survives_losing_its_worker_node_midway(tiny_base_folder, tmp
 
     # exactly the planned images, each once, in shards that read whole
     df, plan = _check_set(run, "vanilla", {g: per_group for g in range(n_groups)})
-    assert len(df) == n_units and len(plan["units"]) == n_units
-    assert finished_units(run, "vanilla") == [u["unit"] for u in plan["units"]]
-    for unit in plan["units"]:
+    assert len(df) == n_units and plan["n_units"] == n_units
+    assert finished_units(run, "vanilla") == list(range(plan["n_units"]))
+    for unit in expanded(plan):
         table = pq.read_table(run.path(shards_dir("vanilla"), unit_name(unit["unit"])))
         assert table.column("id").to_pylist() == unit["ids"]
         assert table.column("seed").to_pylist() == unit["seeds"]

@@ -245,14 +245,15 @@ def test_lora_stage_survives_a_killed_worker_and_loads_in_stock_diffusers(prepar
                                                                           ray_session, monkeypatch):
     from diffusers import StableDiffusionPipeline
 
-    from raybias.stages.finetune import FAULT_ENV, run_finetune
+    from raybias import faults
+    from raybias.stages.finetune import run_finetune
 
     run, info = fresh_run(prepared_run, tmp_path)
     # alpha != rank: the saved adapter metadata must carry the scaling to stock loaders
     cfg = ft_config(tmp_path, tiny_base, methods=["erm", "lora", "vanilla"], lr=2e-2, lora_alpha=8.0,
                     steps=6, checkpoint_every=3, max_failures=1)
     # g0's worker is killed (SIGKILL, once) after step 4: the checkpoint of step 3 is its last one
-    monkeypatch.setenv(FAULT_ENV, "g0:4")
+    faults.arm(monkeypatch, "finetune.step", "g0", 4)
     out = run_finetune(cfg, run, "fresh")
     assert list(out) == ["lora"]  # vanilla and erm need no fine-tuning
     manifest = run.read_json("generators/lora/manifest.json")

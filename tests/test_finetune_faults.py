@@ -1,7 +1,7 @@
 """Fine-tuning under faults: a run whose job died is resumed with --resume.
 
 A job's worker is killed with SIGKILL from inside the training loop after a given step (the
-`RAYBIAS_FINETUNE_FAULT` hook, once, guarded by a marker file). With no retries left the stage
+`finetune.step` fault of raybias.faults, once, guarded by a marker file). With no retries left the stage
 fails; `--resume` must keep the finished jobs as they are and continue the dead one from the
 last checkpoint Ray Train registered. (A worker restarted by Ray Train within one run is
 tested in test_finetune.py's LoRA stage test.)
@@ -19,13 +19,14 @@ from test_finetune import fresh_run, ft_config, tiny_base  # noqa: F401  (fixtur
 def test_killed_run_resumes_without_retraining_finished_jobs(prepared_run, tmp_path, tiny_base, ray_session,
                                                               monkeypatch):
     from raybias.rundir import StageFailed
-    from raybias.stages.finetune import FAULT_ENV, finetune_generator
+    from raybias import faults
+    from raybias.stages.finetune import finetune_generator
 
     run, _ = fresh_run(prepared_run, tmp_path)
     # No retries: the killed job fails the run, as a killed driver or node would leave it.
     cfg = ft_config(tmp_path, tiny_base, methods=["dreambooth"], steps=10, checkpoint_every=5,
                     max_failures=0, n_samples=0, prior_preservation=False)
-    monkeypatch.setenv(FAULT_ENV, "dreambooth/g3:7")
+    faults.arm(monkeypatch, "finetune.step", "dreambooth/g3", 7)
     with pytest.raises(StageFailed, match=r"(?s)--resume.*dreambooth/g3: \w+Error"):
         finetune_generator(cfg, run, "dreambooth", "fresh")
     stage = run.stage_record("finetune/dreambooth")
@@ -59,14 +60,15 @@ def test_packed_jobs_match_lone_jobs_and_a_restarted_pack_skips_what_it_publishe
     job: nothing leaks from the job before), and a worker killed in the pack's second job must
     skip the first (already published) and continue the second from its own checkpoint.
     """
-    from raybias.stages.finetune import FAULT_ENV, finetune_generators
+    from raybias import faults
+    from raybias.stages.finetune import finetune_generators
 
     run, _ = fresh_run(prepared_run, tmp_path)
     packed = ft_config(tmp_path, tiny_base, methods=["lora", "dreambooth"], steps=6, checkpoint_every=3,
                        max_failures=1, n_samples=0, prior_preservation=False, jobs_per_trainer=2)
     # 4 jobs (lora g0, g3; dreambooth g0, g3) in 2 packs; launch order interleaves the groups, so
     # pack 0 is [lora g0, dreambooth g0] and pack 1 [lora g3, dreambooth g3]
-    monkeypatch.setenv(FAULT_ENV, "dreambooth/g3:4")
+    faults.arm(monkeypatch, "finetune.step", "dreambooth/g3", 4)
     out = finetune_generators(packed, run, ["lora", "dreambooth"], "fresh")
     assert sorted(os.listdir(run.local_path("generators/lora/_train"))) == ["pack-0-of-2", "pack-1-of-2"]
     first = run.read_json("generators/lora/g3/training.json")
@@ -77,7 +79,7 @@ def test_packed_jobs_match_lone_jobs_and_a_restarted_pack_skips_what_it_publishe
     assert all(run.stage_record(f"finetune/{g}")["done"] for g in ("lora", "dreambooth"))
     assert {m["name"] for m in out["dreambooth"]["models"]} == {"g0", "g1", "g2", "g3"}
 
-    monkeypatch.delenv(FAULT_ENV)
+    monkeypatch.delenv(faults.ENV)
     alone_run, _ = fresh_run(prepared_run, tmp_path / "alone")
     alone = ft_config(tmp_path / "alone", tiny_base, methods=["lora", "dreambooth"], steps=6, checkpoint_every=3,
                       n_samples=0, prior_preservation=False)

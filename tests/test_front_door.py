@@ -108,7 +108,7 @@ def test_relative_run_dirs_from_another_directory_and_two_runs_at_once(tiny_base
 
 def test_a_failing_stage_ends_with_one_raybias_error_line(tmp_path):
     # embed before prepare: the stage starts its Ray, then fails on a missing table
-    proc = _start(["embed", QUICKSTART, "ray.num_cpus=1", "ray.object_store_mb=200", "--run-dir", "r"], tmp_path)
+    proc = _start(["embed", QUICKSTART, "ray.num_cpus=2", "ray.object_store_mb=200", "--run-dir", "r"], tmp_path)
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 2, (out, err)
     lines = [line for line in (out + err).splitlines() if line.strip()]

@@ -30,8 +30,8 @@ from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, read_table, write_table
 from raybias.data.schema import SchemaError
 from raybias.data.synthetic import finished_units, read_synthetic
-from raybias.generation.plan import (build_plan, group_targets, image_draw, split_by_weight, vanilla_models,
-                                     read_generator_manifest)
+from raybias.generation.plan import (PlanUnits, build_plan, group_targets, image_draw, split_by_weight,
+                                     vanilla_models, read_generator_manifest)
 from raybias.layout import REAL, shards_dir
 from raybias.rundir import ResumeRefused, RunDir
 
@@ -57,6 +57,12 @@ def make_small_run(prepared, root: Path, train_counts=TRAIN_COUNTS, per_split: i
     info.empty_train_groups = [g for g in range(info.n_groups) if info.counts["train"][str(g)] == 0]
     info.save(run)
     return run
+
+
+def expanded(plan):
+    """Every unit of `plan` with its ids, seeds and prompts (derived from the unit table)."""
+    units = PlanUnits(plan)
+    return [units.expand(n) for n in range(len(units))]
 
 
 def save_tiny_base(folder: Path) -> str:
@@ -197,10 +203,10 @@ def test_plan_units_one_model_each_with_weighted_clusters_and_borrowed_negatives
     plan = build_plan("clustered_dreambooth", info, models, **kwargs)
     assert plan["group_counts"] == {"0": 10, "1": 10, "2": 10, "3": 10}
     assert plan["cluster_counts"]["0"] == {"0": 8, "1": 2} and plan["cluster_counts"]["1"] == {"0": 8, "1": 2}
-    ids = [i for u in plan["units"] for i in u["ids"]]
+    ids = [i for u in expanded(plan) for i in u["ids"]]
     assert len(ids) == len(set(ids)) == 40 == plan["n_images"]
     by_name = {m.name: m for m in models}
-    for u in plan["units"]:
+    for u in expanded(plan):
         assert 1 <= len(u["ids"]) <= 3  # never more than unit_size, one model per unit
         m = by_name[u["model"]]
         assert (u["group"], u["cluster"]) == (m.group, m.cluster)
@@ -213,7 +219,7 @@ def test_plan_units_one_model_each_with_weighted_clusters_and_borrowed_negatives
     assert build_plan("clustered_dreambooth", info, models, **kwargs) == plan
     other = build_plan("clustered_dreambooth", info, models, **{**kwargs, "seed": 1})
     assert other["group_counts"] == plan["group_counts"]
-    assert [u["seeds"] for u in other["units"]] != [u["seeds"] for u in plan["units"]]
+    assert [u["seeds"] for u in expanded(other)] != [u["seeds"] for u in expanded(plan)]
     assert image_draw(0, "lora", 1, 5) == image_draw(0, "lora", 1, 5) != image_draw(0, "lora", 1, 6)
 
 
@@ -258,7 +264,7 @@ def _check_set(run: RunDir, generator: str, expected_counts):
     for col in ("seed", "prompt", "cluster", "negative_prompt"):
         assert col in df.columns
     plan = json.loads(Path(run.path(f"synthetic/{generator}/plan.json")).read_text())
-    planned = [i for u in plan["units"] for i in u["ids"]]
+    planned = [i for u in expanded(plan) for i in u["ids"]]
     assert sorted(df["id"]) == sorted(planned)
     img = Image.open(io.BytesIO(df["image"].iloc[0]))
     assert img.format == "PNG" and img.size == (16, 16)
@@ -271,7 +277,7 @@ def test_vanilla_max_group_counts_manifest_and_grid(vanilla_run):
     df, plan = _check_set(run, "vanilla", {0: 0, 1: 9, 2: 7, 3: 2})
     assert set(df.loc[df["group"] == 1, "prompt"].str.split().str[1]) == {"green"}
     rec = run.stage_record("generate/vanilla")
-    assert rec["done"] and len(rec["units"]) == len(plan["units"]) == 6
+    assert rec["done"] and len(rec["units"]) == plan["n_units"] == 6
     assert plan["runtime"]["attention"] == "sdpa" and plan["runtime"]["device"] == "cpu"
     assert Image.open(run.path("synthetic/vanilla/samples.png")).format == "PNG"
     assert not [n for n in os.listdir(run.path(shards_dir("vanilla"))) if n.startswith(".tmp")]
@@ -324,7 +330,7 @@ def test_same_seeds_give_the_same_images_whatever_the_batching(vanilla_run, ffr_
     info = DatasetInfo.load(vanilla_run[1])
     plan = build_plan("vanilla", info, vanilla_models(info), balance="max_group", per_group=1, unit_size=4,
                       seed=1, sampling={}, base_model="b")
-    assert [s for u in plan["units"] for s in u["seeds"]] != list(first["seed"])
+    assert [s for u in expanded(plan) for s in u["seeds"]] != list(first["seed"])
 
 
 def test_broken_shards_are_redone_on_resume_not_read(vanilla_run, tmp_path):
@@ -351,7 +357,7 @@ def test_broken_shards_are_redone_on_resume_not_read(vanilla_run, tmp_path):
     for name, mtime in untouched.items():  # whole shards were kept, not remade
         assert (shards / name).stat().st_mtime_ns == mtime
     plan = json.loads(Path(run.path("synthetic/vanilla/plan.json")).read_text())
-    assert pq.read_table(broken).column("id").to_pylist() == plan["units"][2]["ids"]
+    assert pq.read_table(broken).column("id").to_pylist() == PlanUnits(plan).ids(2)
     assert run.is_done("generate/vanilla")
     # --resume with another config is refused, naming the key that changed
     with pytest.raises(ResumeRefused, match="generate.steps"):
@@ -391,15 +397,17 @@ def test_resume_after_killing_the_job_midway(prepared_run, tmp_path, tiny_base, 
     _wait_for_no_sampler_actors(ray_session)
     done_at_kill = finished_units(run, "vanilla")
     plan = json.loads(Path(run.path("synthetic/vanilla/plan.json")).read_text())
-    assert 3 <= len(done_at_kill) < len(plan["units"]) == 18
+    assert 3 <= len(done_at_kill) < plan["n_units"] == 18
     assert not run.is_done("generate/vanilla")
+    # the shards are the units' record: no unit was written into the manifest one by one
+    assert not (run.stage_record("generate/vanilla") or {}).get("units")
     kept = {u: (shards / f"unit-{u:05d}.parquet").stat().st_mtime_ns for u in done_at_kill}
 
     from raybias.stages.generate import generate_set
 
     generate_set(cfg, run, "vanilla", "resume", verbose=False)
     df = read_synthetic(run, "vanilla", filtered=False)
-    planned = [i for u in plan["units"] for i in u["ids"]]
+    planned = [i for u in expanded(plan) for i in u["ids"]]
     assert sorted(df["id"]) == sorted(planned) and df["id"].is_unique and len(df) == 18
     assert df.groupby("group").size().to_dict() == {1: 9, 2: 7, 3: 2}
     for u, mtime in kept.items():  # units finished before the kill were not made again
@@ -457,6 +465,54 @@ def test_lora_models_switch_per_unit_and_borrowed_groups_carry_the_negative_prom
             if neg_prompt:  # and the negative prompt reached the sampler
                 assert row["image"] != png_of_stock_sample(pipe, row["prompt"], int(row["seed"]), None,
                                                            guidance=2.0)
+
+
+def test_units_of_one_model_are_dealt_to_one_actor(prepared_run, tmp_path, tiny_base, ray_session):
+    """8 LoRA models of 2 units each on 2 actors that keep one adapter: dealt in blocks of a
+    model's consecutive units, each model is loaded once, by one actor; dealt unit by unit
+    (as before), a model's units go to whichever actor is free and it is loaded again there."""
+    from raybias.generation.plan import models_for
+    from raybias.generation.runner import run_units, sampling_settings
+
+    run = make_small_run(prepared_run, tmp_path)
+    rows = []
+    for g in range(4):
+        for c in range(2):
+            folder = f"generators/lora/g{g}-c{c}"
+            save_lora(tiny_base, Path(run.path(folder)), seed=10 * g + c)
+            rows.append(entry(f"g{g}-c{c}", g, folder, "lora", "a red {member}", cluster=c))
+    write_manifest(run, "lora", tiny_base, rows)
+    cfg = gen_config(run, tiny_base, methods=("lora",), balance="per_group", per_group=4, unit_size=1, batch_size=1,
+                     steps=1, concurrency=2, model_cache=1)
+    info = DatasetInfo.load(run)
+    g = cfg.generate
+    _, models = models_for(run, "lora", info)
+    plan = build_plan("lora", info, models, balance=g.balance, per_group=g.per_group, unit_size=g.unit_size,
+                      seed=g.seed, sampling=sampling_settings(g), base_model=tiny_base)
+    assert plan["n_units"] == 16 and len(plan["runs"]) == 8
+    units = PlanUnits(plan)
+
+    def deal(per_task):
+        seen = []
+        facts = run_units(run, plan, range(plan["n_units"]), base_model=tiny_base, base_revision=None,
+                          concurrency=2, num_gpus=0, num_cpus=1, on_unit=seen.append, progress=False,
+                          per_task=per_task)
+        loads = {}  # actor pid -> models it loaded (its cumulative count at its last unit)
+        actors_of = {}  # model -> actor pids that made its units
+        for row in seen:
+            loads[int(row["pid"])] = max(loads.get(int(row["pid"]), 0), int(row["model_loads"]))
+            actors_of.setdefault(units.model_of(int(row["unit"])), set()).add(int(row["pid"]))
+        return facts, loads, actors_of
+
+    facts, loads, actors_of = deal(None)
+    assert facts["units_per_task"] == 2 and facts["units"] == 16
+    assert sum(loads.values()) == 8 and all(len(p) == 1 for p in actors_of.values()), (loads, actors_of)
+    before, before_loads, before_actors = deal(1)
+    print(f"model loads per actor: blocks of a model {sorted(loads.values())}, unit by unit "
+          f"{sorted(before_loads.values())}; actors per model {max(map(len, before_actors.values()))} before")
+    assert before["units_per_task"] == 1 and sum(before_loads.values()) >= sum(loads.values())
+    df = read_synthetic(run, "lora", filtered=False)
+    assert sorted(df["id"]) == sorted(i for u in expanded(plan) for i in u["ids"])
 
 
 def test_clustered_dreambooth_swaps_unets_and_splits_by_cluster_weight(prepared_run, tmp_path, tiny_base):

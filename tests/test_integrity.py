@@ -73,6 +73,17 @@ def test_a_second_writer_is_refused_naming_the_holder_and_its_heartbeat(tmp_path
     Lease(RunDir(tmp_path / "run"), "run").acquire().release()  # free again
 
 
+def test_a_run_directory_inside_a_held_one_is_refused(tmp_path):
+    """A sweep's sub-runs live inside the sweep's run directory, written by its trials."""
+    outer = Lease(RunDir(tmp_path / "sweep"), "sweep").acquire()
+    try:
+        with pytest.raises(RunDirBusy, match=r"inside .*sweep, in use by `raybias sweep`"):
+            Lease(RunDir(tmp_path / "sweep" / "sweeps" / "s" / "severity-0.9"), "train").acquire()
+    finally:
+        outer.release()
+    Lease(RunDir(tmp_path / "sweep" / "sweeps" / "s" / "severity-0.9"), "train").acquire().release()
+
+
 def test_a_dead_writers_lease_is_taken_over(tmp_path):
     run = RunDir(tmp_path / "run")
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -198,7 +209,7 @@ def test_damaged_outputs_are_never_taken_for_done(tmp_path):
     assert rc == 0, err
     assert RunDir(run_dir).table_problem("data/real") is None
     (real / "_SUCCESS").unlink()  # the marker gone: prepare is not done, embed refuses naming it
-    rc, out, err, _ = _raybias(["embed", QUICKSTART, "--run-dir", "run", "--resume", "ray.num_cpus=1",
+    rc, out, err, _ = _raybias(["embed", QUICKSTART, "--run-dir", "run", "--resume", "ray.num_cpus=2",
                                 "ray.object_store_mb=200"], tmp_path)
     _one_error_line(rc, out, err, "data/real", "prepare")
     rc, out, err, _ = _raybias(["prepare", QUICKSTART, "--run-dir", "run", "data.shard_rows=300",
@@ -340,13 +351,14 @@ def test_orphans_of_a_dead_driver_are_reaped_on_the_next_start(tmp_path, monkeyp
 def test_every_run_relative_path_stays_inside_the_run_directory(tmp_path):
     """A generator manifest's `folder: ../../x` (or any other run-relative path that climbs
     out) names no file outside the run: RunDir refuses it, naming the path."""
-    from raybias.generation.sampler import local_folder
+    from raybias.generation.model_cache import ModelCache
 
     run = RunDir(tmp_path / "run")
+    cache = ModelCache(run, 1.0, root=str(tmp_path / "cache"))
     assert run.path("generators", "lora", "g0") == f"{run.root}/generators/lora/g0"
     for bad in ("../../x", "generators/../../x", "a/./../../b"):
         with pytest.raises(StageFailed, match="outside the run directory"):
             run.path(bad)
         with pytest.raises(StageFailed, match="outside the run directory"):
-            local_folder(run, bad, str(tmp_path / "cache"))
+            cache.acquire(bad)
     assert run.path("/generators/lora") == f"{run.root}/generators/lora"  # a leading slash stays inside

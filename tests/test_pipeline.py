@@ -31,6 +31,9 @@ def tiny_overrides(base_folder: str, per_group: int = 12) -> list:
         "generate.steps=2", "generate.batch_size=8",
         "filter.alpha=0.0",  # the oracle's prompt term is for the builtin backbone's generations
         "train.epochs=1", "train.stage1.epochs=1", "train.jtt_epochs=1",
+        # the quickstart's stage2: auto, over two candidates rather than six (tests/test_classify_train.py
+        # checks the choice itself)
+        "train.stage2_candidates=[head+groupdro,full+groupdro]",
     ]
 
 

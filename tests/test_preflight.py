@@ -221,3 +221,30 @@ def test_pretrained_weights_must_be_in_the_local_cache(tmp_path, monkeypatch):
 def test_unknown_stage_is_a_programming_error(tmp_path):
     with pytest.raises(ValueError, match="unknown stage"):
         check_run(cfg_of(tmp_path), ["prepare", "finetunes"])
+
+
+# --------------------------------------------------------------------------- CPUs for actor pools
+
+@pytest.mark.parametrize("stage,overrides,words", [
+    ("embed", {"ray": {"num_cpus": 1}}, r"embed needs 2 CPUs at once \(embed\.concurrency=1 .* read tasks\)"),
+    ("embed", {"ray": {"num_cpus": 2}, "embed": {"concurrency": 2}}, r"embed needs 3 CPUs"),
+    ("generate", {"ray": {"num_cpus": 2}, "generate": {"concurrency": 3}},
+     r"generate needs 3 CPUs at once \(generate\.concurrency=3 actor\(s\) x 1 CPU"),
+    ("generate", {"ray": {"num_cpus": 2}, "generate": {"concurrency": 1, "num_cpus": 4}}, r"generate needs 4 CPUs"),
+    ("filter", {"ray": {"num_cpus": 1}, "embed": {"concurrency": 2}}, r"filter needs 2 CPUs"),
+    ("ddb", {"ray": {"num_cpus": 1}, "generate": {"concurrency": 2}}, r"ddb generation needs 2 CPUs"),
+])
+def test_actor_pools_that_cannot_all_be_placed_are_refused_naming_the_keys(tmp_path, stage, overrides, words):
+    """Ray Data would wait for ever for actors (or reads) that the CPUs cannot place."""
+    cfg = cfg_of(tmp_path, methods=GEN_METHODS, **overrides)
+    refuses(cfg, [stage], words + r".*ray\.num_cpus")
+
+
+def test_actor_pools_that_fit_pass_and_a_gpu_pool_needs_only_the_readers_cpu(tmp_path):
+    check_run(cfg_of(tmp_path, methods=GEN_METHODS, ray={"num_cpus": 2}, embed={"concurrency": 1},
+                     generate={"concurrency": 2}), ["embed", "generate", "filter"])
+    check_run(cfg_of(tmp_path, methods=GEN_METHODS, ray={"num_cpus": 1, "num_gpus": 2},
+                     embed={"concurrency": 2, "num_gpus": 1.0}), ["embed"])
+    # an existing cluster's CPUs are not known before joining it (it may autoscale)
+    check_run(cfg_of(tmp_path, methods=GEN_METHODS, ray={"address": "auto"}, generate={"concurrency": 64}),
+              ["generate"])

@@ -285,3 +285,59 @@ def test_report_names_the_severity_rule_and_validation_protocol(run_dir):
     info.save(run_dir)
     line = report.write_run_report(run_dir).split("## Data", 1)[1].strip().splitlines()[0]
     assert line.startswith("Severity: original")
+
+
+# --- two-stage: which stage 2; the synthetic sets' diagnostics ----------------------------------
+
+def _metrics(run: RunDir, method: str, seed: int, val_wga: float, test_wga: float, stage2=None) -> None:
+    acc = {str(g): test_wga for g in range(N_GROUPS)}
+    rec = {"method": method, "seed": seed, "best_epoch": 3, "seconds": 1.0,
+           "val": {"wga": val_wga, "aga": val_wga, "acc": val_wga},
+           "test": {"wga": test_wga, "aga": test_wga, "acc": test_wga, "group_acc": acc}}
+    if stage2 is not None:
+        rec["stage2"] = stage2
+    run.write_json(f"classifiers/{method}/{seed}/metrics.json", rec)
+
+
+def test_report_says_which_stage2_each_two_stage_classifier_kept(run_dir):
+    order = ["head+erm", "full+erm", "full+groupdro"]
+    cands = {"head+erm": {"val_wga": 0.62, "final_val_wga": 0.60, "test_wga": 0.64},
+             "full+erm": {"val_wga": 0.90, "final_val_wga": 0.85, "test_wga": 0.88},
+             "full+groupdro": {"val_wga": 0.97, "final_val_wga": 0.95, "test_wga": 0.937}}
+    _metrics(run_dir, "lora", 0, 0.97, 0.937, {"mode": "auto", "order": order, "chosen": "full+groupdro",
+                                               "rank": "final", "candidates": cands})
+    _metrics(run_dir, "lora", 1, 0.70, 0.68, {"mode": "head", "order": ["head+groupdro"], "chosen": "head+groupdro"})
+    _metrics(run_dir, "erm", 0, 0.5, 0.4)  # not two-stage: not in the section
+    text = report.write_run_report(run_dir, ["erm", "lora"])
+    section = text.split("## Two-stage: stage 2", 1)[1].split("\n## ", 1)[0]
+    assert ("- lora seed 0: stage 2: full+groupdro chosen, val WGA at the candidates' last epoch 95.0 "
+            "(head+erm 60.0, full+erm 85.0)") in section
+    assert "- lora seed 1: stage 2: head+groupdro (fixed), val WGA 70.0" in section
+    rows = [line for line in section.splitlines() if line.startswith("| lora")]
+    assert rows[0] == ("| lora | 0 | full+groupdro (auto) | 62.0 / 60.0 (64.0) | 90.0 / 85.0 (88.0) | "
+                       "**97.0 / 95.0 (93.7)** | – |")
+    assert rows[1] == "| lora | 1 | head+groupdro (fixed) | – | – | – | **70.0 (68.0)** |"
+    assert "| erm |" not in section
+
+
+def _diag_record(gen: str, fidelity: float, kid_value: float) -> dict:
+    groups = [{"group": g, "name": f"g{g}", "n_generated": 20, "n_sampled": 8, "n_real": 10, "n_kept_sampled": 4,
+               "class_fidelity": fidelity, "bias_fidelity": 1.0, "fidelity": fidelity - 0.01 * g,
+               "fidelity_kept": fidelity, "real_fidelity": 0.9, "diversity": 0.4, "real_diversity": 0.2,
+               "kid": kid_value * (g + 1)} for g in range(N_GROUPS)]
+    return {"generator": gen, "embedder": "builtin", "reader": "oracle", "sample_per_group": 8, "seed": 0,
+            "groups": groups, "seconds": 1.0}
+
+
+def test_report_renders_the_diagnostics_table_and_plot(run_dir):
+    run_dir.write_json("synthetic/vanilla/diagnostics.json", _diag_record("vanilla", 0.9, 0.001))
+    text = report.write_run_report(run_dir, ["vanilla"])
+    section = text.split("## Synthetic data diagnostics", 1)[1].split("\n## ", 1)[0]
+    assert "| vanilla | g1 | 20 | 8 (10) | 90.0 | 100.0 | 89.0 | 90.0 | 90.0 | 0.400 (0.200) | 2.00 |" in section
+    # per generator: mean fidelity over groups 88.5, worst 87.0, diversity twice the real's, mean KID 2.5e-3
+    assert "| vanilla | 88.5 | 87.0 | 2.00 | 2.50 |" in section
+    assert "![diagnostics per generator and group](diagnostics.png)" in section
+    assert run_dir.exists("report/diagnostics.png")
+    run_dir.delete("synthetic/vanilla/diagnostics.json")
+    text = report.write_run_report(run_dir, ["vanilla"], diagnostics_problem="ConfigError: no reader")
+    assert "## Synthetic data diagnostics\n\n(diagnostics unavailable: ConfigError: no reader)" in text

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from raybias.allocator import keep_freed_memory
+from raybias.faults import strike
 from raybias.classify.data import (DataSet, InMemorySet, ParquetRows, StreamSet, augment, epoch_draw,
                                    generator, load_images)
-from raybias.classify.recipes import LossInput, Phase, get_method
-from raybias.classify.metrics import metrics_from_counts
+from raybias.classify.recipes import LossInput, Phase, choose_stage2, get_method
+from raybias.classify.metrics import metrics_from_counts, selection_key
 from raybias.classify.models import (Classifier, build_model, model_bytes, state_from_safetensors,
                                      state_to_safetensors)
 from raybias.layout import CLASSIFIER_MODEL
@@ -157,10 +158,7 @@ def evaluate(model: Classifier, data, meta, n_groups: int, device, rank: int, wo
 
 
 def _better(new: Dict[str, Any], best: Optional[Dict[str, Any]]) -> bool:
-    if best is None:
-        return True
-    key = lambda m: (m["wga"] if m["wga"] is not None else -1.0, m["aga"] if m["aga"] is not None else -1.0)
-    return key(new) > key(best)
+    return best is None or selection_key(new) > selection_key(best)
 
 
 def _synced(batches, world: int):
@@ -195,6 +193,11 @@ class TrainState:
     loss_hook: Dict[str, Any] = field(default_factory=dict)
     best: Optional[Dict[str, torch.Tensor]] = None
     best_info: Optional[Dict[str, Any]] = None  # {phase, epoch, val}
+    # stage-2 candidates: name -> {epoch, val} of its best epoch so far, final: the last epoch's
+    # val (+ test once it ended); with several, the running phase's best weights are kept until
+    # it ends, and become `best` if the candidate is then the one chosen so far
+    candidates: Dict[str, Dict[str, Any]] = field(default_factory=dict)
+    phase_best: Optional[Dict[str, torch.Tensor]] = None
     history: List[Dict[str, Any]] = field(default_factory=list)
     method_state: Dict[str, Any] = field(default_factory=dict)
     artifacts: Dict[str, bytes] = field(default_factory=dict)
@@ -208,13 +211,14 @@ class TrainState:
         if self.model is not None:
             with open(os.path.join(folder, "model.safetensors"), "wb") as f:
                 f.write(state_to_safetensors(self.model))
-        if self.best is not None:
-            with open(os.path.join(folder, "best.safetensors"), "wb") as f:
-                f.write(state_to_safetensors(self.best))
+        for name, weights in (("best.safetensors", self.best), ("phase_best.safetensors", self.phase_best)):
+            if weights is not None:
+                with open(os.path.join(folder, name), "wb") as f:
+                    f.write(state_to_safetensors(weights))
         # optimizer and hook state: tensors, numbers, strings, lists, dicts (weights_only load)
         torch.save({"optimizer": self.optimizer, "loss_hook": self.loss_hook,
                     "method_state": self.method_state}, os.path.join(folder, "state.pt"))
-        progress = {k: getattr(self, k) for k in ("phase", "epoch", "step", "best_info", "history",
+        progress = {k: getattr(self, k) for k in ("phase", "epoch", "step", "best_info", "candidates", "history",
                                                   "train_seconds", "restarts", "config_hash", "result")}
         with open(os.path.join(folder, "progress.json"), "w") as f:
             json.dump(progress, f)
@@ -230,10 +234,11 @@ class TrainState:
             st = cls(**json.load(f))
         with open(os.path.join(folder, "model.safetensors"), "rb") as f:
             st.model = state_from_safetensors(f.read())
-        best = os.path.join(folder, "best.safetensors")
-        if os.path.exists(best):
-            with open(best, "rb") as f:
-                st.best = state_from_safetensors(f.read())
+        for name, attr in (("best.safetensors", "best"), ("phase_best.safetensors", "phase_best")):
+            path = os.path.join(folder, name)
+            if os.path.exists(path):
+                with open(path, "rb") as f:
+                    setattr(st, attr, state_from_safetensors(f.read()))
         extra = torch.load(os.path.join(folder, "state.pt"), weights_only=True)
         st.optimizer, st.loss_hook, st.method_state = extra["optimizer"], extra["loss_hook"], extra["method_state"]
         art = os.path.join(folder, "artifacts")
@@ -276,7 +281,7 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
     quiet_train_worker()  # no line per reported epoch
     job: TrainJob = config["job"]
-    fail_after = config.get("fail_after_epochs")
+    fault = config.get("fault")  # raybias.faults: None outside the test suite
     tc = ray.train.get_context()
     rank, world = tc.get_world_rank(), tc.get_world_size()
     torch.set_num_threads(max(1, int(job.torch_threads)))
@@ -305,7 +310,8 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
     _load_data(ctx, names, bool(t.in_memory))
     data_seconds = time.time() - session_start
 
-    model = build_model(t.model, job.n_classes, t.pretrained, seed=job.seed)
+    projection = method.projection(t)
+    model = build_model(t.model, job.n_classes, t.pretrained, seed=job.seed, projection=projection)
     if state.model is not None:
         model.load_state_dict(state.model)
     model.to(device)
@@ -326,16 +332,22 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
 
     report.t0 = session_start
 
+    n_candidates = sum(1 for p in phases if p.candidate is not None)
+    stage2_order = [p.candidate for p in phases if p.candidate is not None]
+    stage2_rank = str(t.get("stage2_rank", "final"))
     for pi, phase in enumerate(phases):
         if pi < state.phase or state.result is not None:
             continue
+        rng = pi if phase.rng_phase is None else int(phase.rng_phase)  # what the phase's draws derive from
         if state.epoch == 0:  # the phase starts now (again, if it was interrupted before its first epoch)
             state.step, state.optimizer, state.loss_hook = 0, None, {}
+            if phase.start_from is not None:
+                model.load_state_dict(state_from_safetensors(state.artifacts[phase.start_from]))
             if phase.reinit == "all":
-                fresh = build_model(t.model, job.n_classes, t.pretrained, seed=job.seed)
+                fresh = build_model(t.model, job.n_classes, t.pretrained, seed=job.seed, projection=projection)
                 model.load_state_dict(fresh.state_dict())
             elif phase.reinit == "head":
-                model.reset_head(generator(job.seed, pi, 7))
+                model.reset_head(generator(job.seed, rng, 7))
         for p in model.encoder.parameters():
             p.requires_grad_(not phase.freeze_encoder)
         data = ctx.data[phase.data]
@@ -348,6 +360,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         hook = method.loss_hook(phase, ctx)
         if state.loss_hook:
             hook.load_state_dict(state.loss_hook)
+        if model.projection is not None:  # trained only where SupCon reads it (DDP wants no unused parameter)
+            for p in model.projection.parameters():
+                p.requires_grad_(hook.needs_features)
         params = [p for p in model.parameters() if p.requires_grad]
         opt = make_optimizer(params, t, phase.lr, phase.optimizer, phase.weight_decay)
         if state.optimizer is not None:
@@ -364,9 +379,9 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
             model.train()
             if phase.freeze_encoder:
                 model.encoder.eval()  # BatchNorm statistics stay those of stage 1
-            order = epoch_draw(len(data), weights, epoch_size, generator(job.seed, pi, epoch, 1))
-            aug_gen = generator(job.seed, pi, epoch, 2, rank)
-            batches = data.train_batches(order, per_worker_batch, generator(job.seed, pi, epoch, 3, rank), rank, world)
+            order = epoch_draw(len(data), weights, epoch_size, generator(job.seed, rng, epoch, 1))
+            aug_gen = generator(job.seed, rng, epoch, 2, rank)
+            batches = data.train_batches(order, per_worker_batch, generator(job.seed, rng, epoch, 3, rank), rank, world)
             loss_sum, n_seen = 0.0, 0
             epoch_start = time.time()
             for b in _synced(batches, world):
@@ -403,19 +418,34 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
                      "train_time": train_time, "epoch_time": time.time() - epoch_start}
             entry.update(hook.log())
             state.history.append(entry)
-            if phase.select and _better(val, (state.best_info or {}).get("val")):
+            # several stage-2 candidates: a candidate competes for `best` once it has ended
+            competing = phase.candidate is not None and n_candidates > 1
+            if phase.select and not competing and _better(val, (state.best_info or {}).get("val")):
                 state.best = _cpu_state(model)
                 state.best_info = {"phase": phase.name, "epoch": epoch + 1, "val": val}
+            if phase.candidate is not None:
+                rec = state.candidates.setdefault(phase.candidate, {})
+                if _better(val, rec.get("val")):
+                    rec.update(epoch=epoch + 1, val=val)
+                    if competing:
+                        state.phase_best = _cpu_state(model)
+                rec["final"] = val
             state.epoch = epoch + 1
             state.optimizer = opt.state_dict()
             state.loss_hook = hook.state_dict()
             report({k: v for k, v in entry.items() if not isinstance(v, list)}, f"p{pi}-e{epoch + 1:04d}")
             epochs_done_here += 1
-            if fail_after is not None and ckpt is None and epochs_done_here >= fail_after:
-                # Test hook. The controller polls workers; give it time to register the checkpoint
-                # just reported, or a loaded machine restarts the group without it and fails again.
-                time.sleep(3)
-                raise RuntimeError(f"injected failure after {epochs_done_here} epoch(s) (fail_after_epochs)")
+            strike(fault, epochs_done_here, first_session=ckpt is None)
+        if phase.candidate is not None and state.phase_best is not None:
+            # the candidate's own best epoch on test, for the record only (the choice reads validation)
+            rec = state.candidates[phase.candidate]
+            model.load_state_dict(state.phase_best)
+            rec["test"] = evaluate(model, ctx.data["test"], ctx.sets["test"].meta, job.n_groups, device, rank, world)
+            ended = {c: r for c, r in state.candidates.items() if "test" in r}
+            if choose_stage2(ended, stage2_order, stage2_rank) == phase.candidate:  # the one kept so far
+                state.best = state.phase_best
+                state.best_info = {"phase": phase.name, "epoch": rec["epoch"], "val": rec["val"]}
+            state.phase_best = None
         method.end_phase(phase, ctx)
         state.phase, state.epoch, state.step = pi + 1, 0, 0
         state.optimizer, state.loss_hook = None, {}
@@ -426,8 +456,13 @@ def train_loop_per_worker(config: Dict[str, Any]) -> None:
         val = evaluate(model, ctx.data["val"], ctx.sets["val"].meta, job.n_groups, device, rank, world)
         test = evaluate(model, ctx.data["test"], ctx.sets["test"].meta, job.n_groups, device, rank, world)
         info = state.best_info or {"phase": phases[-1].name, "epoch": phases[-1].epochs}
+        extra = method.result_info(t, state.candidates)
+        chosen = (extra.get("stage2") or {}).get("chosen")
+        if n_candidates > 1 and chosen is not None and info["phase"] != next(p.name for p in phases
+                                                                             if p.candidate == chosen):
+            raise RuntimeError(f"stage 2 kept the model of {info['phase']} but validation chose {chosen}")
         state.result = {"best_epoch": info["epoch"], "best_phase": info["phase"], "val": val, "test": test,
-                        "data_seconds": data_seconds}
+                        "data_seconds": data_seconds, **extra}
         state.artifacts[CLASSIFIER_MODEL] = model_bytes(model, t.model)
     # not "done": Tune reads that key as "stop this trial" and kills it before metrics.json is written
     report({"final": 1, "test_wga": state.result["test"]["wga"], "val_wga": state.result["val"]["wga"]}, "final")

@@ -7,6 +7,8 @@ from typing import Dict, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
+from raybias.config import SUPCON_ANCHORS
+
 
 def group_sums(per_sample: torch.Tensor, groups: torch.Tensor, n_groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(sum of `per_sample` per group, count per group); keeps the autograd graph of the sums."""
@@ -69,13 +71,20 @@ class GroupDRO:
         self.q = state["q"].clone().to(torch.float64)
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float) -> torch.Tensor:
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float,
+                base_temperature: Optional[float] = None, anchors: str = "all") -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al., the L_out form) on one view per example.
 
     z = features / |features|; for an anchor i with positives P(i) = {p != i : y_p = y_i},
-        l_i = -1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t) )
-    averaged over the anchors that have a positive in the batch (0 if none has).
+        l_i = -(t / t_b) * 1/|P(i)| * sum_{p in P(i)} log( exp(z_i.z_p / t) / sum_{a != i} exp(z_i.z_a / t) )
+    with t = `temperature` and t_b = `base_temperature` (None: t, i.e. no rescaling).
+    `anchors`: "all" averages l_i over every anchor of the batch, an anchor without a positive
+    contributing 0 (HobbitLong/SupContrast's SupConLoss, whose factor t / t_b has t_b = 0.07 by
+    default); "with_positive" averages over the anchors that have a positive only (0 if none
+    has; raybias before it followed the reference).
     """
+    if anchors not in SUPCON_ANCHORS:
+        raise ValueError(f"anchors must be one of {SUPCON_ANCHORS}, not {anchors!r}")
     z = F.normalize(features, dim=1)
     n = z.shape[0]
     sim = z @ z.t() / temperature
@@ -87,6 +96,9 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     has_pos = n_pos > 0
     if not bool(has_pos.any()):
         return features.sum() * 0.0
+    scale = 1.0 if base_temperature is None else float(temperature) / float(base_temperature)
     pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(dim=1)
-    per_anchor = -pos_log_prob[has_pos] / n_pos[has_pos]
+    per_anchor = -scale * pos_log_prob / n_pos.clamp(min=1)
+    if anchors == "with_positive":
+        return per_anchor[has_pos].mean()
     return per_anchor.mean()

@@ -10,7 +10,7 @@ the printed tables show percentages.
 
 from __future__ import annotations
 
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pandas as pd
@@ -40,6 +40,12 @@ def metrics_from_counts(correct: Sequence[float], total: Sequence[float]) -> Dic
     }
 
 
+def selection_key(m: Dict) -> tuple:
+    """How validation metrics rank (model selection: epochs, and stage-2 candidates): worst-group
+    accuracy, then average-group accuracy; a missing value ranks lowest."""
+    return (m["wga"] if m["wga"] is not None else -1.0, m["aga"] if m["aga"] is not None else -1.0)
+
+
 def group_metrics(pred: Sequence[int], y: Sequence[int], groups: Sequence[int], n_groups: int) -> Dict:
     """Metrics of a prediction table (one row per example)."""
     pred, y, groups = (np.asarray(v, dtype=np.int64) for v in (pred, y, groups))
@@ -48,32 +54,36 @@ def group_metrics(pred: Sequence[int], y: Sequence[int], groups: Sequence[int], 
     return metrics_from_counts(correct, total)
 
 
+def metrics_records(run, methods: Optional[Iterable[str]] = None) -> Iterator[Tuple[str, int, Dict]]:
+    """(method, seed, metrics.json) of every finished classifier of the run (of `methods` only)."""
+    wanted = None if methods is None else set(methods)
+    for method in run.listdir(CLASSIFIERS_DIR):
+        if wanted is not None and method not in wanted:
+            continue
+        for seed in run.listdir(CLASSIFIERS_DIR, method):
+            rel = metrics_path(method, seed)
+            if run.exists(rel):
+                m = run.read_json(rel)
+                yield method, int(m.get("seed", seed)), m
+
+
 def collect_metrics(run, methods: Optional[Iterable[str]] = None, seeds: Optional[Iterable[int]] = None,
                     split: str = "test") -> pd.DataFrame:
     """One row per (method, seed) with a classifiers/<method>/<seed>/metrics.json: method, seed,
     wga, aga, acc, g<g> (each group's accuracy; NaN where the split has none of it) of `split`,
     and val_wga, best_epoch, seconds. `methods`/`seeds`: only those (default: all found)."""
-    wanted_methods = None if methods is None else list(methods)
     wanted_seeds = None if seeds is None else {int(s) for s in seeds}
     rows = []
-    for method in run.listdir(CLASSIFIERS_DIR):
-        if wanted_methods is not None and method not in wanted_methods:
+    for method, seed_no, m in metrics_records(run, methods):
+        if wanted_seeds is not None and seed_no not in wanted_seeds:
             continue
-        for seed in run.listdir(CLASSIFIERS_DIR, method):
-            rel = metrics_path(method, seed)
-            if not run.exists(rel):
-                continue
-            m = run.read_json(rel)
-            seed_no = int(m.get("seed", seed))
-            if wanted_seeds is not None and seed_no not in wanted_seeds:
-                continue
-            part = m[split]
-            row = {"method": method, "seed": seed_no, "wga": part["wga"],
-                   "aga": part["aga"], "acc": part["acc"], "val_wga": m.get("val", {}).get("wga"),
-                   "best_epoch": m.get("best_epoch"), "seconds": m.get("seconds")}
-            for g, acc in part.get("group_acc", {}).items():
-                row[f"g{g}"] = np.nan if acc is None else acc
-            rows.append(row)
+        part = m[split]
+        row = {"method": method, "seed": seed_no, "wga": part["wga"],
+               "aga": part["aga"], "acc": part["acc"], "val_wga": m.get("val", {}).get("wga"),
+               "best_epoch": m.get("best_epoch"), "seconds": m.get("seconds")}
+        for g, acc in part.get("group_acc", {}).items():
+            row[f"g{g}"] = np.nan if acc is None else acc
+        rows.append(row)
     return pd.DataFrame(rows)
 
 

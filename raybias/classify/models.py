@@ -2,7 +2,8 @@
 
 `small_cnn` (default; any input size, made for 16x16 colored digits) and torchvision's
 ResNet-18/50. Every model is `Classifier(encoder, head)` so two-stage training can freeze
-the encoder and re-initialise the head, and SupCon can read the encoder's features.
+the encoder and re-initialise the head, and SupCon can read the encoder's features (through
+an optional projection head, as SupContrast trains it).
 ImageNet weights come from torchvision's own weights API, only where they are already in
 torch's hub cache: nothing is downloaded here (`check_pretrained` says what is missing).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -28,10 +30,47 @@ IMAGENET_WEIGHTS = {"resnet18": ("ResNet18_Weights", "IMAGENET1K_V1"),
                     "resnet50": ("ResNet50_Weights", "IMAGENET1K_V2")}
 
 
-class Classifier(nn.Module):
-    """Standardise -> encoder (image -> feature vector) -> linear head (feature -> logits)."""
+@dataclass(frozen=True)
+class ProjectionSpec:
+    """The SupCon projection head (HobbitLong/SupContrast's SupConResNet head): `mlp` is
+    Linear(d, hidden) -> ReLU -> Linear(hidden, out) with hidden = d (the encoder's feature
+    size) unless given, `linear` is Linear(d, out). Its output is L2-normalised by the loss."""
 
-    def __init__(self, encoder: nn.Module, feature_dim: int, n_classes: int):
+    kind: str
+    out_dim: int = 128
+    hidden_dim: Optional[int] = None
+
+    def text(self) -> str:
+        """As written into a model file's metadata (`parse` reads it back)."""
+        return f"{self.kind}:{self.out_dim}:{self.hidden_dim or 0}"
+
+    @classmethod
+    def parse(cls, text: Optional[str]) -> Optional["ProjectionSpec"]:
+        if not text or text == "none":
+            return None
+        kind, out_dim, hidden = text.split(":")
+        return cls(kind, int(out_dim), int(hidden) or None)
+
+
+def projection_head(spec: ProjectionSpec, dim_in: int) -> nn.Module:
+    if spec.kind == "linear":
+        return nn.Linear(dim_in, spec.out_dim)
+    if spec.kind == "mlp":
+        hidden = spec.hidden_dim or dim_in
+        return nn.Sequential(nn.Linear(dim_in, hidden), nn.ReLU(inplace=True), nn.Linear(hidden, spec.out_dim))
+    raise ValueError(f"unknown projection head {spec.kind!r} (known: mlp, linear)")
+
+
+class Classifier(nn.Module):
+    """Standardise -> encoder (image -> feature vector) -> linear head (feature -> logits).
+
+    With a `projection` spec it also holds the SupCon projection head, which only the
+    contrastive term reads (`forward(x, with_features=True)` returns it applied to the
+    features); the logits never go through it.
+    """
+
+    def __init__(self, encoder: nn.Module, feature_dim: int, n_classes: int,
+                 projection: Optional[ProjectionSpec] = None):
         super().__init__()
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
@@ -39,14 +78,21 @@ class Classifier(nn.Module):
         self.feature_dim = feature_dim
         self.n_classes = n_classes
         self.head = nn.Linear(feature_dim, n_classes)
+        # built after the head, so encoder and head draw the same initial weights with or without it
+        self.projection_spec = projection
+        self.projection = projection_head(projection, feature_dim) if projection is not None else None
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         return self.encoder((x - self.mean) / self.std)
 
     def forward(self, x: torch.Tensor, with_features: bool = False):
+        """Logits; with_features: (logits, what SupCon reads: the projection of the encoder's
+        features, or the features themselves without a projection head)."""
         f = self.features(x)
         logits = self.head(f)
-        return (logits, f) if with_features else logits
+        if not with_features:
+            return logits
+        return logits, (self.projection(f) if self.projection is not None else f)
 
     def reset_head(self, generator: Optional[torch.Generator] = None) -> None:
         """Re-initialise the head as nn.Linear does (uniform +-1/sqrt(fan_in)), seeded."""
@@ -122,8 +168,9 @@ def _resnet_encoder(model: str, pretrained: Optional[str]) -> Tuple[nn.Module, i
 
 
 def build_model(model: str, n_classes: int, pretrained: Optional[str] = None,
-                seed: Optional[int] = None) -> Classifier:
-    """A Classifier for `n_classes`, initialised from `seed` (torch's global RNG) when given."""
+                seed: Optional[int] = None, projection: Optional[ProjectionSpec] = None) -> Classifier:
+    """A Classifier for `n_classes`, initialised from `seed` (torch's global RNG) when given,
+    with the SupCon projection head `projection` (None: none)."""
     if seed is not None:
         torch.manual_seed(seed)
     if model == "small_cnn":
@@ -134,7 +181,7 @@ def build_model(model: str, n_classes: int, pretrained: Optional[str] = None,
         enc, dim = _resnet_encoder(model, pretrained)
     else:
         raise ValueError(f"unknown train.model {model!r}")
-    return Classifier(enc, dim, n_classes)
+    return Classifier(enc, dim, n_classes, projection)
 
 
 # --- saving / loading (safetensors, never pickles) ---------------------------------------
@@ -152,7 +199,8 @@ def state_from_safetensors(data: bytes) -> Dict[str, torch.Tensor]:
 
 
 def model_bytes(model: Classifier, model_name: str) -> bytes:
-    meta = {"model": model_name, "n_classes": str(model.n_classes), "feature_dim": str(model.feature_dim)}
+    meta = {"model": model_name, "n_classes": str(model.n_classes), "feature_dim": str(model.feature_dim),
+            "projection": model.projection_spec.text() if model.projection_spec is not None else "none"}
     return state_to_safetensors(model.state_dict(), meta)
 
 
@@ -165,7 +213,7 @@ def safetensors_metadata(data: bytes) -> Dict[str, str]:
 def load_classifier(data: bytes) -> Classifier:
     """A Classifier from `model_bytes` output (e.g. classifiers/<method>/<seed>/model.safetensors)."""
     meta = safetensors_metadata(data)
-    model = build_model(meta["model"], int(meta["n_classes"]))
+    model = build_model(meta["model"], int(meta["n_classes"]), projection=ProjectionSpec.parse(meta.get("projection")))
     model.load_state_dict(state_from_safetensors(data))
     return model
 

@@ -17,13 +17,16 @@ with its own learning rate) and hooks the loop calls:
                                     epoch holding row i counts[i] times (JTT);
 - `loss_hook(phase, ctx)`           a `LossHook`: the batch loss from logits (per-sample
                                     losses, rows, groups, features available);
-- `end_phase(phase, ctx)`           after a phase's last epoch (JTT builds its error set).
+- `end_phase(phase, ctx)`           after a phase's last epoch (JTT builds its error set);
+- `projection(t)`                   the SupCon projection head the model carries (two_stage);
+- `result_info(t, candidates)`      extra metrics.json entries (two_stage: which stage 2).
 
 Built in: erm, reweight (group-balanced sampling), groupdro (group-balanced sampling +
 Group-DRO loss), jtt (ERM for jtt_epochs, then a model from scratch on the upweighted set:
 each error row jtt_lambda times per epoch), two_stage (stage 1: beta CE + (1-beta) SupCon
 on the synthetic set; stage 2 on the real set with stage2_method, head only or whole
-network).
+network, or stage2=auto: every candidate from the one stage-1 model, the best on validation
+kept).
 
 Adding a recipe (e.g. Diffusing DeBias' recipes): subclass `Recipe` and register it once, by
 name and "module:class", in raybias/registry.py (`RecipeKind`): the config then allows it and
@@ -42,6 +45,8 @@ import torch.nn.functional as F
 
 from raybias.classify.losses import GroupDRO, supcon_loss
 from raybias.registry import RECIPES, load_code
+from raybias.classify.metrics import selection_key
+from raybias.classify.models import ProjectionSpec
 
 
 @dataclass(frozen=True)
@@ -55,6 +60,15 @@ class Phase:
     freeze_encoder: bool = False  # train the head only (encoder weights and BN statistics fixed)
     optimizer: Optional[str] = None  # None: train.optimizer
     weight_decay: Optional[float] = None  # None: train.weight_decay
+    # the model's weights at the phase's start: a model artifact an earlier phase made (the
+    # stage-1 model, which every stage-2 candidate starts from); None: the current weights
+    start_from: Optional[str] = None
+    # the phase number the random draws (rows, augmentation, head init) derive from; None:
+    # its own. Stage-2 candidates all draw as the one fixed stage 2 does.
+    rng_phase: Optional[int] = None
+    # a stage-2 candidate ("<head|full>+<loss>"): its best epoch's validation metrics are
+    # recorded, and the candidate with the best is what the run keeps
+    candidate: Optional[str] = None
 
 
 @dataclass
@@ -122,18 +136,23 @@ class GroupDROLoss(LossHook):
 
 
 class CEPlusSupCon(LossHook):
-    """beta * CE + (1 - beta) * SupCon on the encoder features (labels: the class)."""
+    """beta * CE + (1 - beta) * SupCon (labels: the class) on what the model gives SupCon:
+    the projection head's output, or the encoder's features without one."""
 
     needs_features = True
 
-    def __init__(self, beta: float, temperature: float):
+    def __init__(self, beta: float, temperature: float, base_temperature: Optional[float] = None,
+                 anchors: str = "all"):
         self.beta = beta
         self.temperature = temperature
+        self.base_temperature = base_temperature
+        self.anchors = anchors
 
     def __call__(self, inp: LossInput) -> torch.Tensor:
         loss = self.beta * F.cross_entropy(inp.logits, inp.y)
         if self.beta < 1:
-            loss = loss + (1 - self.beta) * supcon_loss(inp.features, inp.y, self.temperature)
+            loss = loss + (1 - self.beta) * supcon_loss(inp.features, inp.y, self.temperature,
+                                                        self.base_temperature, self.anchors)
         return loss
 
 
@@ -160,6 +179,30 @@ class Recipe:
     def end_phase(self, phase: Phase, ctx) -> None:
         pass
 
+    def projection(self, t) -> Optional[ProjectionSpec]:
+        """The SupCon projection head the model carries (None: none)."""
+        return None
+
+    def result_info(self, t, candidates: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
+        """Extra entries of metrics.json, from the config and the candidates' records."""
+        return {}
+
+
+def choose_stage2(candidates: Dict[str, Dict[str, Any]], order: List[str], rank: str = "final") -> str:
+    """The candidate to keep: the best validation metrics by `selection_key` (WGA, then AGA),
+    ties going to the earliest in `order`. `candidates`: name -> {"val": metrics at its best
+    epoch, "final": at its last epoch, ...}; `rank` (train.stage2_rank) says which of the two
+    ranks them. The loop keeps the chosen candidate's best epoch."""
+    names = [c for c in order if c in candidates]
+    if not names:
+        raise ValueError("no stage-2 candidate has finished an epoch")
+    field_ = "final" if rank == "final" else "val"
+    best = names[0]
+    for c in names[1:]:
+        if selection_key(candidates[c][field_]) > selection_key(candidates[best][field_]):
+            best = c
+    return best
+
 
 def group_balanced_weights(groups: np.ndarray) -> Tuple[np.ndarray, int]:
     """Weight 1/n_g per example (every group equally likely); epoch size = the set's size."""
@@ -182,6 +225,11 @@ def get_method(name: str) -> Recipe:
 
 def registered() -> List[str]:
     return sorted(RECIPES)
+
+
+def epochs_reported(t) -> int:
+    """Epochs (Ray Train reports) a classifier of train section `t` makes, over all its phases."""
+    return sum(int(p.epochs) for p in get_method(t.method).phases(t))
 
 
 class Reweight(Recipe):
@@ -248,17 +296,45 @@ class JTT(Recipe):
 
 
 STAGE2_RECIPES = {"erm": Recipe, "reweight": Reweight, "groupdro": GroupDRORecipe}
+STAGE1_MODEL = "stage1_model.safetensors"  # the stage-1 model, in the classifier's folder
+
+
+def stage2_candidates(t) -> List[str]:
+    """What stage 2 trains: every train.stage2_candidates entry for auto, else the one choice."""
+    if t.stage2 == "auto":
+        return [str(c) for c in t.stage2_candidates]
+    return [f"{t.stage2}+{t.stage2_method}"]
 
 
 class TwoStage(Recipe):
-    """Stage 1 on the synthetic set (+ synthetic_ratio real), beta CE + (1-beta) SupCon;
-    stage 2 on the real biased set with stage2_method, head only (Basu et al.) or full (FFR)."""
+    """Stage 1 on the synthetic set (+ synthetic_ratio real), beta CE + (1-beta) SupCon
+    (through the projection head train.stage1.projection); stage 2 on the real biased set
+    with stage2_method, head only (Basu et al.) or full (FFR) — or, with stage2=auto, one
+    phase per candidate, each starting from the stage-1 model, the best on validation kept."""
 
     def phases(self, t):
-        head = t.stage2 == "head"
-        return [Phase("stage1", "stage1", int(t.stage1.epochs), float(t.stage1.lr)),
-                Phase("stage2", "train", int(t.epochs), float(t.lr), select=True,
-                      reinit="head" if head else "none", freeze_encoder=head)]
+        s1 = Phase("stage1", "stage1", int(t.stage1.epochs), float(t.stage1.lr))
+        if t.stage2 != "auto":
+            head = t.stage2 == "head"
+            return [s1, Phase("stage2", "train", int(t.epochs), float(t.lr), select=True,
+                              reinit="head" if head else "none", freeze_encoder=head,
+                              candidate=stage2_candidates(t)[0])]
+        out = [s1]
+        for c in stage2_candidates(t):
+            head = c.split("+")[0] == "head"
+            # rng_phase 1: each candidate draws as the fixed stage 2 (phase 1) would, so the
+            # candidate "head+groupdro" trains exactly what stage2=head, stage2_method=groupdro does
+            out.append(Phase(f"stage2:{c}", "train", int(t.epochs), float(t.lr), select=True,
+                             reinit="head" if head else "none", freeze_encoder=head, start_from=STAGE1_MODEL,
+                             rng_phase=1, candidate=c))
+        return out
+
+    def projection(self, t):
+        s1 = t.stage1
+        if s1.projection == "none" or float(s1.beta) >= 1:  # no SupCon term: nothing reads a head
+            return None
+        hidden = s1.get("projection_hidden")
+        return ProjectionSpec(str(s1.projection), int(s1.projection_dim), int(hidden) if hidden else None)
 
     def prepare(self, cfg, run, sets, seed):
         from raybias.classify.data import mix_real_into, synthetic_set
@@ -273,17 +349,38 @@ class TwoStage(Recipe):
         return {}
 
     def end_phase(self, phase, ctx):
-        if phase.name == "stage1":  # the pretrained encoder, kept for inspection and reuse
-            ctx.add_model_artifact("stage1_model.safetensors")
+        if phase.name == "stage1":  # the pretrained encoder: every stage-2 candidate starts from it
+            ctx.add_model_artifact(STAGE1_MODEL)
 
-    def _stage2(self, ctx) -> Recipe:
-        return STAGE2_RECIPES[ctx.train.stage2_method]()
+    def _stage2(self, phase) -> Recipe:
+        return STAGE2_RECIPES[phase.candidate.split("+")[1]]()
 
     def sample_weights(self, phase, ctx):
-        return None if phase.name == "stage1" else self._stage2(ctx).sample_weights(phase, ctx)
+        return None if phase.name == "stage1" else self._stage2(phase).sample_weights(phase, ctx)
 
     def loss_hook(self, phase, ctx):
         if phase.name == "stage1":
             s1 = ctx.train.stage1
-            return CEPlusSupCon(float(s1.beta), float(s1.temperature))
-        return self._stage2(ctx).loss_hook(phase, ctx)
+            base = s1.get("base_temperature")
+            return CEPlusSupCon(float(s1.beta), float(s1.temperature), None if base is None else float(base),
+                                str(s1.get("supcon_anchors", "all")))
+        return self._stage2(phase).loss_hook(phase, ctx)
+
+    def result_info(self, t, candidates):
+        """metrics.json's "stage2": the mode, the candidate kept and, for auto, what ranked
+        them and every candidate's validation metrics at its best and at its last epoch (its
+        test metrics, at its best epoch, beside them are for reading only: the choice never
+        sees them)."""
+        order = stage2_candidates(t)
+        rank = str(t.get("stage2_rank", "final"))
+        info: Dict[str, Any] = {"mode": str(t.stage2), "order": order,
+                                "chosen": choose_stage2(candidates, order, rank) if candidates else order[0]}
+        if t.stage2 == "auto":
+            info["rank"] = rank
+            info["candidates"] = {c: {"val_wga": r["val"]["wga"], "val_aga": r["val"]["aga"],
+                                      "best_epoch": r["epoch"],
+                                      "final_val_wga": r["final"]["wga"], "final_val_aga": r["final"]["aga"],
+                                      "test_wga": (r.get("test") or {}).get("wga"),
+                                      "test_aga": (r.get("test") or {}).get("aga")}
+                                  for c, r in candidates.items()}
+        return {"stage2": info}

@@ -19,27 +19,24 @@ import json
 import logging
 import math
 import os
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
+from raybias import faults
 from raybias.classify.data import DataSet, real_sets, stream_dataset
 from raybias.classify.loop import TrainJob, train_loop_per_worker
 from raybias.classify.recipes import get_method
 from raybias.classify.models import check_pretrained
 from raybias.config import config_hash
 from raybias.data.info import DatasetInfo
-from raybias.layout import classifier_dir, curves_png, metrics_path, train_key, trainer_name
-from raybias.methods import method_config, train_method_of, train_sections
+from raybias.layout import (DDB, DDB_AMPLIFIER_KEY, DDB_GENERATE_KEY, PREPARE_KEY, classifier_dir, curves_png,
+                            filter_key, metrics_path, train_key, trainer_name)
+from raybias.methods import generator_of, method_config, train_method_of, train_sections
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias.train")
-
-# RunDir's manifest is a read-modify-write JSON file: trainer threads take turns with it.
-_MANIFEST_LOCK = threading.Lock()
 
 
 def _root_cause(exc: BaseException) -> str:
@@ -72,8 +69,8 @@ def build_job(cfg, run: RunDir, method: str, seed: int, info: DatasetInfo,
                               f"({', '.join(ds.files[:2]) or 'no files'})")
     group_names = [info.group_name(g) for g in range(info.n_groups)]
     return TrainJob(
-        # absolute for local runs: Ray Train workers run in their own working directory
-        run_spec=run.uri if run.is_local else run.spec(), method=method, train_method=t.method, seed=int(seed),
+        # run.spec() is absolute (RunDir makes it so): Ray Train workers run in their own directory
+        run_spec=run.spec(), method=method, train_method=t.method, seed=int(seed),
         train=OmegaConf.to_container(t, resolve=True), n_classes=info.n_classes, n_groups=info.n_groups,
         group_names=group_names, image_size=int(info.image_size), sets=sets, method_state=method_state,
         torch_threads=max(1, int(t.cpus_per_worker)),
@@ -105,7 +102,7 @@ def cached_if_small(data, n_rows: int, image_size: int, cache_mb: int):
         ctx.execution_options.preserve_order = keep
 
 
-def _trainer(job: TrainJob, run: RunDir, t, fail_after_epochs: Optional[int], callbacks=None):
+def _trainer(job: TrainJob, run: RunDir, t, fault: Optional[Dict[str, Any]], callbacks=None):
     import ray.train
     from ray.train import CheckpointConfig, DataConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -132,7 +129,7 @@ def _trainer(job: TrainJob, run: RunDir, t, fail_after_epochs: Optional[int], ca
                                     execution_options=ExecutionOptions(preserve_order=True))
     return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"job": job, "fail_after_epochs": fail_after_epochs},
+        train_loop_config={"job": job, "fault": fault},
         scaling_config=ScalingConfig(num_workers=int(t.num_workers), use_gpu=bool(t.use_gpu),
                                      resources_per_worker=resources),
         run_config=RunConfig(
@@ -202,6 +199,8 @@ def _write_outputs(run: RunDir, job: TrainJob, result, mcfg, seconds: float) -> 
         "n_stage1": int(len(job.sets["stage1"])) if "stage1" in job.sets else None,
         "config": OmegaConf.to_container(mcfg.train, resolve=True),
     }
+    if "stage2" in state.result:  # two_stage: which stage 2 ran (auto: every candidate's val WGA, the choice)
+        record["stage2"] = state.result["stage2"]
     for name, data in sorted(state.artifacts.items()):
         run.write_bytes(f"{out}/{name}", data)
     run.write_bytes(curves_png(job.method, job.seed), _curves_png(state.history, f"{job.method} seed {job.seed}"))
@@ -209,17 +208,24 @@ def _write_outputs(run: RunDir, job: TrainJob, result, mcfg, seconds: float) -> 
     return record
 
 
+def _inputs(method: str, train_method: str) -> tuple:
+    """The stages whose outputs a classifier reads: the real data, and its synthetic set (the
+    filtered one of a generator; DDB's amplifier reads DDB's set, the recipes its outputs)."""
+    gen = generator_of(method)
+    if gen == DDB:
+        return (PREPARE_KEY, DDB_GENERATE_KEY if train_method == "ddb_amplifier" else DDB_AMPLIFIER_KEY)
+    return (PREPARE_KEY, filter_key(gen)) if gen else (PREPARE_KEY,)
+
+
 def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fresh", *,
                      info: Optional[DatasetInfo] = None, real: Optional[Dict[str, DataSet]] = None,
-                     fail_after_epochs: Optional[int] = None, name: Optional[str] = None,
-                     callbacks=None) -> Dict[str, Any]:
+                     name: Optional[str] = None, callbacks=None) -> Dict[str, Any]:
     """Train (or skip, or resume) the classifier of one `methods:` entry and seed.
 
     `name` (default: the method) names its folder `classifiers/<name>/<seed>/` and stage key,
     so a sweep can keep variants of one method apart; `callbacks` go to Ray Train's RunConfig.
 
-    Returns the metrics.json record. `fail_after_epochs` makes the first worker session raise
-    after that many epochs (fault injection: a restart or `--resume` must continue it).
+    Returns the metrics.json record.
     """
     from raybias.ray_utils import init_ray, require_gpus
 
@@ -233,25 +239,23 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
     name = name or method
     key = train_key(name, seed)
     sections = train_sections(method)
-    with _MANIFEST_LOCK:
-        prev = run.stage_record(key)
-        st = run.begin_stage(key, mcfg, sections, mode)
+    # partial: a killed trainer's checkpoints continue a run of the same config
+    st = run.stage(key, mcfg, sections, mode, partial=True, owns=(classifier_dir(name, seed),),
+                   outputs=(metrics_path(name, seed),), needs=_inputs(method, t.method))
     if st.skip:
         return json.loads(run.read_text(metrics_path(name, seed)))
-    resumable = mode != "fresh" and run.matches(prev, mcfg, sections)
-    if not resumable:
-        run.delete(classifier_dir(name, seed))
     if t.use_gpu:
         require_gpus(1, f"train.use_gpu for {method}")
     check_pretrained(t.model, t.pretrained)
     info = info or DatasetInfo.load(run)
     job = build_job(cfg, run, method, seed, info, real)
     job.method = name
-    if resumable and prev.get("hash"):
+    if st.resumable and st.previous.get("hash"):
         # same work by RunDir.matches (e.g. only the CPU count changed): its checkpoint carries
         # the hash it was started under
-        job.config_hash = prev["hash"]
-    trainer = _trainer(job, run, t, fail_after_epochs, callbacks)
+        job.config_hash = st.previous["hash"]
+    fault = faults.planned("train.epoch", [f"{name}/{seed}"])  # None outside the test suite
+    trainer = _trainer(job, run, t, fault, callbacks)
     start = time.time()
     try:
         result = trainer.fit()
@@ -261,9 +265,7 @@ def train_classifier(cfg, run: RunDir, method: str, seed: int, mode: str = "fres
                           "rerun with --resume to continue)") from exc
     record = _write_outputs(run, job, result, mcfg, time.time() - start)
     run.delete(classifier_dir(name, seed), trainer_name(name, seed))
-    with _MANIFEST_LOCK:
-        run.finish_stage(key, info={"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]},
-                         outputs=(metrics_path(name, seed),))
+    st.finish({"test_wga": record["test"]["wga"], "val_wga": record["val"]["wga"]})
     return record
 
 
@@ -294,7 +296,7 @@ def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int]
     """
     from raybias.console import bar as progress_bar
 
-    from raybias.ray_utils import init_ray
+    from raybias.ray_utils import init_ray, run_trainers
 
     init_ray(cfg)
     pairs = [(m, int(s)) for m in methods for s in seeds]
@@ -306,20 +308,19 @@ def train_methods(cfg, run: RunDir, methods: Sequence[str], seeds: Iterable[int]
     width = min(len(pairs), max_concurrent_trainers(cfg.train)) or 1
     results: Dict[Tuple[str, int], Dict[str, Any]] = {}
     errors: List[Tuple[str, BaseException]] = []
-    bar = progress_bar(total=len(pairs), desc="classifiers", unit="run", disable=not progress)
-    with ThreadPoolExecutor(max_workers=width, thread_name_prefix="raybias-train") as pool:
-        futures = {pool.submit(train_classifier, cfg, run, m, s, mode, info=info, real=real): (m, s)
-                   for m, s in pairs}
-        for fut in as_completed(futures):
-            m, s = futures[fut]
-            try:
-                results[(m, s)] = fut.result()
-                wga = 100 * (results[(m, s)]["test"]["wga"] or 0)
-                bar.set_postfix_str(f"{m}/{s} test WGA {wga:.1f}", refresh=False)
-            except Exception as exc:
-                errors.append((f"{m} seed {s}", exc))
-            bar.update(1)
-    bar.close()
+
+    def done(pair, record) -> None:
+        results[pair] = record
+        bar.set_postfix_str(f"{pair[0]}/{pair[1]} test WGA {100 * (record['test']['wga'] or 0):.1f}", refresh=False)
+        bar.update(1)
+
+    def failed(pair, exc) -> None:
+        errors.append((f"{pair[0]} seed {pair[1]}", exc))
+        bar.update(1)
+
+    with progress_bar(total=len(pairs), desc="classifiers", unit="run", disable=not progress) as bar:
+        run_trainers(pairs, lambda p: train_classifier(cfg, run, p[0], p[1], mode, info=info, real=real), width,
+                     name="raybias-train", on_done=done, on_error=failed)
     if len(errors) == 1:
         raise errors[0][1]
     if errors:

@@ -21,8 +21,9 @@ from typing import List, Optional, Sequence
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-IMAGE_FORMATS = ("png", "jpeg")
-JPEG_QUALITY = 95
+from raybias.config import IMAGE_FORMATS  # png, jpeg, webp
+
+JPEG_QUALITY = 95  # the default quality of the lossy formats (generate.image_quality)
 # The only Pillow formats raybias decodes (pass as `Image.open(..., formats=READ_FORMATS)`
 # wherever an image from outside raybias is opened): the raster formats datasets ship in.
 # Without it Pillow tries every plugin it has, e.g. an EPS file named .jpg is handed to
@@ -43,15 +44,26 @@ def encode_png(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def encode(arr: np.ndarray, image_format: str = "png") -> bytes:
-    """uint8 HxWx3 array -> PNG (lossless) or JPEG (quality 95, about 5x smaller for photos)."""
+def encode(arr: np.ndarray, image_format: str = "png", quality: Optional[int] = None) -> bytes:
+    """uint8 HxWx3 array -> PNG (lossless), JPEG or WebP bytes (lossy, `quality` 1..100,
+    default JPEG_QUALITY). JPEG at 95 is ~18x faster to encode than PNG for a 512-px photo
+    and ~4.5x smaller; PNG ignores `quality` (lossless)."""
     if image_format == "png":
         return encode_png(arr)
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, not {image_format!r}")
+    q = JPEG_QUALITY if quality is None else int(quality)
+    if not 1 <= q <= 100:
+        raise ValueError(f"image quality must be in 1..100, not {quality!r}")
+    buf = io.BytesIO()
+    img = Image.fromarray(np.asarray(arr, dtype=np.uint8))
     if image_format == "jpeg":
-        buf = io.BytesIO()
-        Image.fromarray(np.asarray(arr, dtype=np.uint8)).save(buf, format="JPEG", quality=JPEG_QUALITY)
-        return buf.getvalue()
-    raise ValueError(f"image_format must be one of {IMAGE_FORMATS}, not {image_format!r}")
+        img.save(buf, format="JPEG", quality=q)
+    else:
+        # method 0: the fastest WebP encoder setting; at 512 px it is ~3x faster than the
+        # default (4) for a file ~1 % larger
+        img.save(buf, format="WEBP", quality=q, method=0)
+    return buf.getvalue()
 
 
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)

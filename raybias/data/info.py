@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Dict, List, Optional
 
-from raybias.layout import INFO
-from raybias.rundir import RunDir
+from raybias.layout import INFO, PREPARE_KEY
+from raybias.rundir import RunDir, StageFailed
+
+_JSON_TYPES = {"int": (int,), "str": (str,), "float": (int, float), "bool": (bool,), "List": (list,), "Dict": (dict,)}
+
+
+def _wrong_type(annotation: str, value: Any) -> bool:
+    """Does a JSON value not fit a field annotated `annotation` (e.g. "Optional[float]")?"""
+    if annotation.startswith("Optional["):
+        if value is None:
+            return False
+        annotation = annotation[len("Optional["):-1]
+    kinds = _JSON_TYPES.get(annotation.split("[", 1)[0])
+    if kinds is None:
+        return False
+    return not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds)
 
 
 @dataclass
@@ -64,6 +78,22 @@ class DatasetInfo:
 
     @classmethod
     def load(cls, run: RunDir) -> "DatasetInfo":
+        run.require(PREPARE_KEY)  # what prepare recorded is still whole
         if not run.exists(INFO):
             raise FileNotFoundError(f"{run.path(INFO)} does not exist (run `raybias prepare` first)")
-        return cls(**run.read_json(INFO))
+        data = run.read_json(INFO)
+        names = {f.name for f in fields(cls)}
+        required = {f.name for f in fields(cls) if f.default is MISSING and f.default_factory is MISSING}
+        if not isinstance(data, dict) or not required <= set(data) or not set(data) <= names:
+            what = (f"a JSON {type(data).__name__}" if not isinstance(data, dict)
+                    else f"missing {sorted(required - set(data))}" if not required <= set(data)
+                    else f"unknown keys {sorted(set(data) - names)}")
+            raise StageFailed(f"{run.path(INFO)} is damaged ({what}); run `raybias prepare` again")
+        wrong = [f.name for f in fields(cls) if f.name in data and _wrong_type(str(f.type), data[f.name])]
+        if wrong:
+            raise StageFailed(f"{run.path(INFO)} is damaged (wrong type for {', '.join(wrong)}); "
+                              "run `raybias prepare` again")
+        try:
+            return cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise StageFailed(f"{run.path(INFO)} is damaged ({exc}); run `raybias prepare` again") from exc

@@ -12,12 +12,10 @@ never read as a smaller whole one.
 from __future__ import annotations
 
 import math
-import uuid
 from typing import Iterable, List, Optional
 
 import pandas as pd
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from raybias.data.schema import check_table, order_columns, to_arrow
@@ -41,28 +39,12 @@ def write_table(run: RunDir, rel_dir: str, df: pd.DataFrame, shard_rows: int = 2
     df = df[order_columns(df.columns)].reset_index(drop=True)
     table = to_arrow(df)
     n_shards = max(1, math.ceil(len(df) / max(1, shard_rows)))
-    tmp = run.path(f"{rel_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
+    staged = run.staging(rel_dir)
     ds = ray.data.from_arrow(table)
     if n_shards > 1:
         ds = ds.repartition(n_shards)
-    ds.write_parquet(tmp, filesystem=run.fs)
-    return _publish(run, rel_dir, tmp)
-
-
-def _publish(run: RunDir, rel_dir: str, tmp: str) -> List[str]:
-    """Move the finished shards in `tmp` to `rel_dir`, then write the marker."""
-    final = run.path(rel_dir)
-    run.delete(rel_dir)
-    if run.is_local:
-        run.fs.move(tmp, final)
-    else:
-        run.fs.create_dir(final, recursive=True)
-        for info in run.fs.get_file_info(pafs.FileSelector(tmp)):
-            run.fs.move(info.path, f"{final}/{info.base_name}")
-        run.fs.delete_dir(tmp)
-    shards = [n for n in run.listdir(rel_dir) if n.endswith(".parquet")]
-    run.write_marker(rel_dir, shards)
-    return shards
+    ds.write_parquet(run.path(staged), filesystem=run.fs)
+    return run.publish_table(staged, rel_dir)
 
 
 def write_table_batches(run: RunDir, rel_dir: str, batches: Iterable[pd.DataFrame]) -> List[str]:
@@ -70,17 +52,17 @@ def write_table_batches(run: RunDir, rel_dir: str, batches: Iterable[pd.DataFram
     (temporary folder, rename, `_SUCCESS` last). Memory stays at one batch however large
     the table: `prepare` streams real datasets through it while it loads their images.
     If the iterator raises, the partial shards are deleted and the error propagates."""
-    tmp = run.path(f"{rel_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}")
-    run.fs.create_dir(tmp, recursive=True)
+    staged = run.staging(rel_dir)
+    tmp = run.makedirs(staged)
     try:
         for i, df in enumerate(batches):
             check_table(df, rel_dir)
             df = df[order_columns(df.columns)].reset_index(drop=True)
             pq.write_table(to_arrow(df), f"{tmp}/part-{i:05d}.parquet", filesystem=run.fs)
     except BaseException:
-        run.fs.delete_dir(tmp)
+        run.delete(staged)
         raise
-    return _publish(run, rel_dir, tmp)
+    return run.publish_table(staged, rel_dir)
 
 
 def require_table(run: RunDir, rel_dir: str, what: Optional[str] = None) -> None:

@@ -1,6 +1,6 @@
 """How a generator's synthetic set is read (where it lives: `raybias.layout`).
 
-synthetic/<generator>/plan.json              the generation plan (units, counts, prompts)
+synthetic/<generator>/plan.json              the generation plan (counts, models, unit table)
 synthetic/<generator>/shards/unit-NNNNN.parquet   one finished work unit each (schema + seed,
                                              prompt, cluster, generator); written under a
                                              temporary name and renamed when whole

@@ -347,6 +347,48 @@ def _verified(folder: str, listing) -> bool:
     return all(_sha256(os.path.join(folder, rel)) == digest for rel, digest in hashes.items())
 
 
+def remote_listing(run, rel_dir: str):
+    """[path, size, mtime_ns] of every file under a run's folder, sorted: what a local copy is
+    keyed and checked by. ConfigError for an entry that could escape the copy's folder."""
+    import pyarrow.fs as pafs
+
+    src = run.path(rel_dir)
+    listing = []
+    for info in run.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
+        if info.type == pafs.FileType.File:
+            listing.append([os.path.relpath(info.path, src).replace(os.sep, "/"), int(info.size or 0),
+                            info.mtime_ns])
+    listing.sort()
+    for rel, _, _ in listing:
+        if ".." in rel.split("/") or rel == FETCH_MANIFEST or os.path.isabs(rel):
+            raise ConfigError(f"{src}: unexpected file {rel!r} in the model folder")
+    return listing
+
+
+def download_folder(run, rel_dir: str, listing, dest: str) -> None:
+    """Copy the files of `listing` from the run's `rel_dir` into the (new, private) folder
+    `dest`, then write its fetch manifest (each file's sha256), last: a folder with a
+    manifest is a whole copy (`_verified` checks it)."""
+    import hashlib
+
+    src = run.path(rel_dir)
+    hashes = {}
+    for rel, _, _ in listing:
+        target = os.path.join(dest, *rel.split("/"))
+        os.makedirs(os.path.dirname(target), mode=0o700, exist_ok=True)
+        h = hashlib.sha256()
+        with run.fs.open_input_stream(f"{src.rstrip('/')}/{rel}") as f_in, open(target, "wb") as f_out:
+            while True:
+                block = f_in.read(1 << 20)
+                if not block:
+                    break
+                h.update(block)
+                f_out.write(block)
+        hashes[rel] = h.hexdigest()
+    with open(os.path.join(dest, FETCH_MANIFEST), "w", encoding="utf-8") as f:
+        json.dump({"source": src, "listing": listing, "sha256": hashes}, f)
+
+
 def fetch_to_local(run, rel_dir: str) -> str:
     """Copy a folder of a remote run directory into this user's private cache (once per
     version of the source), verified.
@@ -359,20 +401,10 @@ def fetch_to_local(run, rel_dir: str) -> str:
     """
     import hashlib
 
-    import pyarrow.fs as pafs
-
     src = run.path(rel_dir)
-    listing = []
-    for info in run.fs.get_file_info(pafs.FileSelector(src, recursive=True)):
-        if info.type == pafs.FileType.File:
-            listing.append([os.path.relpath(info.path, src).replace(os.sep, "/"), int(info.size or 0),
-                            info.mtime_ns])
-    listing.sort()
+    listing = remote_listing(run, rel_dir)
     if not any(rel == MODEL_INDEX for rel, _, _ in listing):
         raise ConfigError(f"{run.path(rel_dir)} holds no {MODEL_INDEX}: not a pipeline folder")
-    for rel, _, _ in listing:
-        if ".." in rel.split("/") or rel == FETCH_MANIFEST or os.path.isabs(rel):
-            raise ConfigError(f"{run.path(rel_dir)}: unexpected file {rel!r} in the model folder")
     source_key = hashlib.sha256(src.encode()).hexdigest()[:16]
     version = hashlib.sha256(json.dumps(listing).encode()).hexdigest()[:16]
     cache = private_cache_dir()
@@ -383,21 +415,7 @@ def fetch_to_local(run, rel_dir: str) -> str:
 
     tmp = tempfile.mkdtemp(prefix=f".fetch-{source_key}-", dir=cache)  # mode 0700, a fresh name
     try:
-        hashes = {}
-        for rel, _, _ in listing:
-            dest = os.path.join(tmp, *rel.split("/"))
-            os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
-            h = hashlib.sha256()
-            with run.fs.open_input_stream(f"{src.rstrip('/')}/{rel}") as f_in, open(dest, "wb") as f_out:
-                while True:
-                    block = f_in.read(1 << 20)
-                    if not block:
-                        break
-                    h.update(block)
-                    f_out.write(block)
-            hashes[rel] = h.hexdigest()
-        with open(os.path.join(tmp, FETCH_MANIFEST), "w", encoding="utf-8") as f:
-            json.dump({"source": src, "listing": listing, "sha256": hashes}, f)
+        download_folder(run, rel_dir, listing, tmp)
         if os.path.lexists(target):
             if os.path.isdir(target) and not os.path.islink(target) and _verified(target, listing):
                 return target  # another process finished the same copy first

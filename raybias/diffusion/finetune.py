@@ -30,10 +30,8 @@ import logging
 import os
 import random
 import shutil
-import signal
 import tempfile
 import time
-import uuid
 import zlib
 from abc import ABC, abstractmethod
 from dataclasses import asdict, dataclass, field
@@ -42,6 +40,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from raybias.faults import strike
 from raybias.layout import PREVIEWS_JSON, TRAINING_JSON, class_images_path, model_dir, preview_name, training_json
 
 log = logging.getLogger("raybias")
@@ -554,19 +553,6 @@ def _encode_png(arr: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- Ray Train worker
 
 
-def _maybe_inject_fault(cfg: Dict[str, Any], step: int) -> None:
-    """Test hook: kill this worker process once, after `step`, guarded by a marker file."""
-    fault = cfg.get("fault")
-    if not fault or step != int(fault["step"]) or os.path.exists(fault["marker"]):
-        return
-    os.makedirs(os.path.dirname(fault["marker"]), exist_ok=True)
-    with open(fault["marker"], "w") as f:
-        f.write(str(step))
-    # Give the controller time to register the checkpoint reported before this step.
-    time.sleep(float(fault.get("delay_s", 5.0)))
-    os.kill(os.getpid(), signal.SIGKILL)
-
-
 def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
     """Ray Train entry point (1 worker): one job (`cfg["job"]`), or a pack of jobs trained in
     turn (`cfg["pack"]`, finetune.jobs_per_trainer > 1) so that Ray Train's start-up, the imports
@@ -687,7 +673,7 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
                                  # in a pack, names must not repeat across its jobs
                                  checkpoint_dir_name=(f"{job.generator}-{job.name}-" if cfg.get("packed") else "")
                                  + f"step-{done:06d}")
-        _maybe_inject_fault(cfg, done)
+        strike(cfg.get("fault"), done)  # raybias.faults: None outside the test suite
     state["train_seconds"] += time.time() - t0
 
     # Only the rank-0 worker publishes (a job has one worker; kept right if that changes).
@@ -743,32 +729,5 @@ def publish_model(run, tuner: Tuner, pipe, rel: str, record: Dict[str, Any],
         with open(os.path.join(folder, TRAINING_JSON), "w") as f:  # written last: marks the folder whole
             json.dump(record, f, indent=1)
 
-    if run.is_local:
-        final = run.local_path(rel)
-        parent = os.path.dirname(final)
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".tmp-{uuid.uuid4().hex[:8]}-{os.path.basename(final)}")
-        fill(tmp, link=True)
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        return
-    import pyarrow.fs as pafs
-
-    with tempfile.TemporaryDirectory(prefix="raybias-model-") as tmp:
-        fill(tmp, link=False)
-        run.delete(rel)
-        last = os.path.join(tmp, TRAINING_JSON)
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                path = os.path.join(root, name)
-                if path != last:
-                    _upload(run, path, f"{rel}/{os.path.relpath(path, tmp)}", pafs)
-        _upload(run, last, f"{rel}/{TRAINING_JSON}", pafs)
-
-
-def _upload(run, local: str, rel: str, pafs) -> None:
-    target = run.path(rel)
-    run.fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
-    with open(local, "rb") as src, run.fs.open_output_stream(target) as dst:
-        shutil.copyfileobj(src, dst, 1 << 20)
+    with run.publishing(rel, last=TRAINING_JSON) as folder:
+        fill(folder, link=run.is_local)

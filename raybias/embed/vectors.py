@@ -9,7 +9,6 @@ synthetic images.
 
 from __future__ import annotations
 
-import uuid
 from typing import Optional, Sequence, Tuple
 
 import numpy as np
@@ -108,21 +107,11 @@ def embed_dataset(ds, embed_cfg, keep: Sequence[str] = ("id", "group"), image_co
 def write_vectors(run: RunDir, ds, rel_dir: str = VECTORS) -> int:
     """Write a vector dataset as Parquet shards under `rel_dir` (temporary name, then renamed,
     then `_SUCCESS`, as raybias.data.io does). Returns the number of rows written."""
-    tmp = f"{rel_dir.rstrip('/')}.tmp-{uuid.uuid4().hex[:8]}"
-    run.makedirs(tmp)
-    ds.write_parquet(run.path(tmp), filesystem=run.fs)
-    run.delete(rel_dir)
-    if run.is_local:
-        run.fs.move(run.path(tmp), run.path(rel_dir))
-    else:
-        run.makedirs(rel_dir)
-        for name in run.listdir(tmp):
-            run.fs.move(run.path(tmp, name), run.path(rel_dir, name))
-        run.delete(tmp)
-    shards = [n for n in run.listdir(rel_dir) if n.endswith(".parquet")]
-    rows = sum(pq.ParquetFile(run.path(rel_dir, n), filesystem=run.fs).metadata.num_rows for n in shards)
-    run.write_marker(rel_dir, shards)
-    return rows
+    staged = run.staging(rel_dir)
+    run.makedirs(staged)
+    ds.write_parquet(run.path(staged), filesystem=run.fs)
+    shards = run.publish_table(staged, rel_dir)
+    return sum(pq.ParquetFile(run.path(rel_dir, n), filesystem=run.fs).metadata.num_rows for n in shards)
 
 
 def vectors_dataset(run: RunDir, rel_dir: str = VECTORS, columns=None):

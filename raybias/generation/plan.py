@@ -14,14 +14,21 @@ against the saved `synthetic/<gen>/plan.json`).
   model split change does not reshuffle seeds.
 - Units hold `generate.unit_size` images of ONE model, so an actor switches models at
   most once per unit.
+- The plan is stored compactly: counts, models and a unit table (`runs`: one row per
+  model's consecutive images — first image index, count, first unit number), never a row
+  per image. `PlanUnits` derives any unit's range, and from it its ids, seeds and prompts,
+  where they are needed (the sampler actor, the resume check), so the plan of ten million
+  images is as small and as quick to build as that of ten.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
+import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, List, Optional, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Iterator, List, Optional, Sequence
 
 from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing
@@ -30,7 +37,8 @@ from raybias.layout import generator_manifest, plan_path
 from raybias.registry import MODEL_KINDS
 from raybias.rundir import RunDir
 
-PLAN_VERSION = 1
+# 2: a unit table (one row per model's run of units) instead of every image's id, seed, prompt
+PLAN_VERSION = 2
 
 
 class _KeepUnknown(dict):
@@ -101,8 +109,12 @@ def image_draw(seed: int, generator: str, group: int, index: int) -> tuple[int, 
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF, int.from_bytes(digest[4:8], "big")
 
 
+def id_stem(generator: str, group: int) -> str:
+    return f"{generator}-g{group}-"
+
+
 def image_id(generator: str, group: int, index: int) -> str:
-    return f"{generator}-g{group}-{index:06d}"
+    return f"{id_stem(generator, group)}{index:06d}"
 
 
 # --- models ----------------------------------------------------------------------------
@@ -190,33 +202,32 @@ def models_for(run: RunDir, generator: str, info: DatasetInfo, negative_prompts:
 
 # --- the plan ----------------------------------------------------------------------------
 
-@dataclass
-class Unit:
-    unit: int
-    model: str
-    group: int
-    y: int
-    a: int
-    cluster: Optional[int]
-    negative_prompt: Optional[str]
-    ids: List[str] = field(default_factory=list)
-    seeds: List[int] = field(default_factory=list)
-    prompts: List[str] = field(default_factory=list)
+def unit_run(model: ModelSpec, *, group: int, y: int, a: int, draw_group: int, id_stem: str, first_index: int,
+             count: int, first_unit: int, unit_size: int) -> Dict[str, Any]:
+    """One row of the plan's unit table: `count` images of one model, cut into units.
 
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
+    Images `first_index .. first_index + count - 1` of the (generator, draw_group) sequence:
+    image i has id `id_stem + f"{i:06d}"` and seed/member `image_draw(plan seed, generator,
+    draw_group, i)`; units `first_unit ..` hold `unit_size` of them each (the last one the rest).
+    """
+    return {"model": model.name, "group": group, "y": y, "a": a, "cluster": model.cluster,
+            "negative_prompt": model.negative_prompt, "draw_group": draw_group, "id_stem": id_stem,
+            "first_index": first_index, "count": count, "first_unit": first_unit,
+            "n_units": -(-count // unit_size)}
 
 
 def build_plan(generator: str, info: DatasetInfo, models: List[ModelSpec], *, balance: str,
                per_group: int, unit_size: int, seed: int, sampling: Dict[str, Any],
                base_model: str, config_hash: str = "") -> Dict[str, Any]:
-    """The whole plan as a JSON-able dict (see the module docstring)."""
+    """The whole plan as a JSON-able dict (see the module docstring): counts, models and the
+    unit table (`runs`, one row per model), never a row per image."""
     real = {g: info.train_count(g) for g in range(info.n_groups)}
     targets = group_targets(balance, real, per_group)
     by_group: Dict[int, List[ModelSpec]] = {}
     for m in models:
         by_group.setdefault(m.group, []).append(m)
-    units: List[Unit] = []
+    runs: List[Dict[str, Any]] = []
+    n_units = 0
     model_counts: Dict[str, int] = {}
     cluster_counts: Dict[str, Dict[str, int]] = {}
     for g in range(info.n_groups):
@@ -235,16 +246,10 @@ def build_plan(generator: str, info: DatasetInfo, models: List[ModelSpec], *, ba
             model_counts[m.name] = count
             ckey = "all" if m.cluster is None else str(m.cluster)
             cluster_counts.setdefault(str(g), {})[ckey] = cluster_counts.get(str(g), {}).get(ckey, 0) + count
-            for start in range(0, count, unit_size):
-                u = Unit(unit=len(units), model=m.name, group=g, y=y, a=a, cluster=m.cluster,
-                         negative_prompt=m.negative_prompt)
-                for i in range(index + start, index + min(count, start + unit_size)):
-                    s, draw = image_draw(seed, generator, g, i)
-                    member = m.members[draw % len(m.members)]
-                    u.ids.append(image_id(generator, g, i))
-                    u.seeds.append(s)
-                    u.prompts.append(fill_template(m.prompt_template, member=member))
-                units.append(u)
+            if count > 0:
+                runs.append(unit_run(m, group=g, y=y, a=a, draw_group=g, id_stem=id_stem(generator, g),
+                                     first_index=index, count=count, first_unit=n_units, unit_size=unit_size))
+                n_units += runs[-1]["n_units"]
             index += count
     return {
         "version": PLAN_VERSION,
@@ -260,18 +265,103 @@ def build_plan(generator: str, info: DatasetInfo, models: List[ModelSpec], *, ba
         "model_counts": model_counts,
         "models": {m.name: m.to_dict() for m in models if model_counts.get(m.name, 0) > 0},
         "sampling": dict(sampling),
-        "n_images": sum(len(u.ids) for u in units),
-        "units": [u.to_dict() for u in units],
+        "n_images": sum(r["count"] for r in runs),
+        "n_units": n_units,
+        "runs": runs,
     }
 
 
-def plan_signature(plan: Dict[str, Any]) -> str:
-    """What must not change for already-written shards to stay valid."""
-    keys = ("generator", "base", "units", "sampling", "models")
-    import json
+class PlanUnits:
+    """The plan's work units, derived one at a time from its unit table (`plan["runs"]`).
 
-    blob = json.dumps({k: plan.get(k) for k in keys}, sort_keys=True, default=str).encode()
+    `unit(n)` is unit n's range (model, group, first image, count…); `expand(n)` adds its
+    ids, seeds and prompts, computed by `image_draw` and `fill_template` exactly as the
+    plan always made them. Only the unit table and the models are held, so this costs
+    the same for ten images or ten million, on the driver and on each sampler actor.
+    """
+
+    def __init__(self, plan: Dict[str, Any]):
+        self.generator = plan["generator"]
+        self.seed = int(plan["seed"])
+        self.unit_size = int(plan["unit_size"])
+        self.models = plan["models"]
+        self.runs = plan["runs"]
+        self._starts = [int(r["first_unit"]) for r in self.runs]
+        self.n_units = int(plan["n_units"])
+
+    def __len__(self) -> int:
+        return self.n_units
+
+    def _run(self, n: int) -> Dict[str, Any]:
+        if not 0 <= n < self.n_units:
+            raise IndexError(f"unit {n} is not in the plan of {self.generator!r} (units 0..{self.n_units - 1})")
+        return self.runs[bisect.bisect_right(self._starts, n) - 1]
+
+    def unit(self, n: int) -> Dict[str, Any]:
+        """Unit n's range: unit, model, group, y, a, cluster, negative_prompt, first image, count."""
+        r = self._run(n)
+        offset = (n - int(r["first_unit"])) * self.unit_size
+        return {"unit": n, "model": r["model"], "group": r["group"], "y": r["y"], "a": r["a"],
+                "cluster": r["cluster"], "negative_prompt": r["negative_prompt"],
+                "first": int(r["first_index"]) + offset, "count": min(self.unit_size, int(r["count"]) - offset)}
+
+    def count(self, n: int) -> int:
+        return self.unit(n)["count"]
+
+    def model_of(self, n: int) -> str:
+        return self._run(n)["model"]
+
+    def ids(self, n: int) -> List[str]:
+        r, u = self._run(n), self.unit(n)
+        return [f"{r['id_stem']}{i:06d}" for i in range(u["first"], u["first"] + u["count"])]
+
+    def expand(self, n: int) -> Dict[str, Any]:
+        """Unit n with its ids, seeds and prompts (what the sampler and the shard need)."""
+        r, u = self._run(n), self.unit(n)
+        model = self.models[r["model"]]
+        members, template = model["members"], model["prompt_template"]
+        seeds, prompts = [], []
+        for i in range(u["first"], u["first"] + u["count"]):
+            s, draw = image_draw(self.seed, self.generator, int(r["draw_group"]), i)
+            seeds.append(s)
+            prompts.append(fill_template(template, member=members[draw % len(members)]))
+        unit = {k: u[k] for k in ("unit", "model", "group", "y", "a", "cluster", "negative_prompt")}
+        return dict(unit, ids=self.ids(n), seeds=seeds, prompts=prompts)
+
+    def __iter__(self) -> Iterator[Dict[str, Any]]:
+        return (self.unit(n) for n in range(self.n_units))
+
+
+def _normal(value: Any) -> Any:
+    """`value` as it reads back from plan.json (tuples as lists, keys as strings)."""
+    return json.loads(json.dumps(value, sort_keys=True, default=str))
+
+
+SIGNATURE_KEYS = ("version", "generator", "base", "seed", "unit_size", "runs", "sampling", "models")
+
+
+def plan_signature(plan: Dict[str, Any]) -> str:
+    """What must not change for already-written shards to stay valid: the unit table with the
+    seed, the unit size and the models' prompts is every unit's ids, seeds and prompts."""
+    blob = json.dumps({k: plan.get(k) for k in SIGNATURE_KEYS}, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def same_plan(old: Optional[Dict[str, Any]], new: Dict[str, Any]) -> bool:
+    """True when the shards made for plan `old` are exactly those plan `new` asks for.
+
+    A plan saved by an earlier raybias (version 1: every unit's ids, seeds and prompts) is
+    compared unit by unit with `new`'s derived units, so upgrading keeps a run's shards."""
+    if old is None:
+        return False
+    if old.get("version") == PLAN_VERSION:
+        return plan_signature(old) == plan_signature(new)
+    if old.get("version") != 1 or not isinstance(old.get("units"), list):
+        return False
+    if any(_normal(old.get(k)) != _normal(new.get(k)) for k in ("generator", "base", "sampling", "models")):
+        return False
+    units = PlanUnits(new)
+    return len(old["units"]) == len(units) and all(_normal(u) == units.expand(n) for n, u in enumerate(old["units"]))
 
 
 def save_plan(run: RunDir, plan: Dict[str, Any]) -> None:
@@ -288,6 +378,11 @@ def load_plan(run: RunDir, generator: str) -> Optional[Dict[str, Any]]:
         return None  # a plan that does not parse is rebuilt
 
 
+def is_current(plan: Optional[Dict[str, Any]]) -> bool:
+    """A plan in this version's form (a unit table), which `PlanUnits` reads."""
+    return plan is not None and plan.get("version") == PLAN_VERSION and isinstance(plan.get("runs"), list)
+
+
 def describe_plan(plan: Dict[str, Any], info: DatasetInfo) -> str:
     """Plain-text table: real images, images to generate, models, per group."""
     lines = [f"{'group':<28}{'real':>8}{'generate':>10}  models (images)"]
@@ -296,5 +391,5 @@ def describe_plan(plan: Dict[str, Any], info: DatasetInfo) -> str:
                   if m["group"] == g]
         lines.append(f"{f'{g} ' + info.group_name(g):<28}{plan['real_counts'][str(g)]:>8}"
                      f"{plan['group_counts'][str(g)]:>10}  {', '.join(models) or '-'}")
-    lines.append(f"{plan['n_images']} images in {len(plan['units'])} work units of up to {plan['unit_size']}")
+    lines.append(f"{plan['n_images']} images in {plan['n_units']} work units of up to {plan['unit_size']}")
     return "\n".join(lines)

@@ -1,39 +1,57 @@
 """The sampler actor: one per Ray Data actor-pool slot, one base pipeline each.
 
 `SamplerActor` is the class-based UDF of `map_batches`: its constructor loads the base
-pipeline once (on the actor, never on the driver), and each call gets one work unit (a
-JSON spec from the plan), puts that unit's model into the pipeline, samples the unit's
-prompts with their seeds, encodes PNGs and writes the unit's shard itself. It returns
+pipeline once (on the actor, never on the driver), and each call gets one work unit (its
+number; the plan's unit table gives its ids, prompts and seeds), puts that unit's model
+into the pipeline, samples the unit's prompts with their seeds, encodes the images
+(generate.image_format: png, jpeg or webp) and writes the unit's shard itself. It returns
 one small row per unit (counts, seconds, attention backend) for the driver's progress bar.
+
+Host work is off the sampling path: two calls run in an actor at once (two threads), and
+only sampling holds the pipeline's lock, so while unit k+1 samples, unit k is encoded (on
+as many threads as the actor has CPUs, at least two: zlib, libjpeg and libwebp release
+the GIL), turned into a table and streamed to its shard. At most two units are in an
+actor at a time, so memory stays flat; a failure raises in the call of the unit it
+belongs to.
 
 Model switching (`ModelSwitcher`): LoRA adapters are loaded into the base UNet under
 their own adapter names and switched with `set_adapters`; DreamBooth models swap the
 pipeline's UNet (and text encoder / tokenizer when the folder has its own). The last
 `generate.model_cache` models of each kind stay loaded, so a pool that sees the same few
-models over and over loads each once.
+models over and over loads each once. With a remote run directory the model folders come
+through the node's shared disk cache (`raybias.generation.model_cache`), held in use while
+loaded.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import shutil
-import tempfile
+import threading
 import time
 from collections import OrderedDict
-from typing import Any, Dict, List, Optional
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 
-from raybias.data.images import encode_png
+from raybias.config import GenerateConfig
+from raybias.data.images import JPEG_QUALITY, encode
+from raybias.generation.model_cache import CachedModel, ModelCache
 from raybias.generation.shards import unit_table, write_shard
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias.generation")
 
 DTYPES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
+# Threads per actor that encode images: the actor's CPUs (generate.num_cpus), at least
+# ENCODE_THREADS, at most MAX_ENCODE_THREADS. PNG of a 512-px photo takes ~38 ms on one
+# core, two threads are ~2x one; a GPU takes ~100 ms per SD-1.5 image, so two threads
+# keep up with one GPU, and an actor given more CPUs encodes on all of them.
+ENCODE_THREADS = 2
+MAX_ENCODE_THREADS = 8
+DEFAULT_MODEL_CACHE_GB = GenerateConfig.model_cache_gb
 
 
 def resolve_device(num_gpus: float) -> str:
@@ -55,26 +73,11 @@ def resolve_dtype(name: str, device: str):
     return getattr(torch, DTYPES[name])
 
 
-def local_folder(run: RunDir, rel: str, cache_root: Optional[str] = None) -> str:
-    """A local path holding the run-relative folder `rel` (copied down from object stores)."""
-    if run.is_local:
-        return run.path(rel)
-    import pyarrow.fs as pafs
-
-    root = cache_root or tempfile.mkdtemp(prefix="raybias-models-")
-    dest = os.path.join(root, rel.strip("/").replace("/", "__"))
-    if not os.path.isdir(dest):
-        tmp = dest + ".part"
-        shutil.rmtree(tmp, ignore_errors=True)
-        pafs.copy_files(run.path(rel), tmp, source_filesystem=run.fs,
-                        destination_filesystem=pafs.LocalFileSystem())
-        os.replace(tmp, dest)
-    return dest
-
-
 def adapter_name(model_name: str) -> str:
     return "m_" + re.sub(r"[^0-9A-Za-z_]", "_", model_name)
 
+
+CALLS_PER_ACTOR = 2  # units an actor works on at once: one samples while the other is encoded
 
 class ModelSwitcher:
     """Puts a plan model (kind base | lora | dreambooth) into the pipeline; caches recent ones.
@@ -83,18 +86,37 @@ class ModelSwitcher:
     with other prompts) reuses what its source loaded.
     """
 
-    def __init__(self, pipe, run: RunDir, cache_size: int, prepare, cache_root: Optional[str] = None):
+    def __init__(self, pipe, run: RunDir, cache_size: int, prepare, disk_cache: Optional[ModelCache] = None):
         self.pipe = pipe
         self.run = run
         self.cache_size = max(1, int(cache_size))
         self.prepare = prepare  # called on (pipe) after a component swap: device, dtype, attention
-        self.cache_root = cache_root
+        # a remote run's model folders come through the node's disk cache, held while loaded
+        if disk_cache is None and not run.is_local:
+            disk_cache = ModelCache(run, DEFAULT_MODEL_CACHE_GB)
+        self.disk_cache = disk_cache
+        self.folders: Dict[str, CachedModel] = {}  # run-relative folder -> its local copy, while loaded
         self.base = {"unet": pipe.unet, "text_encoder": pipe.text_encoder, "tokenizer": pipe.tokenizer}
         self.classes = {k: type(v) for k, v in self.base.items()}
         self.dreambooth: "OrderedDict[str, Dict[str, Any]]" = OrderedDict()  # folder -> components
         self.adapters: "OrderedDict[str, str]" = OrderedDict()  # folder -> adapter name
         self.active: Optional[tuple] = None
         self.loads = 0  # models loaded from disk (cache misses)
+
+    def _open(self, key: str) -> str:
+        """A local folder holding the run-relative model folder `key`, kept until `_close`."""
+        if self.disk_cache is None:
+            return self.run.path(key)
+        held = self.folders.get(key)
+        if held is None:
+            held = self.folders[key] = self.disk_cache.acquire(key)
+        return held.path
+
+    def _close(self, key: str) -> None:
+        """The model of folder `key` left memory: its disk copy may be evicted now."""
+        held = self.folders.pop(key, None)
+        if held is not None:
+            held.release()
 
     def _use_components(self, comps: Dict[str, Any]) -> None:
         changed = False
@@ -128,14 +150,16 @@ class ModelSwitcher:
             self.adapters.move_to_end(key)
         else:
             while len(self.adapters) >= self.cache_size:
-                _, old = self.adapters.popitem(last=False)
+                old_key, old = self.adapters.popitem(last=False)
                 self.pipe.delete_adapters(old)
-            folder = local_folder(self.run, key, self.cache_root)
+                self._close(old_key)
+            folder = self._open(key)
             name = adapter_name(key)
             try:
                 # safetensors only: without it diffusers falls back to a pickled .bin
                 self.pipe.load_lora_weights(folder, adapter_name=name, use_safetensors=True)
             except Exception as exc:
+                self._close(key)
                 raise StageFailed(f"cannot load LoRA weights of model {spec['name']!r} from {folder}: {exc}") from exc
             self.adapters[key] = name
             self.loads += 1
@@ -168,8 +192,9 @@ class ModelSwitcher:
             self.dreambooth.move_to_end(key)
             return self.dreambooth[key]
         while len(self.dreambooth) >= self.cache_size:
-            self.dreambooth.popitem(last=False)
-        folder = local_folder(self.run, key, self.cache_root)
+            old_key, _ = self.dreambooth.popitem(last=False)
+            self._close(old_key)
+        folder = self._open(key)
         comps: Dict[str, Any] = {"text_encoder": self.base["text_encoder"], "tokenizer": self.base["tokenizer"]}
         try:
             # safetensors only (what fine-tuning writes): never unpickle a model folder
@@ -180,6 +205,7 @@ class ModelSwitcher:
                 if os.path.isdir(os.path.join(folder, "tokenizer")):
                     comps["tokenizer"] = self.classes["tokenizer"].from_pretrained(folder, subfolder="tokenizer")
         except Exception as exc:
+            self._close(key)
             raise StageFailed(f"cannot load DreamBooth model {spec['name']!r} from {folder}: {exc}") from exc
         for module in (comps["unet"], comps["text_encoder"]):
             module.eval().requires_grad_(False)
@@ -192,14 +218,16 @@ class SamplerActor:
     """Ray Data UDF: work units in, shards written, one summary row per unit out."""
 
     def __init__(self, run_spec: str, generator: str, base_model: str, base_revision: Optional[str],
-                 models: Dict[str, Dict[str, Any]], sampling: Dict[str, Any]):
+                 plan: Dict[str, Any], sampling: Dict[str, Any]):
         import torch
 
         from raybias.diffusion.backbone import load_pipeline
+        from raybias.generation.plan import PlanUnits
 
         self.run = RunDir(run_spec)
         self.generator = generator
-        self.models = models
+        self.units = PlanUnits(plan)  # a unit's ids, seeds and prompts, from its number
+        self.models = plan["models"]
         self.sampling = dict(sampling)
         threads = int(self.sampling.get("num_threads") or 0)
         if threads > 0:
@@ -215,10 +243,24 @@ class SamplerActor:
         self.attention = "sdpa"
         self._prepare(self.pipe)
         self.load_seconds = time.perf_counter() - started
-        # model folders of a remote run directory are copied down once per actor
-        cache_root = None if self.run.is_local else tempfile.mkdtemp(prefix="raybias-models-")
-        self.switcher = ModelSwitcher(self.pipe, self.run, int(self.sampling.get("model_cache", 2)), self._prepare,
-                                      cache_root)
+        # Host work off the sampling path (see make_unit): one lock around the pipeline, a few
+        # threads that encode a unit's images while the next unit samples.
+        self._sampling = threading.Lock()
+        self.image_format = str(self.sampling.get("image_format", "png"))
+        self.image_quality = int(self.sampling.get("image_quality", JPEG_QUALITY))
+        self.encode_threads = min(MAX_ENCODE_THREADS, max(ENCODE_THREADS, threads))
+        self._encoder = ThreadPoolExecutor(max_workers=self.encode_threads, thread_name_prefix="raybias-encode")
+        self._stats_lock = threading.Lock()
+        self.stats: Dict[str, float] = {k: 0.0 for k in ("units", "images", "wait_s", "sample_s", "encode_s",
+                                                          "write_s")}
+        # model folders of a remote run directory: fetched once per node, into its capped cache
+        disk_cache = None if self.run.is_local else ModelCache(
+            self.run, float(self.sampling.get("model_cache_gb", DEFAULT_MODEL_CACHE_GB)))
+        # an actor works on CALLS_PER_ACTOR units at once, possibly of as many models (two blocks):
+        # keeping fewer would load them in turn at every unit
+        keep = max(int(self.sampling.get("model_cache", 2)), CALLS_PER_ACTOR)
+        self.switcher = ModelSwitcher(self.pipe, self.run, keep, self._prepare,
+                                      disk_cache)
 
     def _prepare(self, pipe) -> None:
         """Device, dtype, memory format, attention and compilation for whatever the pipeline holds."""
@@ -237,28 +279,67 @@ class SamplerActor:
             pipe.unet.compile()  # in place: the module keeps its type, so adapters still load
             pipe.unet._raybias_compiled = True
 
-    def sample_unit(self, unit: Dict[str, Any]) -> List[bytes]:
+    def sample_images(self, unit: Dict[str, Any]) -> List[np.ndarray]:
+        """The unit's images (uint8 H x W x 3) from its model: the GPU's part of a unit.
+        One caller at a time (the pipeline is shared): hold `self._sampling`."""
         from raybias.diffusion.sampling import sample
 
         self.switcher.activate(self.models[unit["model"]])
         n = len(unit["ids"])
         negative = [unit["negative_prompt"]] * n if unit.get("negative_prompt") else None
         s = self.sampling
-        images = sample(self.pipe, list(unit["prompts"]), [int(x) for x in unit["seeds"]],
-                        negative_prompts=negative, scheduler=s["scheduler"], steps=int(s["steps"]),
-                        guidance=float(s["guidance"]), batch_size=int(s["batch_size"]), size=s.get("size"))
-        return [encode_png(np.asarray(im)) for im in images]
+        return sample(self.pipe, list(unit["prompts"]), [int(x) for x in unit["seeds"]],
+                      negative_prompts=negative, scheduler=s["scheduler"], steps=int(s["steps"]),
+                      guidance=float(s["guidance"]), batch_size=int(s["batch_size"]), size=s.get("size"))
+
+    def encode_images(self, images: Sequence[np.ndarray]) -> List[bytes]:
+        """Encoded in generate.image_format on the encoder threads (zlib, libjpeg and libwebp
+        release the GIL), in order; the first failure is raised."""
+        return list(self._encoder.map(self._encode_one, images))
+
+    def _encode_one(self, image: np.ndarray) -> bytes:
+        return encode(np.asarray(image), self.image_format, self.image_quality)
+
+    def sample_unit(self, unit: Dict[str, Any]) -> List[bytes]:
+        """Sample and encode one unit (what a shard's `image` column holds)."""
+        with self._sampling:
+            images = self.sample_images(unit)
+        return self.encode_images(images)
+
+    def make_unit(self, unit: Dict[str, Any]) -> int:
+        """Sample, encode and write one unit's shard; returns its image count.
+
+        Only sampling holds `self._sampling`: encoding, building the table and writing the
+        shard run outside it, so in the actor's second call slot the next unit samples
+        meanwhile (runner.run_units runs two calls per actor at once). A failure in any
+        step raises here, in the call of the unit it belongs to; its shard is then never
+        under its final name (`write_shard` is atomic).
+        """
+        waited = time.perf_counter()
+        with self._sampling:
+            started = time.perf_counter()
+            images = self.sample_images(unit)
+            sampled = time.perf_counter()
+        blobs = self.encode_images(images)
+        del images  # the raw pixels (3 bytes a pixel) go before the table is built
+        encoded = time.perf_counter()
+        write_shard(self.run, self.generator, unit["unit"], unit_table(self.generator, unit, blobs))
+        with self._stats_lock:
+            for key, value in (("units", 1), ("images", len(blobs)), ("wait_s", started - waited),
+                               ("sample_s", sampled - started), ("encode_s", encoded - sampled),
+                               ("write_s", time.perf_counter() - encoded)):
+                self.stats[key] += value
+        return len(blobs)
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> Dict[str, list]:
         out: Dict[str, list] = {"unit": [], "n_images": [], "seconds": [], "finished_at": [], "pid": [], "attention": [],
                                 "device": [], "dtype": [], "model_loads": []}
-        for spec in batch["spec"]:
-            unit = json.loads(spec)
+        for number in batch["unit"]:
+            unit = self.units.expand(int(number))
             started = time.perf_counter()
-            pngs = self.sample_unit(unit)
-            write_shard(self.run, self.generator, unit["unit"], unit_table(self.generator, unit, pngs))
+            n_images = self.make_unit(unit)
             out["unit"].append(int(unit["unit"]))
-            out["n_images"].append(len(pngs))
+            out["n_images"].append(n_images)
             out["seconds"].append(time.perf_counter() - started)
             out["finished_at"].append(time.time())  # wall clock: results reach the driver in bursts
             out["pid"].append(os.getpid())

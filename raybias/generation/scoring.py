@@ -33,6 +33,31 @@ def class_prompt_texts(info, y: int) -> List[str]:
     return [" ".join(fill_template(info.prompt_template, bias="", member=m).split()) for m in info.class_words[y]]
 
 
+def group_prompt_texts(info, g: int) -> List[str]:
+    """The dataset's prompt for each member of group g's class with g's bias word (CLIP zero-shot
+    reads a group as the text nearest an image, raybias.generation.diagnostics)."""
+    from raybias.generation.plan import fill_template
+
+    y, a = info.y_a(g)
+    return [" ".join(fill_template(info.prompt_template, bias=info.bias_words[a], member=m).split())
+            for m in info.class_words[y]]
+
+
+def mean_text_embeddings(embedder, texts_per_entry: List[List[str]]) -> np.ndarray:
+    """[n_entries, d]: the unit-norm mean text embedding of each entry's texts (a class's or a
+    group's prompts)."""
+    means = [embedder.embed_texts(texts).mean(axis=0) for texts in texts_per_entry]
+    return np.stack([m / max(float(np.linalg.norm(m)), 1e-12) for m in means]).astype(np.float32)
+
+
+def oracle_probs(images: List[bytes], oracle):
+    """(digit probabilities, colour probabilities) the oracle gives encoded images."""
+    from raybias.data.images import decode
+    from raybias.diffusion.oracle import predict
+
+    return predict(np.stack([decode(b) for b in images]), oracle)
+
+
 def class_digits(info) -> List[List[int]]:
     """Digit indices of each class's members (colored_digits: the oracle reads digits)."""
     return member_digits(info.class_words, info.class_names)
@@ -117,8 +142,7 @@ class FilterScorer:
         self.embedder = get_embedder(embed_options) if needs_images else None
         self.class_text = None
         if prompt_term == "clip":  # [n_classes, d]: unit-norm mean text embedding of each class's prompts
-            means = [self.embedder.embed_texts(texts).mean(axis=0) for texts in class_prompts]
-            self.class_text = np.stack([m / max(float(np.linalg.norm(m)), 1e-12) for m in means]).astype(np.float32)
+            self.class_text = mean_text_embeddings(self.embedder, class_prompts)
         self.digits = digits
         self.oracle = None
         if prompt_term == "oracle":
@@ -139,10 +163,7 @@ class FilterScorer:
         if self.prompt_term == "clip":
             prompt = np.einsum("nd,nd->n", vectors, self.class_text[ys])
         elif self.prompt_term == "oracle":
-            from raybias.data.images import decode
-            from raybias.diffusion.oracle import predict
-
-            digit_probs, _ = predict(np.stack([decode(b) for b in images]), self.oracle)
+            digit_probs, _ = oracle_probs(images, self.oracle)
             prompt = np.array([digit_probs[i, self.digits[y]].sum() for i, y in enumerate(ys)], np.float32)
         score = self.alpha * prompt + (1 - self.alpha) * centroid
         return pa.table({"id": table.column("id"), "group": pa.array(groups), "score": pa.array(score, pa.float64()),

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Dict
 
@@ -51,17 +50,6 @@ def _settings(cfg):
                             seed=int(b.seed))
 
 
-def upload_folder(run: RunDir, local: str, rel: str) -> None:
-    """Copy a local folder into the run directory (atomic per file); replaces what was there."""
-    run.delete(rel)
-    for dirpath, _, files in os.walk(local):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            rel_path = os.path.relpath(path, local).replace(os.sep, "/")
-            with open(path, "rb") as f:
-                run.write_bytes(f"{rel}/{rel_path}", f.read())
-
-
 def build_builtin(base_cfg: Dict[str, Any], run_spec: str, progress: bool = True) -> Dict[str, Any]:
     """The whole builtin recipe; runs inside a Ray task. Returns the quality summary."""
     import torch
@@ -69,6 +57,7 @@ def build_builtin(base_cfg: Dict[str, Any], run_spec: str, progress: bool = True
     from raybias.config import config_from_dict
     from raybias.diffusion.corpus import render_corpus
     from raybias.diffusion.oracle import save_oracle, train_oracle
+    from raybias.diffusion.backbone import MODEL_INDEX
     from raybias.diffusion.pretrain import pretrain, quality_check, save_backbone
 
     cfg = config_from_dict({"base": base_cfg})
@@ -95,22 +84,20 @@ def build_builtin(base_cfg: Dict[str, Any], run_spec: str, progress: bool = True
                             oracle=oracle, seed=int(b.seed))
     result.pipe.to("cpu")
     timings["quality_check"] = time.time() - t0
-    with tempfile.TemporaryDirectory(prefix="raybias-base-") as tmp:
-        model_dir = os.path.join(tmp, "model")
-        save_backbone(result, model_dir, corpus, settings, quality)
-        save_oracle(oracle, os.path.join(tmp, "oracle"), oracle_metrics)
-        if b.cache_dir:
-            target = os.path.expanduser(b.cache_dir)
-            staging = f"{target.rstrip('/')}.tmp-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            shutil.copytree(model_dir, staging)
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)
-            model_where = target
-        else:
-            upload_folder(run, model_dir, BASE_MODEL_DIR)
-            model_where = run.path(BASE_MODEL_DIR)
-        upload_folder(run, os.path.join(tmp, "oracle"), BASE_ORACLE_DIR)
+    if b.cache_dir:  # a folder of the user's outside the run: staged beside it, renamed into place
+        target = os.path.expanduser(b.cache_dir)
+        staging = f"{target.rstrip('/')}.tmp-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_backbone(result, staging, corpus, settings, quality)
+        shutil.rmtree(target, ignore_errors=True)
+        os.replace(staging, target)
+        model_where = target
+    else:
+        with run.publishing(BASE_MODEL_DIR, last=MODEL_INDEX) as folder:
+            save_backbone(result, folder, corpus, settings, quality)
+        model_where = run.path(BASE_MODEL_DIR)
+    with run.publishing(BASE_ORACLE_DIR) as folder:
+        save_oracle(oracle, folder, oracle_metrics)
     best = f"{quality['best_guidance']:g}"
     return {
         "model": model_where,
@@ -215,16 +202,19 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
     """`raybias base`: returns the stage summary (also stored in the manifest)."""
     from omegaconf import OmegaConf
 
-    st = run.begin_stage(BASE_KEY, cfg, BASE, mode)
+    builtin = cfg.base.model == "builtin"
+    st = run.stage(BASE_KEY, cfg, BASE, mode, owns=(BASE_DIR,),
+                   outputs=(BASE_MODEL_DIR, BASE_ORACLE_DIR, BASE_QUALITY) if builtin and not cfg.base.cache_dir
+                   else (BASE_ORACLE_DIR, BASE_QUALITY) if builtin else (BASE_MODEL_INFO,))
     if st.skip:
-        summary = (run.stage_record(BASE_KEY) or {}).get("info", {})
+        summary = st.record_info
         if verbose:
             say(f"base: already built in {run.uri} (--resume)")
         return summary
     import ray
 
     init_ray(cfg)
-    if cfg.base.model == "builtin":
+    if builtin:
         task = _remote(build_builtin, cfg)
         try:
             out = ray.get(task.remote(OmegaConf.to_container(cfg.base, resolve=True), run.spec(),
@@ -262,5 +252,5 @@ def run_base(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dic
             params = ", ".join(f"{k} {v / 1e6:.1f}M" for k, v in info["parameters"].items())
             say(f"base.model={cfg.base.model} loads as a StableDiffusionPipeline ({params}; "
                 f"{info['image_size']} px) in {info['load_seconds']:.1f}s")
-    run.finish_stage(BASE_KEY, summary)
+    st.finish(summary)
     return summary

@@ -22,7 +22,6 @@ Outputs:
 from __future__ import annotations
 
 import posixpath
-import uuid
 from typing import Any, Dict, List
 
 import numpy as np
@@ -38,7 +37,7 @@ from raybias.data.info import DatasetInfo
 from raybias.data.io import shard_paths
 from raybias.embed import vectors_dataset
 from raybias.layout import (CLUSTER_KEY, CLUSTERS_JSON, CLUSTERS_PARQUET, CLUSTERS_PROJECTION_PNG,
-                            CLUSTERS_SAMPLES_PNG, EMBED_DIR, REAL, VECTORS)
+                            CLUSTERS_SAMPLES_PNG, EMBED_DIR, EMBED_KEY, PREPARE_KEY, REAL, VECTORS)
 from raybias.methods import CLUSTER
 from raybias.ray_utils import init_ray
 from raybias.rundir import RunDir, StageFailed
@@ -63,7 +62,8 @@ def _images_by_id(run: RunDir, ids: List[str]) -> Dict[str, np.ndarray]:
 
 def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Any]:
     """Cluster every group's embeddings; returns the contents of embed/clusters.json."""
-    st = run.begin_stage(CLUSTER_KEY, cfg, CLUSTER, mode)
+    st = run.stage(CLUSTER_KEY, cfg, CLUSTER, mode, outputs=(CLUSTERS_PARQUET, CLUSTERS_JSON),
+                   owns=(CLUSTERS_PARQUET, CLUSTERS_JSON), needs=(PREPARE_KEY, EMBED_KEY))
     if st.skip:
         if verbose:
             say("cluster: already done, skipped")
@@ -79,9 +79,8 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     summary: Dict[str, Any] = {}
     projection: List[Dict[str, Any]] = []
     typical: List[Dict[str, Any]] = []
-    folder, final_name = posixpath.split(CLUSTERS_PARQUET)
-    tmp_parquet = f"{folder}/.tmp-{uuid.uuid4().hex[:8]}-{final_name}"
-    run.makedirs(folder)
+    tmp_parquet = run.staging(CLUSTERS_PARQUET)
+    run.makedirs(posixpath.dirname(CLUSTERS_PARQUET))
     writer = pq.ParquetWriter(run.path(tmp_parquet), ASSIGNMENT_SCHEMA, filesystem=run.fs)
     # One pass over embed/vectors puts each group's vectors in the object store as its own blocks.
     by_group = VectorBlocks.split_dataset(vectors, "group", [g for g in range(info.n_groups) if info.train_count(g)],
@@ -138,8 +137,7 @@ def run_cluster(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> 
     run.fs.move(run.path(tmp_parquet), run.path(CLUSTERS_PARQUET))
     run.write_json(CLUSTERS_JSON, summary)
     _write_plots(run, projection, typical)
-    run.finish_stage(CLUSTER_KEY, {"k": {g: e["k"] for g, e in summary.items()}},
-                     outputs=(CLUSTERS_PARQUET, CLUSTERS_JSON))
+    st.finish({"k": {g: e["k"] for g, e in summary.items()}})
     if verbose:
         for g, e in summary.items():
             extra = ""

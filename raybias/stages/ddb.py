@@ -35,7 +35,7 @@ from raybias.config import config_hash
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.layout import (DDB, DDB_AMPLIFIER_KEY, DDB_AMPLIFIER_MODEL, DDB_AMPLIFIER_OUTPUTS, DDB_CONFLICT_JSON,
-                            DDB_GENERATE_KEY, DDB_MANIFEST, DDB_MODEL_DIR, DDB_MODEL_KEY, DDB_MODEL_NAME,
+                            DDB_GENERATE_KEY, DDB_MANIFEST, PREPARE_KEY, DDB_MODEL_DIR, DDB_MODEL_KEY, DDB_MODEL_NAME,
                             TRAINING_JSON, classifier_model, generator_dir, synthetic_dir, synthetic_samples)
 from raybias.rundir import RunDir, StageFailed
 
@@ -75,14 +75,12 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
     from raybias.ray_utils import require_gpus
     from raybias.stages.finetune import _run_job
 
-    key = DDB_MODEL_KEY
-    prev = run.stage_record(key)
-    same = run.matches(prev, cfg, MODEL_SECTIONS, RECIPE_KEYS)
-    st = run.begin_stage(key, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS)
-    if st.skip and run.exists(DDB_MANIFEST) and run.exists(DDB_MODEL_DIR, TRAINING_JSON):
+    # partial: the job's checkpoints resume a killed training of the same config
+    st = run.stage(DDB_MODEL_KEY, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
+                   owns=(generator_dir(DDB),), outputs=(DDB_MANIFEST, f"{DDB_MODEL_DIR}/{TRAINING_JSON}"),
+                   needs=(PREPARE_KEY,))
+    if st.skip:
         return run.read_json(DDB_MANIFEST)
-    if mode == "fresh" or not same:
-        run.delete(generator_dir(DDB))  # nothing of another config may be resumed
     require_gpus(cfg.finetune.num_gpus_per_job, "ddb (finetune.num_gpus_per_job)")
     train = real_sets(run)["train"].meta  # id and y only are used
     ids = train["id"].astype(str).tolist()
@@ -103,42 +101,40 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
                     "final_loss": float(record["final_loss"])} for c in range(info.n_classes)],
     }
     run.write_json(DDB_MANIFEST, manifest)
-    run.finish_stage(key, outputs=(DDB_MANIFEST,),
-                     info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
-                           "wall_seconds": record.get("wall_seconds"),
-                           "seconds_per_step": record.get("seconds_per_step")})
+    st.finish(info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
+                    "wall_seconds": record.get("wall_seconds"), "seconds_per_step": record.get("seconds_per_step")})
     return manifest
 
 
 def build_ddb_plan(cfg, info: DatasetInfo, manifest: Dict[str, Any], base_model: str) -> Dict[str, Any]:
-    """The generation plan: ddb.per_class images per class, class-only prompts, a = group = -1."""
-    from raybias.generation.plan import ModelSpec, PLAN_VERSION, Unit, fill_template, image_draw
+    """The generation plan: ddb.per_class images per class, class-only prompts, a = group = -1.
+
+    Its unit table has one row per class; image i of class c is `ddb-y<c>-<i>`, its seed and
+    member drawn by `image_draw(ddb.seed, "ddb", c, i)`."""
+    from raybias.generation.plan import PLAN_VERSION, ModelSpec, unit_run
     from raybias.generation.runner import sampling_settings
 
     g, d = cfg.generate, cfg.ddb
     sampling = sampling_settings(g)
     sampling.update(guidance=float(d.guidance), steps=int(d.sample_steps))
     models = {}
-    units: List[Unit] = []
+    runs: List[Dict[str, Any]] = []
+    n_units = 0
     for entry in manifest["models"]:
         c = int(entry["y"])
         spec = ModelSpec(name=entry["name"], group=-1, kind="dreambooth", prompt_template=entry["prompt_template"],
                          members=list(entry["members"]), folder=entry["folder"])
         models[spec.name] = spec.to_dict()
         n = int(d.per_class)
-        for start in range(0, n, int(g.unit_size)):
-            u = Unit(unit=len(units), model=spec.name, group=-1, y=c, a=-1, cluster=None, negative_prompt=None)
-            for i in range(start, min(n, start + int(g.unit_size))):
-                s, draw = image_draw(int(d.seed), DDB, c, i)
-                u.ids.append(f"{DDB}-y{c}-{i:06d}")
-                u.seeds.append(s)
-                u.prompts.append(fill_template(spec.prompt_template, member=spec.members[draw % len(spec.members)]))
-            units.append(u)
+        if n > 0:
+            runs.append(unit_run(spec, group=-1, y=c, a=-1, draw_group=c, id_stem=f"{DDB}-y{c}-", first_index=0,
+                                 count=n, first_unit=n_units, unit_size=int(g.unit_size)))
+            n_units += runs[-1]["n_units"]
     return {"version": PLAN_VERSION, "generator": DDB, "base": base_model,
             "config_hash": config_hash(cfg, GENERATE_SECTIONS), "balance": "per_class", "seed": int(d.seed),
             "unit_size": int(g.unit_size), "class_counts": {str(c): int(d.per_class) for c in range(info.n_classes)},
-            "models": models, "sampling": sampling, "n_images": sum(len(u.ids) for u in units),
-            "units": [u.to_dict() for u in units]}
+            "models": models, "sampling": sampling, "n_images": sum(r["count"] for r in runs), "n_units": n_units,
+            "runs": runs}
 
 
 class _ClassLabels:
@@ -154,24 +150,30 @@ class _ClassLabels:
 def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, Any], mode: str) -> Dict[str, Any]:
     """`ddb/generate`: the bias-aligned synthetic set through the generation path."""
     from raybias.diffusion.backbone import resolve_base_model
-    from raybias.generation.plan import load_plan, plan_signature, save_plan
+    from raybias.generation.plan import is_current, load_plan, same_plan, save_plan
     from raybias.generation.runner import missing_units, run_units, sample_grid, unit_key
     from raybias.generation.shards import sort_out_shards
     from raybias.ray_utils import require_gpus
 
-    key = DDB_GENERATE_KEY
-    prev = run.stage_record(key)
-    same = run.matches(prev, cfg, GENERATE_SECTIONS, RECIPE_KEYS)
-    st = run.begin_stage(key, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS)
     old = load_plan(run, DDB)
     plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
-    if st.skip and old is not None and not missing_units(run, DDB, old):
-        return (prev or {}).get("info", {})
-    if mode == "fresh" or not same or old is None or plan_signature(old) != plan_signature(plan):
+
+    def shards_whole():
+        if not is_current(old):  # missing, or an earlier raybias's (same_plan below may keep its shards)
+            return "its plan is missing" if old is None else "its plan is in an earlier raybias's form"
+        left = missing_units(run, DDB, old)
+        return f"{len(left)} of its {old['n_units']} shards are missing or broken" if left else None
+
+    st = run.stage(DDB_GENERATE_KEY, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
+                   owns=(synthetic_dir(DDB),), verify=shards_whole, needs=(DDB_MODEL_KEY,))
+    if st.skip:
+        return st.record_info
+    if st.resumable and not same_plan(old, plan):
         run.delete(synthetic_dir(DDB))
     save_plan(run, plan)
-    whole, _ = sort_out_shards(run, DDB, plan["units"])  # the shards are the units' record
-    todo = [u for u in plan["units"] if u["unit"] not in set(whole)]
+    whole, _ = sort_out_shards(run, DDB, plan)  # the shards are the units' record
+    done = set(whole)
+    todo = [n for n in range(plan["n_units"]) if n not in done]
     g = cfg.generate
     facts: Dict[str, Any] = {}
     if todo:
@@ -183,11 +185,11 @@ def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, An
     if left:
         raise StageFailed(f"ddb generation: {len(left)} planned unit(s) have no shard (e.g. {unit_key(left[0])}); "
                           "rerun with --resume")
-    shown = dict(plan, units=[dict(u, group=u["y"]) for u in plan["units"]])
+    shown = dict(plan, runs=[dict(r, group=r["y"]) for r in plan["runs"]])
     sample_grid(run, shown, _ClassLabels(info), synthetic_samples(DDB))
-    record = {"n_images": plan["n_images"], "units": len(plan["units"]), "made_now": facts.get("images", 0),
+    record = {"n_images": plan["n_images"], "units": plan["n_units"], "made_now": facts.get("images", 0),
               "images_per_s": round(facts.get("images_per_s", 0.0), 3)}
-    run.finish_stage(key, record, units=[unit_key(u["unit"]) for u in plan["units"]])
+    st.finish(record, units=[unit_key(n) for n in range(plan["n_units"])])
     return record
 
 
@@ -200,9 +202,10 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     from raybias.classify.ddb import amplifier_outputs, conflict_scores
     from raybias.classify.runner import train_classifier
 
-    key = DDB_AMPLIFIER_KEY
-    st = run.begin_stage(key, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS)
-    if st.skip and run.exists(DDB_AMPLIFIER_OUTPUTS) and run.exists(DDB_CONFLICT_JSON):
+    st = run.stage(DDB_AMPLIFIER_KEY, cfg, AMPLIFIER_SECTIONS, mode, exclude=RECIPE_KEYS,
+                   outputs=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS),
+                   owns=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS, DDB_AMPLIFIER_MODEL), needs=(DDB_GENERATE_KEY,))
+    if st.skip:
         return run.read_json(DDB_CONFLICT_JSON)
     amp = cfg.copy()
     amp.train.epochs = int(cfg.ddb.amplifier_epochs)
@@ -219,7 +222,7 @@ def train_amplifier(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str,
     scores["amplifier_synthetic_epochs"] = int(cfg.ddb.amplifier_epochs)
     scores["amplifier_test_acc"] = record["test"].get("acc")
     run.write_json(DDB_CONFLICT_JSON, scores)
-    run.finish_stage(key, info=scores, outputs=(DDB_CONFLICT_JSON, DDB_AMPLIFIER_OUTPUTS))
+    st.finish(scores)
     return scores
 
 

@@ -16,7 +16,7 @@ from raybias.data.images import ImageError
 from raybias.data.info import DatasetInfo
 from raybias.data.io import read_dataset, shard_paths
 from raybias.embed import embed_dataset, write_vectors
-from raybias.layout import EMBED_KEY, REAL, VECTORS
+from raybias.layout import EMBED_KEY, PREPARE_KEY, REAL, VECTORS
 from raybias.methods import EMBED
 from raybias.ray_utils import init_ray, require_gpus
 from raybias.rundir import RunDir, StageFailed
@@ -51,9 +51,9 @@ def run_embed(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
         # Fail before touching the manifest: a finished stage stays finished.
         init_ray(cfg)
         require_gpus(cfg.embed.num_gpus, "embed (embed.num_gpus)")
-    st = run.begin_stage(EMBED_KEY, cfg, EMBED, mode)
+    st = run.stage(EMBED_KEY, cfg, EMBED, mode, outputs=(VECTORS,), owns=(VECTORS,), needs=(PREPARE_KEY,))
     if st.skip:
-        info = (run.stage_record(EMBED_KEY) or {}).get("info", {})
+        info = st.record_info
         if verbose:
             say(f"embed: already done ({info.get('n', '?')} vectors), skipped")
         return info
@@ -85,7 +85,7 @@ def run_embed(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Di
         dim = pq.read_schema(path, filesystem=run.fs).field("vector").type.list_size
         break
     info = {"embedder": cfg.embed.embedder, "model": cfg.embed.model, "dim": int(dim), "n": int(n)}
-    run.finish_stage(EMBED_KEY, info, outputs=(VECTORS,))
+    st.finish(info)
     if verbose:
         say(f"embedded {n} training images with embed.embedder={cfg.embed.embedder} "
             f"(dim {dim}) -> {run.path(VECTORS)}")

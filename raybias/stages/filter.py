@@ -30,7 +30,7 @@ from raybias.data.synthetic import finished_units
 from raybias.generation.scoring import (FilterScorer, GroupSums, centroids_from_sums, choose_kept,
                                         class_digits, class_prompt_texts, group_sums_from_batches,
                                         prompt_term_kind)
-from raybias.layout import (EMBED_KEY, REAL, VECTORS, filter_key, generate_key, scores_path, scores_png, shard_path,
+from raybias.layout import (EMBED_KEY, PREPARE_KEY, REAL, VECTORS, filter_key, generate_key, scores_path, scores_png, shard_path,
                             shards_dir, synthetic_dir)
 from raybias.methods import EMBED, filter_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
@@ -127,14 +127,13 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
     """Score and cut `generator`'s synthetic set; returns kept/total counts per group."""
     key = filter_key(generator)
     sections = filter_sections(generator)
-    st = run.begin_stage(key, cfg, sections, mode)
+    # A regenerated set deletes its scores: the recorded output is then gone and the set is scored again.
+    st = run.stage(key, cfg, sections, mode, outputs=(scores_path(generator),),
+                   owns=(scores_path(generator), scores_png(generator)), needs=(PREPARE_KEY,))
     if st.skip:
-        if run.exists(scores_path(generator)):
-            if verbose:
-                say(f"filter {generator}: finished earlier, skipped")
-            return (run.stage_record(key) or {}).get("info", {})
-        # scores were deleted (a regenerated set): score again
-        run.begin_stage(key, cfg, sections, "fresh")
+        if verbose:
+            say(f"filter {generator}: finished earlier, skipped")
+        return st.record_info
     if not run.is_done(generate_key(generator)):
         raise TableMissing(f"{run.path(synthetic_dir(generator))} is not finished "
                            f"(run `raybias generate` for generator {generator!r} first)")
@@ -184,7 +183,7 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
               "keep_fraction": float(f.keep_fraction) if f.enabled else 1.0,
               "kept": {str(int(g)): int(r["sum"]) for g, r in per_group.iterrows()},
               "total": {str(int(g)): int(r["size"]) for g, r in per_group.iterrows()}}
-    run.finish_stage(key, record, outputs=(scores_path(generator),))
+    st.finish(record)
     if verbose:
         say(f"filter {generator}: kept {int(scores['keep'].sum())} of {len(scores)} images "
             + ", ".join(f"g{g} {record['kept'][g]}/{record['total'][g]}" for g in record["kept"]))

@@ -24,7 +24,6 @@ import math
 import os
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -35,12 +34,13 @@ from raybias.config import ConfigError
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, read_table
+from raybias import faults
 from raybias.diffusion.finetune import JobSpec, model_name, prompt_template, train_loop_per_worker
-from raybias.layout import (CLUSTERS_PARQUET, REAL, fault_marker, finetune_key, finetune_storage, generator_dir,
-                            generator_manifest, generator_samples, model_dir, preview_png, previews_json,
-                            training_json)
+from raybias.layout import (CLUSTER_KEY, CLUSTERS_PARQUET, PREPARE_KEY, REAL, fault_marker, finetune_key,
+                            finetune_storage, generator_dir, generator_manifest, generator_samples, model_dir,
+                            preview_png, previews_json, training_json)
 from raybias.methods import generators_needed
-from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus
+from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus, run_trainers
 from raybias.registry import GENERATORS, finetuned_generators
 from raybias.rundir import RunDir, StageFailed
 
@@ -48,7 +48,6 @@ log = logging.getLogger("raybias")
 
 # Test hook: "<job>:<step>" (or "<generator>/<job>:<step>") kills that job's worker once after
 # the step, so tests can check recovery from the last checkpoint.
-FAULT_ENV = "RAYBIAS_FINETUNE_FAULT"
 
 
 # --------------------------------------------------------------------------- planning
@@ -184,13 +183,17 @@ def _progress_board_class():
 
         def __init__(self):
             self.state: Dict[str, Dict[str, Any]] = {}
+            self.version = 0  # bumped at every update; each entry keeps the version it was set at
 
         def update(self, generator, name, step, total, loss, phase):
+            self.version += 1
             self.state[f"{generator}/{name}"] = {"step": step, "total": total, "loss": loss, "phase": phase,
-                                                 "time": time.time()}
+                                                 "time": time.time(), "version": self.version}
 
-        def snapshot(self):
-            return dict(self.state)
+        def snapshot(self, since: int = 0):
+            """(version now, the entries updated after version `since`): a poll costs what
+            changed since the last one, not one entry per job of the stage."""
+            return self.version, {k: s for k, s in self.state.items() if s["version"] > since}
 
     return ProgressBoard
 
@@ -207,6 +210,8 @@ class ProgressMonitor:
         self.interval_s, self.line_every_s = interval_s, line_every_s
         self.seen: Dict[str, int] = {}
         self.last_line: Dict[str, Tuple[float, str]] = {}
+        self.version = 0  # the board's version at the last poll
+        self.training: Dict[str, Dict[str, Any]] = {}  # jobs now training: their latest state
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True, name="raybias-finetune-progress")
 
@@ -222,24 +227,33 @@ class ProgressMonitor:
         import ray
 
         try:
-            snap = ray.get(self.board.snapshot.remote(), timeout=10)
+            self.version, changed = ray.get(self.board.snapshot.remote(self.version), timeout=10)
         except Exception:  # the display must never break training
             return
         now = time.time()
-        for key, s in sorted(snap.items()):
+        for key, s in sorted(changed.items()):
             advance = s["step"] - self.seen.get(key, 0)
             if advance > 0:
                 self.bar.update(advance)
                 self.seen[key] = s["step"]
-            last_t, last_phase = self.last_line.get(key, (0.0, ""))
-            if s["phase"] != last_phase or now - last_t >= self.line_every_s:
-                gen, name = key.split("/", 1)
-                loss = "" if s["loss"] is None else f" loss {s['loss']:.4f}"
-                log.info("[%s %s] step %d/%d%s (%s)", gen, name, s["step"], s["total"], loss, s["phase"])
-                self.last_line[key] = (now, s["phase"])
-        active = [k for k, s in snap.items() if s["phase"] == "training"]
-        if active:
-            self.bar.set_postfix_str(", ".join(sorted(active))[:60], refresh=False)
+            if s["phase"] == "training":
+                self.training[key] = s
+            else:
+                self.training.pop(key, None)
+                self._line(key, s, now)
+        # a line per training job every line_every_s; finished jobs said "done" once, above
+        for key, s in sorted(self.training.items()):
+            self._line(key, s, now)
+        if self.training:
+            self.bar.set_postfix_str(", ".join(sorted(self.training))[:60], refresh=False)
+
+    def _line(self, key: str, s: Dict[str, Any], now: float) -> None:
+        last_t, last_phase = self.last_line.get(key, (0.0, ""))
+        if s["phase"] != last_phase or now - last_t >= self.line_every_s:
+            gen, name = key.split("/", 1)
+            loss = "" if s["loss"] is None else f" loss {s['loss']:.4f}"
+            log.info("[%s %s] step %d/%d%s (%s)", gen, name, s["step"], s["total"], loss, s["phase"])
+            self.last_line[key] = (now, s["phase"])
 
     def close(self) -> None:
         self._stop.set()
@@ -263,13 +277,11 @@ def _capacity(ft) -> int:
 
 
 def _fault_for(generator: str, job: str, run: RunDir) -> Optional[Dict[str, Any]]:
-    spec = os.environ.get(FAULT_ENV)
-    if not spec or ":" not in spec or not run.is_local:
+    """The test suite's armed kill for this job (raybias.faults), else None."""
+    if not run.is_local:
         return None
-    target, step = spec.rsplit(":", 1)
-    if target not in (job, f"{generator}/{job}"):
-        return None
-    return {"step": int(step), "marker": run.local_path(fault_marker(generator, job))}
+    return faults.planned("finetune.step", [job, f"{generator}/{job}"],
+                          marker=run.local_path(fault_marker(generator, job)))
 
 
 def _finetune_dict(cfg, run: RunDir, base: str, base_folder: Optional[str]) -> Dict[str, Any]:
@@ -322,7 +334,7 @@ def _run_trainer(cfg, run: RunDir, jobs: List[Tuple[JobSpec, Dict[str, Any]]], b
         train_loop_per_worker, train_loop_config=loop_cfg,
         scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name or first.name, storage_path=storage, storage_filesystem=None if run.is_local else run.fs,
+            name=name or first.name, storage_path=storage, storage_filesystem=run.fs,
             failure_config=FailureConfig(max_failures=int(f.max_failures)),
             checkpoint_config=CheckpointConfig(num_to_keep=1)))
     trainer.fit()  # raises when the trainer failed more than max_failures times
@@ -366,7 +378,9 @@ def _interleave_groups(work: List[Tuple[JobSpec, Dict[str, Any]]]) -> List[Tuple
 def _run_all(cfg, run: RunDir, trainers: List[Tuple[str, List[Tuple[JobSpec, Dict[str, Any]]]]],
              on_done, total_steps: int) -> Dict[str, Exception]:
     """Run every trainer (a name and its one job or pack of jobs), as many at once as the
-    cluster holds; `on_done(job, record)` for each job as its trainer finishes."""
+    cluster holds; `on_done([(job, record), ...])` once per trainer as it finishes, with its
+    finished jobs (one call for a whole pack: its bookkeeping is one manifest write, not one
+    per job)."""
     import ray
 
     errors: Dict[str, Exception] = {}
@@ -374,32 +388,27 @@ def _run_all(cfg, run: RunDir, trainers: List[Tuple[str, List[Tuple[JobSpec, Dic
         return errors
     board = _progress_board_class().remote()
     monitor = ProgressMonitor(board, total_steps).start()
-    pool = ThreadPoolExecutor(max_workers=min(len(trainers), _capacity(cfg.finetune)),
-                              thread_name_prefix="raybias-finetune")
+
+    def done(item, records) -> None:
+        on_done([(job, records[job.key]) for job, _ in item[1]])
+
+    def failed(item, exc) -> None:
+        # a pack's jobs published before the failure are kept; the others failed
+        unit, kept = item[1], []
+        for job, _ in unit:
+            if len(unit) > 1 and run.exists(training_json(job.generator, job.name)):
+                kept.append((job, run.read_json(training_json(job.generator, job.name))))
+            else:
+                errors[job.key] = exc
+        if kept:
+            on_done(kept)
+
     try:
-        futures = {pool.submit(_run_trainer, cfg, run, jobs, board, name): (name, jobs) for name, jobs in trainers}
-        for fut in as_completed(futures):
-            name, jobs = futures[fut]
-            try:
-                records = fut.result()
-                for job, _ in jobs:
-                    on_done(job, records[job.key])
-            except Exception as exc:  # one trainer failing must not stop the others
-                # a pack's jobs published before the failure are kept; the others failed
-                for job, _ in jobs:
-                    if len(jobs) > 1 and run.exists(training_json(job.generator, job.name)):
-                        on_done(job, run.read_json(training_json(job.generator, job.name)))
-                    else:
-                        errors[job.key] = exc
-    except BaseException:
-        # Ctrl-C: start nothing more; running trainers end with the driver, and --resume
-        # continues them from their checkpoints.
-        pool.shutdown(wait=False, cancel_futures=True)
-        raise
+        run_trainers(trainers, lambda item: _run_trainer(cfg, run, item[1], board, item[0]), _capacity(cfg.finetune),
+                     name="raybias-finetune", on_done=done, on_error=failed)
     finally:
         monitor.close()
         ray.kill(board)
-    pool.shutdown(wait=True)
     return errors
 
 
@@ -482,23 +491,21 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         if gen not in finetuned_generators():
             raise ConfigError(f"finetune: {gen!r} needs no fine-tuning (fine-tuned generators: "
                               + ", ".join(finetuned_generators()) + ")")
-        key = finetune_key(gen)
-        sections = GENERATORS[gen].sections
-        prev = run.stage_record(key)
-        same_config = run.matches(prev, cfg, sections)
-        st = run.begin_stage(key, cfg, sections, mode)
-        if st.skip and run.exists(generator_manifest(gen)):
+        # partial: finished jobs (their training.json) and a killed job's checkpoints are kept
+        # when resuming the same config; anything else of the generator's is wiped first
+        st = run.stage(finetune_key(gen), cfg, GENERATORS[gen].sections, mode, partial=True,
+                       owns=(generator_dir(gen),), outputs=(generator_manifest(gen),),
+                       needs=(PREPARE_KEY, CLUSTER_KEY) if "cluster" in GENERATORS[gen].sections else (PREPARE_KEY,))
+        if st.skip:
             out[gen] = run.read_json(generator_manifest(gen))
             continue
-        if mode == "fresh" or not same_config:
-            run.delete(generator_dir(gen))  # nothing of another config may be resumed
         if info is None:
             init_ray(cfg)
             require_gpus(cfg.finetune.num_gpus_per_job, "finetune (finetune.num_gpus_per_job)")
             info = DatasetInfo.load(run)
             train_ids = _train_ids(run)
         plan = plan_generator(cfg, run, info, gen, train_ids)
-        pending.append((gen, plan, key))
+        pending.append((gen, plan, st))
         run.delete(generator_manifest(gen))
     if not pending:
         return out
@@ -507,13 +514,12 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
     records: Dict[str, Dict[str, Dict[str, Any]]] = {gen: {} for gen, _, _ in pending}
     every_job: List[Tuple[JobSpec, Dict[str, Any]]] = []
     finished = set()
-    done_units = {gen: set(run.stage_record(key).get("units", [])) for gen, _, key in pending}
-    for gen, plan, key in pending:
+    for gen, plan, st in pending:
         ft = _finetune_dict(cfg, run, base, base_folder)
         for job in plan.jobs:
             every_job.append((job, ft))
             record = training_json(job.generator, job.name)
-            if job.name in done_units[gen] and run.exists(record):
+            if job.name in st.done_units and run.exists(record):
                 records[gen][job.name] = run.read_json(record)  # finished earlier: not trained again
                 finished.add(job.key)
     every_job = _interleave_groups(every_job)
@@ -530,17 +536,22 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         + (f", in {len(trainers)} trainer(s)" if per_trainer > 1 else "")
           + f" ({', '.join(g for g, _, _ in pending)}; base {base})", flush=True)
 
+    stages = {gen: st for gen, _, st in pending}
     lock = threading.Lock()
 
-    def on_done(job: JobSpec, record: Dict[str, Any]) -> None:
-        with lock:  # the manifest is read-modify-write
-            records[job.generator][job.name] = record
-            run.mark_units(finetune_key(job.generator), [job.name])
+    def on_done(finished: List[Tuple[JobSpec, Dict[str, Any]]]) -> None:
+        with lock:  # trainers' threads report here
+            names: Dict[str, List[str]] = {}
+            for job, record in finished:
+                records[job.generator][job.name] = record
+                names.setdefault(job.generator, []).append(job.name)
+            for gen, done in names.items():  # one manifest write per trainer, not per job
+                stages[gen].unit_done(*done)
 
     started = time.time()
     errors = _run_all(cfg, run, trainers, on_done, total_steps=int(cfg.finetune.steps) * len(todo))
     failed_gens = {name.split("/", 1)[0] for name in errors}
-    for gen, plan, key in pending:
+    for gen, plan, st in pending:
         if gen in failed_gens:
             continue
         manifest = _manifest(cfg, gen, plan, records[gen], base)
@@ -550,7 +561,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         except Exception as exc:
             log.warning("fine-tuning %s: its samples.png was not written (%s)", gen, exc)
         trained = [records[gen][j.name] for j in plan.jobs]
-        run.finish_stage(key, outputs=(generator_manifest(gen),), info={
+        st.finish({
             "trained": len(plan.jobs), "borrowed": sum(1 for e in plan.entries if e["borrowed_from"]),
             "wall_seconds": round(time.time() - started, 2),
             "job_wall_seconds": {r["name"]: r.get("wall_seconds") for r in trained},
@@ -570,14 +581,29 @@ def _short(exc: Exception, limit: int = 400) -> str:
     return text if len(text) <= limit else text[:limit] + " ..."
 
 
+# At most this many models get a line of their own in the stage's summary (a thousand
+# per-cluster models would be a thousand lines); the manifest lists them all.
+MAX_SUMMARY_LINES = 24
+
+
 def _print_summary(gen: str, manifest: Dict[str, Any], records: Dict[str, Dict[str, Any]]) -> None:
     say(f"{finetune_key(gen)}: {len(manifest['models'])} model(s)")
-    for m in manifest["models"]:
+    shown = manifest["models"]
+    if len(shown) > MAX_SUMMARY_LINES:
+        keep = set(preview_sample(range(len(shown)), MAX_SUMMARY_LINES))
+        shown = [m for i, m in enumerate(shown) if i in keep]
+    for m in shown:
         rec = records.get(m["borrowed_from"] or m["name"], {})
         how = (f"borrows {m['borrowed_from']} (negative prompt {m['negative_prompt']!r})" if m["borrowed_from"]
                else f"{m['n_images']} images, {m['steps']} steps, loss {m['final_loss']:.4f}, "
                     f"{rec.get('wall_seconds', 0):.1f}s")
         say(f"  {m['name']:<8} weight {m['weight']:.2f}  {m['prompt_template']!r:<28} {how}")
+    if len(shown) < len(manifest["models"]):
+        steps = [m["steps"] for m in manifest["models"] if not m["borrowed_from"]]
+        losses = [m["final_loss"] for m in manifest["models"] if not m["borrowed_from"]]
+        say(f"  ... {len(shown)} of {len(manifest['models'])} models shown; all {len(steps)} trained for "
+            f"{min(steps)}-{max(steps)} steps, final loss {min(losses):.4f}-{max(losses):.4f} "
+            f"({generator_manifest(gen)} lists them)")
 
 
 def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") -> Dict[str, Any]:

@@ -4,7 +4,9 @@ For each generator (vanilla, lora, dreambooth, clustered_dreambooth) `generate_s
 the plan (`raybias.generation.plan`), saves it as `synthetic/<gen>/plan.json`, and runs the
 unfinished work units through a Ray Data actor pool of `SamplerActor`s, each of which
 writes its unit's shard `synthetic/<gen>/shards/unit-NNNNN.parquet` atomically. The stage
-key is `generate/<gen>`; finished units are marked in the manifest as they arrive.
+key is `generate/<gen>`; a unit's shard is its record, and the stage's record lists the
+units once, when it finishes. The plan is a unit table, not a list of images (see
+`raybias.generation.plan`), so it costs the same for ten images as for ten million.
 
 Modes: `fresh` deletes the generator's synthetic folder and makes everything; `resume` and
 `auto` keep every shard that reads whole with the planned ids (a shard of a crashed run
@@ -21,20 +23,16 @@ from raybias.config import config_hash
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.diffusion.backbone import resolve_base_model
-from raybias.generation.plan import build_plan, describe_plan, load_plan, models_for, plan_signature, save_plan
+from raybias.generation.plan import build_plan, describe_plan, is_current, load_plan, models_for, same_plan, save_plan
 from raybias.generation.runner import missing_units, run_units, sample_grid, sampling_settings, unit_key
 from raybias.generation.shards import sort_out_shards
-from raybias.layout import generate_key, generator_dir, scores_path, synthetic_dir, synthetic_samples
+from raybias.layout import PREPARE_KEY, finetune_key, generate_key, generator_dir, scores_path, synthetic_dir, synthetic_samples
 from raybias.methods import generate_sections, generators_needed
 from raybias.ray_utils import init_ray, require_gpus
-from raybias.registry import GENERATORS
+from raybias.registry import GENERATORS, finetuned_generators
 from raybias.rundir import RunDir, StageFailed
 
 log = logging.getLogger("raybias.generation")
-
-
-def _wipe(run: RunDir, generator: str) -> None:
-    run.delete(synthetic_dir(generator))
 
 
 def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbose: bool = True,
@@ -42,21 +40,24 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     """Make (or finish) `generator`'s synthetic set; returns a summary (counts, images/s, paths)."""
     key = generate_key(generator)
     sections = tuple(sections or generate_sections(generator))
-    previous = run.stage_record(key)
-    same_config = run.matches(previous, cfg, sections)
-    st = run.begin_stage(key, cfg, sections, mode)
     plan = load_plan(run, generator)
+
+    def shards_whole() -> Optional[str]:
+        # A unit's shard is its record: the set is whole when every planned shard reads whole.
+        if not is_current(plan):  # missing, or an earlier raybias's (same_plan below may keep its shards)
+            return "its plan is missing" if plan is None else "its plan is in an earlier raybias's form"
+        whole, _ = sort_out_shards(run, generator, plan)
+        missing = plan["n_units"] - len(whole)
+        return f"{missing} of its {plan['n_units']} shards are missing or broken" if missing else None
+
+    # partial: a resumed (or damaged) set keeps every shard that reads whole with its planned ids
+    needs = (PREPARE_KEY, finetune_key(generator)) if generator in finetuned_generators() else (PREPARE_KEY,)
+    st = run.stage(key, cfg, sections, mode, owns=(synthetic_dir(generator),), partial=True, verify=shards_whole,
+                   needs=needs)
     if st.skip:
-        if plan is not None:
-            whole, _ = sort_out_shards(run, generator, plan["units"])
-            if len(whole) == len(plan["units"]):
-                if verbose:
-                    say(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
-                return _summary(run, generator, plan, (previous or {}).get("info", {}))
-        # recorded as done but shards are gone or broken: make those again, keeping the rest
-        log.warning("%s is marked done but shards are missing or broken; making them again", key)
-        run.begin_stage(key, cfg, sections, "fresh")
-        mode = "resume"
+        if verbose:
+            say(f"generate {generator}: finished earlier ({plan['n_images']} images), skipped")
+        return _summary(run, generator, plan, st.record_info)
 
     g = cfg.generate
     info = DatasetInfo.load(run)
@@ -68,22 +69,21 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     new_plan = build_plan(generator, info, models, balance=g.balance, per_group=g.per_group,
                           unit_size=g.unit_size, seed=g.seed, sampling=sampling_settings(g),
                           base_model=base_model, config_hash=config_hash(cfg, sections))
-    keep_shards = (mode != "fresh" and same_config and plan is not None
-                   and plan_signature(plan) == plan_signature(new_plan))
-    if not keep_shards:
-        _wipe(run, generator)
+    if st.resumable and not same_plan(plan, new_plan):
+        # the same config over other inputs (a re-run fine-tune, another data description)
+        run.delete(synthetic_dir(generator))
     plan = new_plan
     save_plan(run, plan)
     # A unit's shard is its record: finishing one costs no manifest write (a rewrite per unit
     # was quadratic over a stage), and resume reads the shards' footers (sort_out_shards).
-    whole, broken = sort_out_shards(run, generator, plan["units"])
+    whole, broken = sort_out_shards(run, generator, plan)
     done = set(whole)
-    todo = [u for u in plan["units"] if u["unit"] not in done]
+    todo = [n for n in range(plan["n_units"]) if n not in done]
     if verbose:
         say(f"generate {generator}: plan ({g.balance})")
         say(describe_plan(plan, info))
         if done:
-            say(f"resuming: {len(done)} of {len(plan['units'])} units already whole"
+            say(f"resuming: {len(done)} of {plan['n_units']} units already whole"
                 + (f", {len(broken)} broken shard(s) redone" if broken else ""))
     facts: Dict[str, Any] = {}
     if todo:
@@ -93,7 +93,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
         require_gpus(g.num_gpus, f"generate ({generator})")
         facts = run_units(run, plan, todo, base_model=base_model, base_revision=cfg.base.revision,
                           concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
-                          progress=verbose, allow_pickle=cfg.base.allow_pickle)
+                          progress=verbose, allow_pickle=cfg.base.allow_pickle, model_cache_gb=g.model_cache_gb)
     left = missing_units(run, generator, plan)
     if left:
         raise StageFailed(f"generate {generator}: {len(left)} planned unit(s) have no shard "
@@ -101,11 +101,11 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
     if facts:
         plan["runtime"] = {k: facts[k] for k in ("attention", "device", "dtype") if k in facts}
         save_plan(run, plan)
-    grid = sample_grid(run, plan, info, synthetic_samples(generator)) if plan["units"] else None
-    record = {"n_images": plan["n_images"], "units": len(plan["units"]),
+    grid = sample_grid(run, plan, info, synthetic_samples(generator)) if plan["n_units"] else None
+    record = {"n_images": plan["n_images"], "units": plan["n_units"],
               "made_now": facts.get("images", 0), "images_per_s": round(facts.get("images_per_s", 0.0), 3),
               **plan.get("runtime", {})}
-    run.finish_stage(key, record, units=[unit_key(u["unit"]) for u in plan["units"]])
+    st.finish(record, units=[unit_key(n) for n in range(plan["n_units"])])
     if verbose:
         rate = f" at {facts['images_per_s']:.2f} images/s" if facts.get("images") else ""
         say(f"generate {generator}: {plan['n_images']} images in {run.path(synthetic_dir(generator))}{rate}"
@@ -114,7 +114,7 @@ def generate_set(cfg, run: RunDir, generator: str, mode: str = "fresh", *, verbo
 
 
 def _summary(run: RunDir, generator: str, plan: Dict[str, Any], record: Dict[str, Any]) -> Dict[str, Any]:
-    return {"generator": generator, "n_images": plan["n_images"], "units": len(plan["units"]),
+    return {"generator": generator, "n_images": plan["n_images"], "units": plan["n_units"],
             "group_counts": {int(k): v for k, v in plan["group_counts"].items()},
             "path": run.path(synthetic_dir(generator)), **record}
 

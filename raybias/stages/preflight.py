@@ -75,14 +75,22 @@ def _detected_gpus() -> Optional[float]:
         return None
 
 
-def known_gpus(cfg) -> Optional[Tuple[float, str]]:
-    """(GPUs the run's Ray will have, how that is known), or None when it is not known yet."""
+def _known(cfg, resource: str) -> Optional[Tuple[float, str]]:
+    """(`resource` the Ray this process is connected to has, how that is known), None when no
+    Ray is running here and the run's is not a local one (an autoscaling cluster may grow: its
+    stage asks the live cluster); "unknown" when it is to be decided from the config."""
     ray = sys.modules.get("ray")
     if ray is not None and getattr(ray, "is_initialized", lambda: False)():
-        have = float(ray.cluster_resources().get("GPU", 0.0))
+        have = float(ray.cluster_resources().get(resource, 0.0))
         return have, f"the Ray cluster this process is connected to has {have:g}"
-    if not local_ray(cfg):
-        return None
+    return None if not local_ray(cfg) else (-1.0, "unknown")
+
+
+def known_gpus(cfg) -> Optional[Tuple[float, str]]:
+    """(GPUs the run's Ray will have, how that is known), or None when it is not known yet."""
+    known = _known(cfg, "GPU")
+    if known is None or known[1] != "unknown":
+        return known
     if cfg.ray.num_gpus is not None:
         return float(cfg.ray.num_gpus), f"the local Ray is started with ray.num_gpus={cfg.ray.num_gpus}"
     found = _detected_gpus()
@@ -106,6 +114,34 @@ def check_gpus(cfg, key: str, value, per_task: float, what: str, fix: str) -> No
     if have + 1e-9 < float(per_task):
         raise ConfigError(f"config key '{key}' has value {value!r}, which asks for {float(per_task):g} GPU(s) "
                           f"{what}, but {where}; set {fix} to run on CPU, or give Ray more GPUs (ray.num_gpus)")
+
+
+def known_cpus(cfg) -> Optional[Tuple[float, str]]:
+    """(CPUs the run's Ray will have, how that is known), or None when it is not known yet."""
+    known = _known(cfg, "CPU")
+    if known is None or known[1] != "unknown":
+        return known
+    if cfg.ray.num_cpus:
+        return float(cfg.ray.num_cpus), f"the local Ray is started with ray.num_cpus={cfg.ray.num_cpus}"
+    n = float(os.cpu_count() or 1)
+    return n, f"the local Ray will have this machine's {n:g} CPUs (ray.num_cpus is unset)"
+
+
+def check_pool(cfg, what: str, concurrency_key: str, concurrency: int, cpus_per_actor: float,
+               per_actor_key: str, reads: bool) -> None:
+    """ConfigError if an actor pool of `concurrency` actors (plus one CPU for Ray Data's read
+    tasks, when the pool's input is read from Parquet) cannot all be placed at once: Ray Data
+    would wait for them, or the reads would wait behind them, for ever."""
+    known = known_cpus(cfg)
+    if known is None:
+        return
+    have, where = known
+    need = int(concurrency) * float(cpus_per_actor) + (1.0 if reads else 0.0)
+    if have + 1e-9 < need:
+        parts = f"{concurrency_key}={concurrency} actor(s) x {float(cpus_per_actor):g} CPU ({per_actor_key})"
+        parts += " + 1 CPU for Ray Data's read tasks" if reads else ""
+        raise ConfigError(f"{what} needs {need:g} CPUs at once ({parts}), but {where}; lower {concurrency_key}, "
+                          "or give Ray more CPUs (ray.num_cpus)")
 
 
 # --------------------------------------------------------------------------- shared checks
@@ -170,6 +206,9 @@ def check_embed(cfg, methods: Sequence[str]) -> None:
     _embedder_model(cfg, cfg.embed.embedder)
     check_gpus(cfg, "embed.num_gpus", cfg.embed.num_gpus, cfg.embed.num_gpus, "per embed actor",
                "embed.num_gpus=0")
+    e = cfg.embed
+    check_pool(cfg, "embed", "embed.concurrency", e.concurrency, 0.0 if e.num_gpus > 0 else 1.0,
+               "embed.num_gpus=0: one CPU each", reads=True)
 
 
 def check_cluster(cfg, methods: Sequence[str]) -> None:
@@ -191,6 +230,8 @@ def check_generate(cfg, methods: Sequence[str]) -> None:
     _base_model(cfg)
     g = cfg.generate
     check_gpus(cfg, "generate.num_gpus", g.num_gpus, g.num_gpus, "per sampler actor", "generate.num_gpus=0")
+    check_pool(cfg, "generate", "generate.concurrency", g.concurrency, 0.0 if g.num_gpus > 0 else g.num_cpus,
+               "generate.num_cpus", reads=False)
     _attention(cfg)
 
 
@@ -217,6 +258,8 @@ def check_filter(cfg, methods: Sequence[str]) -> None:
     num_gpus = float(opts.get("num_gpus") or 0)
     check_gpus(cfg, "embed.num_gpus", cfg.embed.num_gpus, num_gpus, "per filter actor (the filter embeds "
                "with the embed section's settings)", "embed.num_gpus=0")
+    check_pool(cfg, "filter", "embed.concurrency", int(opts.get("concurrency") or 1), 0.0 if num_gpus > 0 else 1.0,
+               "embed.num_gpus=0: one CPU each", reads=False)
 
 
 def check_ddb(cfg, methods: Sequence[str]) -> None:
@@ -227,6 +270,8 @@ def check_ddb(cfg, methods: Sequence[str]) -> None:
     check_gpus(cfg, "finetune.num_gpus_per_job", ft.num_gpus_per_job, ft.num_gpus_per_job,
                "for the DDB diffusion model's training job", "finetune.num_gpus_per_job=0")
     check_gpus(cfg, "generate.num_gpus", g.num_gpus, g.num_gpus, "per DDB sampler actor", "generate.num_gpus=0")
+    check_pool(cfg, "ddb generation", "generate.concurrency", g.concurrency, 0.0 if g.num_gpus > 0 else g.num_cpus,
+               "generate.num_cpus", reads=False)
     _attention(cfg)
     _classifier(cfg, cfg.train, "the DDB bias amplifier")
 

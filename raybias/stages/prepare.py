@@ -89,14 +89,12 @@ def _image_batches(table: pd.DataFrame, data_cfg) -> Iterator[pd.DataFrame]:
 
 def run_prepare(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> DatasetInfo:
     notes: List[str] = []
-    with run.stage(PREPARE_KEY, cfg, SECTIONS, mode, outputs=(REAL, INFO)) as st:
+    # One table written in one go (not partial): an earlier prepare's table and info are
+    # removed before the work, so a failure below can never leave them looking finished.
+    with run.stage(PREPARE_KEY, cfg, SECTIONS, mode, outputs=(REAL, INFO), owns=(INFO, REAL)) as st:
         if st.skip:
             info = DatasetInfo.load(run)
         else:
-            # What an earlier prepare left is stale now (the manifest already says not done):
-            # remove it first, so a failure below can never leave it looking finished.
-            run.delete(INFO)
-            run.delete(REAL)
             init_ray(cfg)
             src = load_source(cfg.data)
             notes.extend(src.extra.get("warnings", []))

@@ -1,15 +1,19 @@
 """Stage `report`: `report/report.md` with the results a user reads, and its figures.
 
 For a run: the results table (per method WGA, AGA, accuracy as mean ± std over seeds),
-per-group test accuracies, a bar chart of WGA per method, sample grids of real and
-synthetic images per group (drawn from the id/group columns; only the drawn images are
-read), stage timings (per stage its wall time; the run's wall clock from report/timings.json,
+per-group test accuracies, a bar chart of WGA per method, the stage 2 each two-stage
+classifier kept (with stage2=auto: every candidate's validation WGA), the synthetic sets'
+diagnostics per generator and group (raybias/generation/diagnostics.py: label fidelity,
+diversity, KID; measured by `run_report` before it writes, a table and a plot), sample grids
+of real and synthetic images per group (drawn from the id/group columns; only the drawn
+images are read), stage timings (per stage its wall time; the run's wall clock from report/timings.json,
 never a sum of stages that overlapped) and the machine and package versions. For a sweep
 directory: the same table per severity and a WGA-vs-severity line plot per method.
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import zlib
@@ -20,11 +24,11 @@ import numpy as np
 import pandas as pd
 import pyarrow.parquet as pq
 
-from raybias.classify.metrics import collect_metrics, pct, summarize
+from raybias.classify.metrics import collect_metrics, metrics_records, pct, summarize
 from raybias.console import say
-from raybias.layout import (CLASSIFIERS_DIR, INFO, REAL, REPORT_DIR, REPORT_MD, REPORT_SAMPLES_PNG,
+from raybias.layout import (CLASSIFIERS_DIR, DIAGNOSTICS_PNG, INFO, REAL, REPORT_DIR, REPORT_MD, REPORT_SAMPLES_PNG,
                             RESULTS_BY_SEED_CSV, SWEEP_REPORT, SWEEP_RESULTS, SYNTHETIC_DIR, TIMINGS, WGA_PNG,
-                            scores_path, severity_png, shard_path, stage_of, synthetic_samples)
+                            diagnostics_path, scores_path, severity_png, shard_path, stage_of, synthetic_samples)
 from raybias.machine import machine_line
 from raybias.rundir import RunDir
 
@@ -392,6 +396,169 @@ def _timings_table(run: RunDir) -> str:
     return timings_table(run.manifest()["stages"], timings)
 
 
+# --- two-stage: which stage 2 --------------------------------------------------------------
+
+def stage2_records(run: RunDir, methods: Optional[List[str]] = None) -> List[Dict]:
+    """(method, seed, metrics.json's "stage2") of every two-stage classifier, by method and seed."""
+    out = [{"method": method, "seed": seed, "stage2": rec["stage2"], "val_wga": rec["val"]["wga"],
+            "test_wga": rec["test"]["wga"]}
+           for method, seed, rec in metrics_records(run, methods) if rec.get("stage2")]
+    rank = {m: i for i, m in enumerate(methods or [])}
+    return sorted(out, key=lambda r: (rank.get(r["method"], len(rank)), r["method"], r["seed"]))
+
+
+def _rank_field(s2: Dict) -> Tuple[str, str]:
+    """(the candidates' field that ranked them, in words) of an auto stage 2."""
+    if s2.get("rank", "best") == "final":
+        return "final_val_wga", "val WGA at the candidates' last epoch"
+    return "val_wga", "val WGA at the candidates' best epoch"
+
+
+def stage2_line(rec: Dict) -> str:
+    """'stage 2: full+groupdro chosen, val WGA 96.8 (head+erm 62.0, ...)' for one classifier."""
+    s2 = rec["stage2"]
+    if s2.get("mode") != "auto":
+        return f"stage 2: {s2['chosen']} (fixed), val WGA {pct(rec['val_wga'])}"
+    key, words = _rank_field(s2)
+    cands = s2.get("candidates", {})
+    others = ", ".join(f"{c} {pct(cands[c][key])}" for c in s2["order"] if c in cands and c != s2["chosen"])
+    return f"stage 2: {s2['chosen']} chosen, {words} {pct(cands[s2['chosen']][key])} ({others})"
+
+
+def stage2_table(records: List[Dict]) -> str:
+    """Markdown: per two-stage classifier, the stage 2 kept and every candidate's val (test) WGA."""
+    order: List[str] = []
+    for r in records:
+        order += [c for c in r["stage2"].get("order", []) if c not in order]
+    lines = ["| method | seed | stage 2 kept | " + " | ".join(order) + " |", "|---|---|---|" + "---|" * len(order)]
+    for r in records:
+        s2 = r["stage2"]
+        cands = s2.get("candidates") or {s2["chosen"]: {"val_wga": r["val_wga"], "test_wga": r["test_wga"]}}
+        cells = []
+        for c in order:
+            v = cands.get(c)
+            final = "" if v is None or v.get("final_val_wga") is None else f" / {pct(v['final_val_wga'])}"
+            cell = "–" if v is None else f"{pct(v['val_wga'])}{final} ({pct(v.get('test_wga'))})"
+            cells.append(f"**{cell}**" if c == s2["chosen"] else cell)
+        kept = f"{s2['chosen']} ({'auto' if s2.get('mode') == 'auto' else 'fixed'})"
+        lines.append(f"| {r['method']} | {r['seed']} | {kept} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def stage2_section(run: RunDir, methods: Optional[List[str]]) -> List[str]:
+    records = stage2_records(run, methods)
+    if not records:
+        return []
+    return ["## Two-stage: stage 2", "",
+            "Per classifier, the stage 2 it kept and each candidate's validation WGA at its best epoch / at "
+            "its last epoch (test WGA at its best epoch in brackets, for reading only: the choice sees "
+            "validation alone; the kept one in bold; train.stage2_rank says which validation WGA ranked "
+            "them). Every candidate starts from the same stage-1 model, and the kept model is the "
+            "chosen candidate's best epoch.", "",
+            stage2_table(records), "", *[f"- {r['method']} seed {r['seed']}: {stage2_line(r)}" for r in records], ""]
+
+
+# --- synthetic data diagnostics ------------------------------------------------------------
+
+def diagnostics_records(run: RunDir, methods: Optional[List[str]] = None) -> List[Dict]:
+    """Every synthetic/<gen>/diagnostics.json, in `methods` order."""
+    gens = [g for g in run.listdir(SYNTHETIC_DIR) if run.exists(diagnostics_path(g))]
+    rank = {m: i for i, m in enumerate(methods or [])}
+    return [run.read_json(diagnostics_path(g)) for g in sorted(gens, key=lambda g: (rank.get(g, len(rank)), g))]
+
+
+def _num(v: Optional[float], scale: float = 1.0, digits: int = 3) -> str:
+    return "–" if v is None else f"{scale * v:.{digits}f}"
+
+
+def diagnostics_table(records: List[Dict]) -> str:
+    """Markdown: one row per (generator, group)."""
+    lines = ["| generator | group | generated | sampled (real) | class % | bias % | both % | both, kept % | "
+             "real both % | diversity (real) | KID ×10³ |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for rec in records:
+        for g in rec["groups"]:
+            lines.append(f"| {rec['generator']} | {g['name']} | {g['n_generated']} | {g['n_sampled']} ({g['n_real']}) | "
+                         f"{pct(g['class_fidelity'])} | {pct(g['bias_fidelity'])} | {pct(g['fidelity'])} | "
+                         f"{pct(g['fidelity_kept'])} | {pct(g['real_fidelity'])} | "
+                         f"{_num(g['diversity'])} ({_num(g['real_diversity'])}) | {_num(g['kid'], 1e3, 2)} |")
+    return "\n".join(lines)
+
+
+def diagnostics_summary(records: List[Dict]) -> pd.DataFrame:
+    """Per generator, means over its groups: fidelity, diversity / real diversity, KID."""
+    rows = []
+    for rec in records:
+        gs = rec["groups"]
+
+        def mean(vals):
+            vals = [v for v in vals if v is not None]
+            return float(np.mean(vals)) if vals else None
+
+        rows.append({"generator": rec["generator"], "fidelity": mean(g["fidelity"] for g in gs),
+                     "worst_fidelity": min((g["fidelity"] for g in gs if g["fidelity"] is not None), default=None),
+                     "diversity_ratio": mean(g["diversity"] / g["real_diversity"] for g in gs
+                                             if g["diversity"] is not None and g["real_diversity"]),
+                     "kid": mean(g["kid"] for g in gs)})
+    return pd.DataFrame(rows)
+
+
+def diagnostics_plot(records: List[Dict]):
+    """Three panels, groups on x, one bar per generator: label fidelity (the reader on real
+    images as a line), diversity (the real group's as a line), KID."""
+    plt = _plt()
+    names = [g["name"] for g in records[0]["groups"]]
+    x = np.arange(len(names))
+    width = 0.8 / max(1, len(records))
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    panels = [("fidelity", "label fidelity (%)", 100, "real_fidelity"), ("diversity", "diversity (1 − cos)", 1,
+                                                                          "real_diversity"), ("kid", "KID", 1, None)]
+    for ax, (key, label, scale, real_key) in zip(axes, panels):
+        for i, rec in enumerate(records):
+            vals = [np.nan if g[key] is None else scale * g[key] for g in rec["groups"]]
+            ax.bar(x + (i - (len(records) - 1) / 2) * width, vals, width, label=rec["generator"])
+        if real_key is not None:
+            real = [np.nan if g[real_key] is None else scale * g[real_key] for g in records[0]["groups"]]
+            ax.scatter(x, real, color="k", marker="_", s=400, zorder=3, label="real group")
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.suptitle("synthetic sets per generator and group (sampled; embedder space)", fontsize=9)
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
+    return fig
+
+
+def diagnostics_section(run: RunDir, methods: Optional[List[str]], problem: Optional[str] = None) -> List[str]:
+    records = diagnostics_records(run, methods)
+    if not records:
+        return ["## Synthetic data diagnostics", "", f"(diagnostics unavailable: {problem})", ""] if problem else []
+    run.write_figure(DIAGNOSTICS_PNG, diagnostics_plot(records))
+    first = records[0]
+    reader = {"oracle": "the builtin oracle (digit among the class's members, colour = the group's word)",
+              "clip": "CLIP zero-shot (the group prompt nearest the image)",
+              "none": "no reader for this data (fidelity not measured)"}[first["reader"]]
+    summary = diagnostics_summary(records)
+    lines = ["| generator | mean fidelity % | worst-group fidelity % | diversity / real | mean KID ×10³ |",
+             "|---|---|---|---|---|"]
+    for _, r in summary.iterrows():
+        lines.append(f"| {r.generator} | {pct(r.fidelity)} | {pct(r.worst_fidelity)} | {_num(r.diversity_ratio, 1, 2)} | "
+                     f"{_num(r.kid, 1e3, 2)} |")
+    out = ["## Synthetic data diagnostics", "",
+           f"Per generator and group, on up to {first['sample_per_group']} generated images (all, before the filter) "
+           f"and as many real training images of the group (seed {first['seed']}), in the {first['embedder']} "
+           f"embedder's space. Label fidelity: the share in which {reader} reads the class and bias asked for "
+           "('both, kept': among the filter's kept; 'real both': the reader on real images, its own ceiling). "
+           "Diversity: mean pairwise 1 − cos, the real group's in brackets. KID: unbiased MMD² with the "
+           "cubic polynomial kernel (Binkowski et al. 2018) to the real group; small real groups make it noisy.",
+           "", diagnostics_table(records), "", *lines, "",
+           f"![diagnostics per generator and group]({_from_report(DIAGNOSTICS_PNG)})", ""]
+    if problem:
+        out += [f"(not measured this time: {problem})", ""]
+    return out
+
+
 # --- the report ----------------------------------------------------------------------------
 
 def _group_table(summary: pd.DataFrame, info) -> str:
@@ -407,7 +574,8 @@ def _group_table(summary: pd.DataFrame, info) -> str:
     return "\n".join(lines)
 
 
-def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Optional[str] = None) -> str:
+def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Optional[str] = None,
+                     diagnostics_problem: Optional[str] = None) -> str:
     from raybias.data.info import DatasetInfo
 
     info = DatasetInfo.load(run)
@@ -431,8 +599,8 @@ def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Op
                   "Test accuracy in %, mean ± std over seeds; model selection by validation worst-group accuracy.",
                   "", results_table(summary), "", f"![WGA per method]({_from_report(WGA_PNG)})", "",
                   "## Per-group test accuracy", "", _group_table(summary, info), ""]
-        df.to_csv(run.path(RESULTS_BY_SEED_CSV), index=False) if run.is_local else \
-            run.write_text(RESULTS_BY_SEED_CSV, df.to_csv(index=False))
+        parts += stage2_section(run, methods)
+        run.write_text(RESULTS_BY_SEED_CSV, df.to_csv(index=False))
     try:
         plan = plan_sample_grid(run, info.n_groups)
         run.write_figure(REPORT_SAMPLES_PNG, sample_grid(run, plan=plan))
@@ -441,6 +609,7 @@ def write_run_report(run: RunDir, methods: Optional[List[str]] = None, title: Op
         parts += [*note, ""] if note else []
     except Exception as exc:  # a report must not fail on a missing picture
         parts += ["## Samples", "", f"(sample grid unavailable: {exc})", ""]
+    parts += diagnostics_section(run, methods, diagnostics_problem)
     parts += ["## Stage timings", "", _timings_table(run), ""]
     parts += ["## Machine", "", f"Report written on: {machine_line()}", ""]
     text = "\n".join(parts)
@@ -454,8 +623,20 @@ def _close_figures() -> None:
 
 
 def run_report(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> str:
-    # The report is cheap and reflects everything in the run: always rewritten.
-    text = write_run_report(run, list(cfg.methods))
+    # The report is cheap and reflects everything in the run: always rewritten. The synthetic
+    # sets' diagnostics are measured first (skipped where finished with the same config).
+    from raybias.generation.diagnostics import run_diagnostics
+
+    problem = None
+    try:
+        run_diagnostics(cfg, run, mode, verbose)
+    except Exception as exc:  # the report must still be written; it says what went wrong
+        from raybias.errors import first_line
+
+        problem = f"{type(exc).__name__}: {first_line(exc)}"
+        if verbose:
+            say(f"diagnostics not measured: {problem}")
+    text = write_run_report(run, list(cfg.methods), diagnostics_problem=problem)
     if verbose:
         summary = summarize(collect_metrics(run, list(cfg.methods)), order=list(cfg.methods))
         if not summary.empty:
@@ -472,8 +653,7 @@ def write_sweep_report(sweep_dir: str) -> str:
     run = RunDir(sweep_dir)
     if not run.exists(SWEEP_RESULTS):
         raise FileNotFoundError(f"{run.path(SWEEP_RESULTS)} does not exist (is this a sweep directory?)")
-    df = pd.read_csv(run.path(SWEEP_RESULTS)) if run.is_local else pd.read_csv(
-        __import__("io").StringIO(run.read_text(SWEEP_RESULTS)))
+    df = pd.read_csv(io.StringIO(run.read_text(SWEEP_RESULTS)))
     df["severity_num"] = df["severity"].map(lambda s: 1.0 if str(s) == "original" else float(s))
     keys = ["severity_num", "synthetic_ratio", "method"]
     summary = summarize(df, keys=keys)

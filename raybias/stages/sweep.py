@@ -187,12 +187,16 @@ def run_sweep(cfg, run: RunDir, mode: str = "auto", verbose: bool = True) -> pd.
     # Tune refuses an all-zero request, so the trial asks for a sliver of a CPU.
     trainable = tune.with_resources(_trial, {"cpu": 0.01})
     # Tune keeps its experiment state beside the results (locally, or on the run's object store)
-    storage = sweep.path(SWEEP_TUNE) if run.is_local else f"{sweep.uri}/{SWEEP_TUNE}"
+    storage = sweep.url(SWEEP_TUNE)
     exp_path = f"{storage}/{sw.name}"
     scheduler = None
     if sw.asha:
+        from raybias.classify.recipes import epochs_reported
+        from raybias.methods import method_config
+
+        trial_methods = list(sw.methods or cfg.methods)
         scheduler = ASHAScheduler(metric="val_wga", mode="max", time_attr="training_iteration",
-                                  max_t=max(cfg.train.epochs, cfg.train.stage1.epochs + cfg.train.epochs),
+                                  max_t=max(epochs_reported(method_config(cfg, m).train) for m in trial_methods),
                                   grace_period=max(1, cfg.train.epochs // 4))
     if tune.Tuner.can_restore(exp_path) and mode != "fresh":
         # No param_space: the experiment keeps the one it started with (Tune would refuse a
