@@ -9,7 +9,7 @@ synthetic images.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import pyarrow as pa
@@ -102,6 +102,16 @@ def embed_dataset(ds, embed_cfg, keep: Sequence[str] = ("id", "group"), image_co
         compute=ray.data.ActorPoolStrategy(size=int(opts.get("concurrency") or 1)),
         **remote,
     )
+
+
+def embedding_pool(opts: Dict[str, Any], n_items: int) -> Dict[str, Any]:
+    """map_batches arguments for an actor pool of embedders (`embed_options`) that takes one
+    item (a shard, a list of rows) per call: at most one actor per item, a GPU each if asked."""
+    import ray
+
+    num_gpus = float(opts.get("num_gpus") or 0)
+    return dict(compute=ray.data.ActorPoolStrategy(size=max(1, min(int(opts.get("concurrency") or 1), n_items))),
+                batch_size=1, **({"num_gpus": num_gpus} if num_gpus > 0 else {"num_cpus": 1}))
 
 
 def write_vectors(run: RunDir, ds, rel_dir: str = VECTORS) -> int:

@@ -16,7 +16,7 @@ generated images (all of them, before the filter) and as many real training imag
   group's embeddings (one estimate on the whole sample; both sides need 2 images).
 
 Embeddings are embed.embedder's (what clustering and the filter's centroids use). The sampled
-rows are drawn from the shards' id/group columns only (report.choose_rows: seeded, by id);
+rows are drawn from the shards' id/group columns only (data/rows.choose_rows: seeded, by id);
 a Ray Data actor pool (`DiagnosticReader`, embed.concurrency actors, like the filter's) reads
 just those rows of each shard, embeds them and reads their labels; only vectors and flags come
 back. The real images are read from data/real rather than taken from embed/vectors: the reader
@@ -131,7 +131,7 @@ class DiagnosticReader:
 
     def __call__(self, batch: Dict[str, np.ndarray]) -> pa.Table:
         from raybias.embed.vectors import vector_array
-        from raybias.stages.report import read_rows
+        from raybias.data.rows import read_rows
 
         parts = []
         run = RunDir(self.run_spec)
@@ -168,12 +168,11 @@ def _read_with_pool(cfg, run: RunDir, items: List[Dict[str, Any]], actor_kwargs:
     """Every item's rows, embedded and read by one actor pool: set, id, group, vector, class_ok, bias_ok."""
     import ray
 
-    from raybias.embed.vectors import column_to_matrix
-    from raybias.stages.filter import _pool
-
+    from raybias.embed.vectors import column_to_matrix, embedding_pool
+    
     ds = ray.data.from_items(items, override_num_blocks=len(items))  # paths run-relative
     ds = ds.map_batches(DiagnosticReader, fn_constructor_kwargs=dict(run_spec=run.spec(), **actor_kwargs),
-                        **_pool(actor_kwargs["embed_options"], len(items)))
+                        **embedding_pool(actor_kwargs["embed_options"], len(items)))
     table = pa.concat_tables(list(ds.iter_batches(batch_format="pyarrow", batch_size=None)))
     df = table.drop(["vector"]).to_pandas()
     df["vector"] = list(column_to_matrix(table.column("vector")))
@@ -251,7 +250,7 @@ def diagnose_sets(cfg, run: RunDir, stages: Dict[str, Any], verbose: bool = True
     is finished once its diagnostics.json is written."""
     from raybias.data.synthetic import finished_units
     from raybias.ray_utils import init_ray, require_gpus
-    from raybias.stages.report import choose_rows, real_train_meta, shard_meta
+    from raybias.data.rows import choose_rows, real_train_meta, shard_meta
 
     start = time.time()
     info = DatasetInfo.load(run)

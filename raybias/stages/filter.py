@@ -27,6 +27,7 @@ from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing, shard_paths
 from raybias.data.synthetic import finished_units
+from raybias.embed.vectors import embedding_pool
 from raybias.generation.scoring import (FilterScorer, GroupSums, centroids_from_sums, choose_kept,
                                         class_digits, class_prompt_texts, group_sums_from_batches,
                                         prompt_term_kind)
@@ -56,14 +57,6 @@ def _shard_dataset(paths):
     return ray.data.from_items([{"path": p} for p in paths], override_num_blocks=max(1, len(paths)))
 
 
-def _pool(opts: Dict[str, Any], n_items: int) -> Dict[str, Any]:
-    import ray
-
-    num_gpus = float(opts.get("num_gpus") or 0)
-    return dict(compute=ray.data.ActorPoolStrategy(size=max(1, min(int(opts.get("concurrency") or 1), n_items))),
-                batch_size=1, **({"num_gpus": num_gpus} if num_gpus > 0 else {"num_cpus": 1}))
-
-
 def real_centroids(cfg, run: RunDir, info: DatasetInfo, opts: Dict[str, Any]) -> Tuple[np.ndarray, str]:
     """Unit-norm centroid of each group's real training images in the filter embedder's space.
 
@@ -80,7 +73,7 @@ def real_centroids(cfg, run: RunDir, info: DatasetInfo, opts: Dict[str, Any]) ->
     paths = shard_paths(run, REAL, "prepare")
     ds = _shard_dataset(paths).map_batches(
         GroupSums, fn_constructor_kwargs=dict(run_spec=run.spec(), embed_options=opts, n_groups=info.n_groups),
-        **_pool(opts, len(paths)))
+        **embedding_pool(opts, len(paths)))
     sums, counts = None, np.zeros(info.n_groups, np.int64)
     for row in ds.iter_rows():
         part = np.asarray(row["sums"], np.float64).reshape(info.n_groups, -1)
@@ -164,7 +157,7 @@ def filter_set(cfg, run: RunDir, generator: str, mode: str = "fresh", verbose: b
             fn_constructor_kwargs=dict(run_spec=run.spec(), embed_options=opts, alpha=float(f.alpha),
                                        centroids=centroids.tolist(), prompt_term=term, class_prompts=class_prompts,
                                        digits=digits, oracle_folder=f.oracle),
-            **_pool(opts, len(paths)))
+            **embedding_pool(opts, len(paths)))
         total = sum(pq.ParquetFile(p, filesystem=run.fs).metadata.num_rows for p in paths)
         parts = []
         with progress_bar(total=total, unit="img", desc=f"filter {generator}", disable=not verbose) as bar:
