@@ -54,6 +54,15 @@ class RayConfig:
     object_store_mb: int = 768
 
 
+def check_ray(r: DictConfig, cfg: DictConfig) -> None:
+    """ray.*: the ranges and names types alone cannot express."""
+    if r.num_cpus is not None:
+        _at_least("ray.num_cpus", r.num_cpus, 1)
+    if r.num_gpus is not None:
+        _at_least("ray.num_gpus", r.num_gpus, 0)
+    _at_least("ray.object_store_mb", r.object_store_mb, 75)
+
+
 @dataclass
 class DataConfig:
     source: str = "colored_digits"
@@ -171,6 +180,29 @@ class BaseConfig:
     check_steps: int = 25
 
 
+def check_base(b: DictConfig, cfg: DictConfig) -> None:
+    """base.*: the ranges and names types alone cannot express."""
+    for key in ("corpus_size", "steps", "batch_size"):
+        _at_least(f"base.{key}", b[key], 1)
+    _between("base.lr", b.lr, 0, 1, low_open=True)
+    _between("base.ema_decay", b.ema_decay, 0, 1)
+    _choice("base.arch", b.arch, ("tiny", "small"))
+    for key in ("vae_steps", "oracle_epochs", "check_per_pair", "check_steps"):
+        _at_least(f"base.{key}", b[key], 1)
+    _between("base.cond_drop", b.cond_drop, 0, 1)
+    if not b.check_colors:
+        _fail("base.check_colors", [], "a non-empty list of colour names")
+    for c_ in b.check_colors:
+        if c_ not in CORPUS_RGB:
+            _fail("base.check_colors", c_, "colour names among " + ", ".join(CORPUS_RGB))
+    if not b.check_guidance:
+        _fail("base.check_guidance", [], "a non-empty list of guidance scales >= 0")
+    for g_ in b.check_guidance:
+        _at_least("base.check_guidance", g_, 0)
+    if not b.model or not str(b.model).strip():
+        _fail("base.model", b.model, "builtin, a local Stable Diffusion folder or a hub id")
+
+
 @dataclass
 class EmbedConfig:
     embedder: str = "builtin"
@@ -178,6 +210,16 @@ class EmbedConfig:
     batch_size: int = 256
     concurrency: int = 1  # actors in the pool
     num_gpus: float = 0.0  # per actor
+
+
+def check_embed(e: DictConfig, cfg: DictConfig) -> None:
+    """embed.*: the ranges and names types alone cannot express."""
+    _choice("embed.embedder", e.embedder, EMBEDDERS)
+    if e.embedder == "clip" and not e.model:
+        _fail("embed.model", e.model, "a CLIP hub id or local folder when embed.embedder=clip")
+    _at_least("embed.batch_size", e.batch_size, 1)
+    _at_least("embed.concurrency", e.concurrency, 1)
+    _at_least("embed.num_gpus", e.num_gpus, 0)
 
 
 @dataclass
@@ -191,6 +233,25 @@ class ClusterConfig:
     sample_size: int = 10000  # for k-means++ init and silhouette
     n_init: int = 4  # k-means++ seedings tried on the sample; the best seeds the full run
     seed: int = 0
+
+
+def check_cluster(c: DictConfig, cfg: DictConfig) -> None:
+    """cluster.*: the ranges and names types alone cannot express."""
+    if isinstance(c.k, str):
+        if c.k != "auto":
+            try:
+                c.k = int(c.k)
+            except ValueError:
+                _fail("cluster.k", c.k, "an integer >= 1 or 'auto'")
+    if not isinstance(c.k, str):
+        if isinstance(c.k, bool) or not isinstance(c.k, int) or c.k < 1:
+            _fail("cluster.k", c.k, "an integer >= 1 or 'auto'")
+    _at_least("cluster.k_min", c.k_min, 1)
+    if c.k_max < c.k_min:
+        _fail("cluster.k_max", c.k_max, f"an integer >= cluster.k_min ({c.k_min})")
+    for key in ("min_group_size", "max_iter", "sample_size", "n_init"):
+        _at_least(f"cluster.{key}", c[key], 1)
+    _at_least("cluster.tol", c.tol, 0)
 
 
 @dataclass
@@ -226,6 +287,37 @@ class FinetuneConfig:
     progress_every: int = 10  # steps between progress updates sent to the driver
 
 
+def check_finetune(f: DictConfig, cfg: DictConfig) -> None:
+    """finetune.*: the ranges and names types alone cannot express."""
+    # YAML 1.1 reads a bare `no` as false, which the str field then holds as "False";
+    # `mixed_precision: no` is how accelerate's own configs spell it, so take it as meant.
+    if str(f.mixed_precision).lower() == "false":
+        f.mixed_precision = "no"
+    for key in ("steps", "batch_size", "lora_rank", "checkpoint_every", "num_class_images"):
+        _at_least(f"finetune.{key}", f[key], 1)
+    for key in ("lr", "dreambooth_lr"):
+        _between(f"finetune.{key}", f[key], 0, 1, low_open=True)
+    _at_least("finetune.lora_alpha", f.lora_alpha, 0)
+    _at_least("finetune.prior_loss_weight", f.prior_loss_weight, 0)
+    _at_least("finetune.min_images", f.min_images, 0)
+    _choice("finetune.mixed_precision", f.mixed_precision, PRECISION)
+    _at_least("finetune.num_gpus_per_job", f.num_gpus_per_job, 0)
+    _at_least("finetune.num_cpus_per_job", f.num_cpus_per_job, 0)
+    _at_least("finetune.max_failures", f.max_failures, 0)
+    if not f.identifier.strip() or " " in f.identifier:
+        _fail("finetune.identifier", f.identifier, "one word (e.g. sks)")
+    _at_least("finetune.max_concurrent_jobs", f.max_concurrent_jobs, 0)
+    _at_least("finetune.jobs_per_trainer", f.jobs_per_trainer, 1)
+    for key in ("sample_steps", "progress_every"):
+        _at_least(f"finetune.{key}", f[key], 1)
+    _at_least("finetune.n_samples", f.n_samples, 0)
+    for key in ("weight_decay", "max_grad_norm", "sample_guidance"):
+        _at_least(f"finetune.{key}", f[key], 0)
+    if f.num_cpus_per_job <= 0 and f.num_gpus_per_job <= 0:
+        _fail("finetune.num_cpus_per_job", f.num_cpus_per_job,
+              "a number > 0 when finetune.num_gpus_per_job is 0 (a job needs some resource)")
+
+
 @dataclass
 class GenerateConfig:
     balance: str = "ffr"  # group-balanced, as stage 1 trains on the synthetic set alone
@@ -254,6 +346,27 @@ class GenerateConfig:
     seed: int = 0
 
 
+def check_generate(g: DictConfig, cfg: DictConfig) -> None:
+    """generate.*: the ranges and names types alone cannot express."""
+    _choice("generate.balance", g.balance, BALANCE)
+    _at_least("generate.per_group", g.per_group, 1)
+    _choice("generate.scheduler", g.scheduler, SCHEDULERS)
+    for key in ("steps", "unit_size", "batch_size", "concurrency"):
+        _at_least(f"generate.{key}", g[key], 1)
+    _at_least("generate.guidance", g.guidance, 0)
+    _choice("generate.attention", g.attention, ATTENTION)
+    _choice("generate.dtype", g.dtype, ("fp32", "fp16", "bf16"))
+    _at_least("generate.num_gpus", g.num_gpus, 0)
+    _at_least("generate.num_cpus", g.num_cpus, 0)
+    _at_least("generate.model_cache", g.model_cache, 1)
+    _between("generate.model_cache_gb", g.model_cache_gb, 0, 1e9, low_open=True)
+    _choice("generate.image_format", g.image_format, IMAGE_FORMATS)
+    if not isinstance(g.image_quality, int) or not 1 <= g.image_quality <= 100:
+        _fail("generate.image_quality", g.image_quality, "a whole number in [1, 100]")
+    if g.size is not None and (g.size < 8 or g.size % 8):
+        _fail("generate.size", g.size, "a multiple of 8, at least 8 (or null for the model's own size)")
+
+
 @dataclass
 class FilterConfig:
     enabled: bool = True
@@ -262,6 +375,16 @@ class FilterConfig:
     embedder: Optional[str] = None  # None: embed.embedder
     # Oracle folder for the class-prompt term with the builtin embedder; None: the shipped one.
     oracle: Optional[str] = None
+
+
+def check_filter(fl: DictConfig, cfg: DictConfig) -> None:
+    """filter.*: ranges; a CLIP filter needs embed.model."""
+    _between("filter.alpha", fl.alpha, 0, 1)
+    _between("filter.keep_fraction", fl.keep_fraction, 0, 1, low_open=True)
+    if fl.embedder is not None:
+        _choice("filter.embedder", fl.embedder, EMBEDDERS)
+        if fl.embedder == "clip" and not cfg.embed.model:
+            _fail("embed.model", cfg.embed.model, "a CLIP hub id or local folder when filter.embedder=clip")
 
 
 @dataclass
@@ -349,6 +472,71 @@ class TrainConfig:
     max_concurrent: Optional[int] = None
 
 
+def check_train(t: DictConfig, cfg: DictConfig) -> None:
+    """train.*: names, ranges, and what a recipe needs of them (DDB Recipe II and DDP)."""
+    _choice("train.method", t.method, recipe_names())
+    _choice("train.model", t.model, MODELS)
+    if t.pretrained is not None:
+        _choice("train.pretrained", t.pretrained, ("imagenet",))
+    for key in ("epochs", "batch_size", "num_workers"):
+        _at_least(f"train.{key}", t[key], 1)
+    _between("train.lr", t.lr, 0, 10, low_open=True)
+    _at_least("train.weight_decay", t.weight_decay, 0)
+    _choice("train.optimizer", t.optimizer, ("adam", "adamw", "sgd"))
+    _choice("train.schedule", t.schedule, ("cosine", "constant"))
+    _at_least("train.groupdro_eta", t.groupdro_eta, 0)
+    _at_least("train.groupdro_c", t.groupdro_c, 0)
+    _at_least("train.jtt_epochs", t.jtt_epochs, 1)
+    _at_least("train.jtt_lambda", t.jtt_lambda, 1)
+    _choice("train.jtt_draw", t.jtt_draw, JTT_DRAWS)
+    if t.jtt_draw == "exact" and not float(t.jtt_lambda).is_integer():
+        _fail("train.jtt_lambda", t.jtt_lambda, "an integer >= 1 with train.jtt_draw=exact "
+              "(each error row appears jtt_lambda times per epoch), or train.jtt_draw=replacement")
+    if t.jtt_optimizer is not None:
+        _choice("train.jtt_optimizer", t.jtt_optimizer, ("adam", "adamw", "sgd"))
+    if t.jtt_lr is not None:
+        _between("train.jtt_lr", t.jtt_lr, 0, 10, low_open=True)
+    if t.jtt_weight_decay is not None:
+        _at_least("train.jtt_weight_decay", t.jtt_weight_decay, 0)
+    _at_least("train.stream_cache_mb", t.stream_cache_mb, 0)
+    _choice("train.generator", t.generator, GENERATORS)
+    _between("train.synthetic_ratio", t.synthetic_ratio, 0, 1)
+    _at_least("train.stage1.epochs", t.stage1.epochs, 1)
+    _between("train.stage1.lr", t.stage1.lr, 0, 10, low_open=True)
+    _between("train.stage1.beta", t.stage1.beta, 0, 1)
+    _between("train.stage1.temperature", t.stage1.temperature, 0, 10, low_open=True)
+    _choice("train.stage1.projection", t.stage1.projection, PROJECTIONS)
+    _at_least("train.stage1.projection_dim", t.stage1.projection_dim, 1)
+    if t.stage1.projection_hidden is not None:
+        _at_least("train.stage1.projection_hidden", t.stage1.projection_hidden, 1)
+        if t.stage1.projection != "mlp":
+            _fail("train.stage1.projection_hidden", t.stage1.projection_hidden,
+                  f"null unless train.stage1.projection=mlp (a {t.stage1.projection} head has no hidden layer)")
+    _choice("train.stage1.supcon_anchors", t.stage1.supcon_anchors, SUPCON_ANCHORS)
+    if t.stage1.base_temperature is not None:
+        _between("train.stage1.base_temperature", t.stage1.base_temperature, 0, 10, low_open=True)
+    _choice("train.stage2", t.stage2, STAGE2)
+    _choice("train.stage2_method", t.stage2_method, STAGE2_LOSS)
+    if not t.stage2_candidates:
+        _fail("train.stage2_candidates", [], "a non-empty list of " + ", ".join(STAGE2_CANDIDATES))
+    for c_ in t.stage2_candidates:
+        _choice("train.stage2_candidates", c_, STAGE2_CANDIDATES)
+    if len(set(t.stage2_candidates)) != len(t.stage2_candidates):
+        _fail("train.stage2_candidates", list(t.stage2_candidates), "a list without repeats")
+    _choice("train.stage2_rank", t.stage2_rank, STAGE2_RANKS)
+    if t.pretrained is not None and t.model == "small_cnn":
+        _fail("train.pretrained", t.pretrained, "null for train.model=small_cnn (imagenet weights exist for resnet18/resnet50)")
+    _between("train.cpus_per_worker", t.cpus_per_worker, 0, 1024, low_open=not t.use_gpu)
+    _at_least("train.max_failures", t.max_failures, 0)
+    recipe2 = [where for where, names in (("methods", cfg.methods), ("train.method", [t.method]),
+                                          ("sweep.methods", cfg.sweep.methods or []))
+               if "ddb_recipe2" in names]
+    if recipe2:
+        check_recipe2_workers(t.num_workers, recipe2[0])
+    if t.max_concurrent is not None:
+        _at_least("train.max_concurrent", t.max_concurrent, 1)
+
+
 @dataclass
 class DDBConfig:
     # class-conditional diffusion model (the finetune loop, full UNet, class-only prompts)
@@ -370,6 +558,19 @@ class DDBConfig:
     lff_min_weight: float = 0.01
 
 
+def check_ddb(dd: DictConfig, cfg: DictConfig) -> None:
+    """ddb.*: the ranges and names types alone cannot express."""
+    for key in ("steps", "batch_size", "per_class", "sample_steps", "amplifier_epochs"):
+        _at_least(f"ddb.{key}", dd[key], 1)
+    _between("ddb.lr", dd.lr, 0, 1, low_open=True)
+    _at_least("ddb.seed", dd.seed, 0)
+    _between("ddb.cond_drop", dd.cond_drop, 0, 1)
+    _at_least("ddb.guidance", dd.guidance, 0)
+    _between("ddb.lff_q", dd.lff_q, 0, 1, low_open=True)
+    _between("ddb.lff_ema", dd.lff_ema, 0, 1)
+    _between("ddb.lff_min_weight", dd.lff_min_weight, 0, 1)
+
+
 @dataclass
 class DiagnosticsConfig:
     # Per generator and group of its synthetic set (raybias/generation/diagnostics.py, written
@@ -380,6 +581,12 @@ class DiagnosticsConfig:
     # with `seed`): what bounds the work, whatever the set's size
     sample_per_group: int = 256
     seed: int = 0
+
+
+def check_diagnostics(d: DictConfig, cfg: DictConfig) -> None:
+    """diagnostics.*: the ranges and names types alone cannot express."""
+    _at_least("diagnostics.sample_per_group", d.sample_per_group, 2)
+    _at_least("diagnostics.seed", d.seed, 0)
 
 
 @dataclass
@@ -393,6 +600,23 @@ class SweepConfig:
     asha: bool = False
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+
+
+def check_sweep(sw: DictConfig, cfg: DictConfig) -> None:
+    """sweep.*: the ranges and names types alone cannot express."""
+    if not sw.severities:
+        _fail("sweep.severities", [], "a non-empty list of severities")
+    for s in sw.severities:
+        severity_value(s)
+    for r_ in sw.synthetic_ratios:
+        _between("sweep.synthetic_ratios", r_, 0, 1)
+    for m in sw.methods or []:
+        _choice("sweep.methods", m, method_names())
+    for s in sw.seeds or []:
+        _at_least("sweep.seeds", s, 0)
+    _at_least("sweep.max_concurrent", sw.max_concurrent, 1)
+    _at_least("sweep.cpus_per_trial", sw.cpus_per_trial, 0)
+    _at_least("sweep.gpus_per_trial", sw.gpus_per_trial, 0)
 
 
 @dataclass
@@ -576,13 +800,10 @@ def check_recipe2_workers(num_workers: int, where: str = "train.method") -> None
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range and name checks that types alone cannot express."""
-    # YAML 1.1 reads a bare `no` as false, which the str field then holds as "False";
-    # `mixed_precision: no` is how accelerate's own configs spell it, so take it as meant.
-    if str(cfg.finetune.mixed_precision).lower() == "false":
-        cfg.finetune.mixed_precision = "no"
+    """Range and name checks that types alone cannot express: each section's own, beside its
+    fields (`check_<section>`, in SECTION_CHECKS), and those of the top-level lists; the first
+    problem found is the one reported (data first, then methods and seeds, then the sections)."""
     check_data(cfg.data)
-
     if not cfg.methods:
         _fail("methods", [], "a non-empty list of " + ", ".join(method_names()))
     for m in cfg.methods:
@@ -591,203 +812,14 @@ def validate(cfg: DictConfig) -> None:
         _fail("seeds", [], "a non-empty list of integers")
     for s in cfg.seeds:
         _at_least("seeds", s, 0)
+    for name, check in SECTION_CHECKS.items():
+        check(cfg[name], cfg)
 
-    r = cfg.ray
-    if r.num_cpus is not None:
-        _at_least("ray.num_cpus", r.num_cpus, 1)
-    if r.num_gpus is not None:
-        _at_least("ray.num_gpus", r.num_gpus, 0)
-    _at_least("ray.object_store_mb", r.object_store_mb, 75)
 
-    b = cfg.base
-    for key in ("corpus_size", "steps", "batch_size"):
-        _at_least(f"base.{key}", b[key], 1)
-    _between("base.lr", b.lr, 0, 1, low_open=True)
-    _between("base.ema_decay", b.ema_decay, 0, 1)
-    _choice("base.arch", b.arch, ("tiny", "small"))
-    for key in ("vae_steps", "oracle_epochs", "check_per_pair", "check_steps"):
-        _at_least(f"base.{key}", b[key], 1)
-    _between("base.cond_drop", b.cond_drop, 0, 1)
-    if not b.check_colors:
-        _fail("base.check_colors", [], "a non-empty list of colour names")
-    for c_ in b.check_colors:
-        if c_ not in CORPUS_RGB:
-            _fail("base.check_colors", c_, "colour names among " + ", ".join(CORPUS_RGB))
-    if not b.check_guidance:
-        _fail("base.check_guidance", [], "a non-empty list of guidance scales >= 0")
-    for g_ in b.check_guidance:
-        _at_least("base.check_guidance", g_, 0)
-    if not b.model or not str(b.model).strip():
-        _fail("base.model", b.model, "builtin, a local Stable Diffusion folder or a hub id")
-
-    e = cfg.embed
-    _choice("embed.embedder", e.embedder, EMBEDDERS)
-    if e.embedder == "clip" and not e.model:
-        _fail("embed.model", e.model, "a CLIP hub id or local folder when embed.embedder=clip")
-    _at_least("embed.batch_size", e.batch_size, 1)
-    _at_least("embed.concurrency", e.concurrency, 1)
-    _at_least("embed.num_gpus", e.num_gpus, 0)
-
-    c = cfg.cluster
-    if isinstance(c.k, str):
-        if c.k != "auto":
-            try:
-                c.k = int(c.k)
-            except ValueError:
-                _fail("cluster.k", c.k, "an integer >= 1 or 'auto'")
-    if not isinstance(c.k, str):
-        if isinstance(c.k, bool) or not isinstance(c.k, int) or c.k < 1:
-            _fail("cluster.k", c.k, "an integer >= 1 or 'auto'")
-    _at_least("cluster.k_min", c.k_min, 1)
-    if c.k_max < c.k_min:
-        _fail("cluster.k_max", c.k_max, f"an integer >= cluster.k_min ({c.k_min})")
-    for key in ("min_group_size", "max_iter", "sample_size", "n_init"):
-        _at_least(f"cluster.{key}", c[key], 1)
-    _at_least("cluster.tol", c.tol, 0)
-
-    f = cfg.finetune
-    for key in ("steps", "batch_size", "lora_rank", "checkpoint_every", "num_class_images"):
-        _at_least(f"finetune.{key}", f[key], 1)
-    for key in ("lr", "dreambooth_lr"):
-        _between(f"finetune.{key}", f[key], 0, 1, low_open=True)
-    _at_least("finetune.lora_alpha", f.lora_alpha, 0)
-    _at_least("finetune.prior_loss_weight", f.prior_loss_weight, 0)
-    _at_least("finetune.min_images", f.min_images, 0)
-    _choice("finetune.mixed_precision", f.mixed_precision, PRECISION)
-    _at_least("finetune.num_gpus_per_job", f.num_gpus_per_job, 0)
-    _at_least("finetune.num_cpus_per_job", f.num_cpus_per_job, 0)
-    _at_least("finetune.max_failures", f.max_failures, 0)
-    if not f.identifier.strip() or " " in f.identifier:
-        _fail("finetune.identifier", f.identifier, "one word (e.g. sks)")
-    _at_least("finetune.max_concurrent_jobs", f.max_concurrent_jobs, 0)
-    _at_least("finetune.jobs_per_trainer", f.jobs_per_trainer, 1)
-    for key in ("sample_steps", "progress_every"):
-        _at_least(f"finetune.{key}", f[key], 1)
-    _at_least("finetune.n_samples", f.n_samples, 0)
-    for key in ("weight_decay", "max_grad_norm", "sample_guidance"):
-        _at_least(f"finetune.{key}", f[key], 0)
-    if f.num_cpus_per_job <= 0 and f.num_gpus_per_job <= 0:
-        _fail("finetune.num_cpus_per_job", f.num_cpus_per_job,
-              "a number > 0 when finetune.num_gpus_per_job is 0 (a job needs some resource)")
-
-    g = cfg.generate
-    _choice("generate.balance", g.balance, BALANCE)
-    _at_least("generate.per_group", g.per_group, 1)
-    _choice("generate.scheduler", g.scheduler, SCHEDULERS)
-    for key in ("steps", "unit_size", "batch_size", "concurrency"):
-        _at_least(f"generate.{key}", g[key], 1)
-    _at_least("generate.guidance", g.guidance, 0)
-    _choice("generate.attention", g.attention, ATTENTION)
-    _choice("generate.dtype", g.dtype, ("fp32", "fp16", "bf16"))
-    _at_least("generate.num_gpus", g.num_gpus, 0)
-    _at_least("generate.num_cpus", g.num_cpus, 0)
-    _at_least("generate.model_cache", g.model_cache, 1)
-    _between("generate.model_cache_gb", g.model_cache_gb, 0, 1e9, low_open=True)
-    _choice("generate.image_format", g.image_format, IMAGE_FORMATS)
-    if not isinstance(g.image_quality, int) or not 1 <= g.image_quality <= 100:
-        _fail("generate.image_quality", g.image_quality, "a whole number in [1, 100]")
-    if g.size is not None and (g.size < 8 or g.size % 8):
-        _fail("generate.size", g.size, "a multiple of 8, at least 8 (or null for the model's own size)")
-
-    fl = cfg.filter
-    _between("filter.alpha", fl.alpha, 0, 1)
-    _between("filter.keep_fraction", fl.keep_fraction, 0, 1, low_open=True)
-    if fl.embedder is not None:
-        _choice("filter.embedder", fl.embedder, EMBEDDERS)
-        if fl.embedder == "clip" and not e.model:
-            _fail("embed.model", e.model, "a CLIP hub id or local folder when filter.embedder=clip")
-
-    t = cfg.train
-    _choice("train.method", t.method, recipe_names())
-    _choice("train.model", t.model, MODELS)
-    if t.pretrained is not None:
-        _choice("train.pretrained", t.pretrained, ("imagenet",))
-    for key in ("epochs", "batch_size", "num_workers"):
-        _at_least(f"train.{key}", t[key], 1)
-    _between("train.lr", t.lr, 0, 10, low_open=True)
-    _at_least("train.weight_decay", t.weight_decay, 0)
-    _choice("train.optimizer", t.optimizer, ("adam", "adamw", "sgd"))
-    _choice("train.schedule", t.schedule, ("cosine", "constant"))
-    _at_least("train.groupdro_eta", t.groupdro_eta, 0)
-    _at_least("train.groupdro_c", t.groupdro_c, 0)
-    _at_least("train.jtt_epochs", t.jtt_epochs, 1)
-    _at_least("train.jtt_lambda", t.jtt_lambda, 1)
-    _choice("train.jtt_draw", t.jtt_draw, JTT_DRAWS)
-    if t.jtt_draw == "exact" and not float(t.jtt_lambda).is_integer():
-        _fail("train.jtt_lambda", t.jtt_lambda, "an integer >= 1 with train.jtt_draw=exact "
-              "(each error row appears jtt_lambda times per epoch), or train.jtt_draw=replacement")
-    if t.jtt_optimizer is not None:
-        _choice("train.jtt_optimizer", t.jtt_optimizer, ("adam", "adamw", "sgd"))
-    if t.jtt_lr is not None:
-        _between("train.jtt_lr", t.jtt_lr, 0, 10, low_open=True)
-    if t.jtt_weight_decay is not None:
-        _at_least("train.jtt_weight_decay", t.jtt_weight_decay, 0)
-    _at_least("train.stream_cache_mb", t.stream_cache_mb, 0)
-    _choice("train.generator", t.generator, GENERATORS)
-    _between("train.synthetic_ratio", t.synthetic_ratio, 0, 1)
-    _at_least("train.stage1.epochs", t.stage1.epochs, 1)
-    _between("train.stage1.lr", t.stage1.lr, 0, 10, low_open=True)
-    _between("train.stage1.beta", t.stage1.beta, 0, 1)
-    _between("train.stage1.temperature", t.stage1.temperature, 0, 10, low_open=True)
-    _choice("train.stage1.projection", t.stage1.projection, PROJECTIONS)
-    _at_least("train.stage1.projection_dim", t.stage1.projection_dim, 1)
-    if t.stage1.projection_hidden is not None:
-        _at_least("train.stage1.projection_hidden", t.stage1.projection_hidden, 1)
-        if t.stage1.projection != "mlp":
-            _fail("train.stage1.projection_hidden", t.stage1.projection_hidden,
-                  f"null unless train.stage1.projection=mlp (a {t.stage1.projection} head has no hidden layer)")
-    _choice("train.stage1.supcon_anchors", t.stage1.supcon_anchors, SUPCON_ANCHORS)
-    if t.stage1.base_temperature is not None:
-        _between("train.stage1.base_temperature", t.stage1.base_temperature, 0, 10, low_open=True)
-    _choice("train.stage2", t.stage2, STAGE2)
-    _choice("train.stage2_method", t.stage2_method, STAGE2_LOSS)
-    if not t.stage2_candidates:
-        _fail("train.stage2_candidates", [], "a non-empty list of " + ", ".join(STAGE2_CANDIDATES))
-    for c_ in t.stage2_candidates:
-        _choice("train.stage2_candidates", c_, STAGE2_CANDIDATES)
-    if len(set(t.stage2_candidates)) != len(t.stage2_candidates):
-        _fail("train.stage2_candidates", list(t.stage2_candidates), "a list without repeats")
-    _choice("train.stage2_rank", t.stage2_rank, STAGE2_RANKS)
-    if t.pretrained is not None and t.model == "small_cnn":
-        _fail("train.pretrained", t.pretrained, "null for train.model=small_cnn (imagenet weights exist for resnet18/resnet50)")
-    _between("train.cpus_per_worker", t.cpus_per_worker, 0, 1024, low_open=not t.use_gpu)
-    _at_least("train.max_failures", t.max_failures, 0)
-    recipe2 = [where for where, names in (("methods", cfg.methods), ("train.method", [t.method]),
-                                          ("sweep.methods", cfg.sweep.methods or []))
-               if "ddb_recipe2" in names]
-    if recipe2:
-        check_recipe2_workers(t.num_workers, recipe2[0])
-    if t.max_concurrent is not None:
-        _at_least("train.max_concurrent", t.max_concurrent, 1)
-
-    dd = cfg.ddb
-    for key in ("steps", "batch_size", "per_class", "sample_steps", "amplifier_epochs"):
-        _at_least(f"ddb.{key}", dd[key], 1)
-    _between("ddb.lr", dd.lr, 0, 1, low_open=True)
-    _at_least("ddb.seed", dd.seed, 0)
-    _between("ddb.cond_drop", dd.cond_drop, 0, 1)
-    _at_least("ddb.guidance", dd.guidance, 0)
-    _between("ddb.lff_q", dd.lff_q, 0, 1, low_open=True)
-    _between("ddb.lff_ema", dd.lff_ema, 0, 1)
-    _between("ddb.lff_min_weight", dd.lff_min_weight, 0, 1)
-
-    _at_least("diagnostics.sample_per_group", cfg.diagnostics.sample_per_group, 2)
-    _at_least("diagnostics.seed", cfg.diagnostics.seed, 0)
-
-    sw = cfg.sweep
-    if not sw.severities:
-        _fail("sweep.severities", [], "a non-empty list of severities")
-    for s in sw.severities:
-        severity_value(s)
-    for r_ in sw.synthetic_ratios:
-        _between("sweep.synthetic_ratios", r_, 0, 1)
-    for m in sw.methods or []:
-        _choice("sweep.methods", m, method_names())
-    for s in sw.seeds or []:
-        _at_least("sweep.seeds", s, 0)
-    _at_least("sweep.max_concurrent", sw.max_concurrent, 1)
-    _at_least("sweep.cpus_per_trial", sw.cpus_per_trial, 0)
-    _at_least("sweep.gpus_per_trial", sw.gpus_per_trial, 0)
+# section -> its checks (defined beside its dataclass above), in the order they run
+SECTION_CHECKS = {"ray": check_ray, "base": check_base, "embed": check_embed, "cluster": check_cluster,
+                  "finetune": check_finetune, "generate": check_generate, "filter": check_filter,
+                  "train": check_train, "ddb": check_ddb, "diagnostics": check_diagnostics, "sweep": check_sweep}
 
 
 # Keys that decide how work runs (resources, concurrency, retries, progress), not what it makes:
