@@ -125,6 +125,13 @@ def test_no_module_of_the_package_imports_one_that_imports_it_back():
 
     circles = [c for c in map(cycle_from, sorted(graph)) if c]
     assert not circles, " ; ".join(" -> ".join(c) for c in circles)
+    # the top: only the command line, the submissions and the stages themselves import a stage
+    # (the layers below them — data, embed, clustering, diffusion, generation, classify, the run
+    # directory — never reach back up into a stage's module)
+    top = {"raybias.cli", "raybias.submit", "raybias.__main__"}
+    upward = sorted(f"{name} -> {t}" for name, targets in graph.items() for t in targets
+                    if t.startswith("raybias.stages") and not name.startswith("raybias.stages") and name not in top)
+    assert not upward, upward
     # the bottom: what the config validates against imports nothing of raybias
     for name in ("raybias.registry", "raybias.palette", "raybias.layout"):
         assert graph[name] == set(), (name, graph[name])
