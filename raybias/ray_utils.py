@@ -296,7 +296,7 @@ def reap_orphans() -> int:
 
     import psutil
 
-    killed = 0
+    killed = []
     try:
         folder = _state_dir()
         names = os.listdir(folder)
@@ -319,14 +319,16 @@ def reap_orphans() -> int:
                 p = psutil.Process(pid)
                 if abs(p.create_time() - created) < 0.01:
                     p.kill()
-                    killed += 1
+                    killed.append(p)
             except (psutil.Error, OSError):
                 continue
         try:
             os.unlink(path)
         except OSError:
             pass
-    return killed
+    # gone, not only signalled: the caller then removes what they left half-written
+    psutil.wait_procs(killed, timeout=10)
+    return len(killed)
 
 
 def ray_data_quiet(enable_progress: Optional[bool] = None) -> None:
