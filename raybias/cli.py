@@ -143,6 +143,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         lease = Lease(run, args.command) if args.command != "report" else None
         if lease is not None:
             lease.acquire()
+            # A killed driver's local Ray (its sampler actors, its trainers) can outlive it by a
+            # second or two and still be writing: stop it before its temporaries are removed.
+            from raybias.ray_utils import reap_orphans
+
+            reap_orphans()
             run.clean_temporaries()  # no live writer now: what is half-written is a dead one's
         ray_was_running = _ray_running()
         with capture(run, args.command, verbose) as log_file, _released(lease):

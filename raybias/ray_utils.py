@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import time
 from typing import Callable, Optional, Sequence, TypeVar
 
 import ray
@@ -296,7 +297,7 @@ def reap_orphans() -> int:
 
     import psutil
 
-    killed = 0
+    killed, killed_n = [], 0
     try:
         folder = _state_dir()
         names = os.listdir(folder)
@@ -319,14 +320,31 @@ def reap_orphans() -> int:
                 p = psutil.Process(pid)
                 if abs(p.create_time() - created) < 0.01:
                     p.kill()
-                    killed += 1
+                    killed.append(p)
+                    killed_n += 1
             except (psutil.Error, OSError):
                 continue
         try:
             os.unlink(path)
         except OSError:
             pass
-    return killed
+    # gone, not only signalled: the caller then removes what they left half-written (polled,
+    # not waited for: a waitpid would reap a child of this process that someone else waits on)
+    deadline = time.time() + 10
+    while killed and time.time() < deadline:
+        killed = [p for p in killed if _still_running(p)]
+        if killed:
+            time.sleep(0.02)
+    return killed_n
+
+
+def _still_running(p) -> bool:
+    import psutil
+
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def ray_data_quiet(enable_progress: Optional[bool] = None) -> None:

@@ -346,6 +346,44 @@ def test_orphans_of_a_dead_driver_are_reaped_on_the_next_start(tmp_path, monkeyp
             orphan.kill()
 
 
+def test_a_dead_drivers_writer_is_stopped_before_its_temporaries_are_removed(tmp_path):
+    """A killed driver's actor can outlive it and still be writing: the next writing command
+    stops it first (reap), then removes what it left, so no temporary appears afterwards."""
+    state = tmp_path / "state"
+    env = dict(_env(), XDG_STATE_HOME=str(state))
+    run_dir = tmp_path / "run"
+    (run_dir / "data").mkdir(parents=True)
+    # the "actor": writes a fresh temporary in the run directory every 20 ms, for minutes
+    writer = subprocess.Popen([sys.executable, "-c", (
+        "import os, time, itertools\n"
+        f"d = {str(run_dir / 'data')!r}\n"
+        "for i in itertools.count():\n"
+        "    open(os.path.join(d, f'shard-{i}.parquet.tmp-{os.getpid()}'), 'w').close()\n"
+        "    time.sleep(0.02)\n")])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    folder = state / "raybias" / "local-ray"
+    folder.mkdir(parents=True, mode=0o700)
+    (folder / f"{dead.pid}.json").write_text(json.dumps(
+        {"driver": [dead.pid, time.time() - 10],
+         "procs": [[writer.pid, psutil.Process(writer.pid).create_time()]]}))
+    try:
+        deadline = time.time() + 10
+        while time.time() < deadline and not any((run_dir / "data").iterdir()):
+            time.sleep(0.05)
+        done = subprocess.run([sys.executable, "-m", "raybias", "prepare", QUICKSTART, "--run-dir", str(run_dir),
+                               "ray.num_cpus=1", "ray.object_store_mb=200"], cwd=str(tmp_path), env=env,
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert writer.poll() is not None, "the dead driver's writer still runs"
+        time.sleep(0.5)
+        left = [p.name for p in run_dir.rglob("*") if ".tmp-" in p.name and "logs" not in p.parts]
+        assert not left, left[:5]
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+
+
 # --- confinement ----------------------------------------------------------------------------
 
 def test_every_run_relative_path_stays_inside_the_run_directory(tmp_path):

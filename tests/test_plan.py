@@ -175,6 +175,23 @@ def test_signature_and_same_plan_follow_what_the_shards_depend_on():
     assert not same_plan(None, plan)
 
 
+def test_how_the_sampler_runs_is_not_part_of_the_plan():
+    """generate.num_cpus and generate.model_cache (execution keys) keep the shards written."""
+    info = _info()
+    models = clustered_models(info)
+    kwargs = dict(balance="per_group", per_group=20, unit_size=3, seed=0, base_model="b")
+    plan = build_plan("clustered_dreambooth", info, models, sampling={"steps": 2, "num_threads": 1, "model_cache": 2},
+                      **kwargs)
+    for change in ({"num_threads": 2}, {"model_cache": 8}, {"num_threads": 4, "model_cache": 1}):
+        other = build_plan("clustered_dreambooth", info, models,
+                           sampling={"steps": 2, "num_threads": 1, "model_cache": 2, **change}, **kwargs)
+        assert plan_signature(other) == plan_signature(plan) and same_plan(plan, other), change
+    for change in ({"steps": 3}, {"image_quality": 80}):
+        other = build_plan("clustered_dreambooth", info, models,
+                           sampling={"steps": 2, "num_threads": 1, "model_cache": 2, **change}, **kwargs)
+        assert not same_plan(plan, other), change
+
+
 def test_a_version_1_plan_on_disk_keeps_its_shards_when_it_is_the_same_plan():
     info = _info()
     models = clustered_models(info)

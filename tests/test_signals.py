@@ -47,9 +47,7 @@ def _finished_files(run_dir: Path) -> dict:
 @pytest.mark.parametrize("sig,stage", [
     (signal.SIGINT, "prepare"),
     (signal.SIGTERM, "finetune/lora"),
-    # SIGKILL of the driver alone, in train, is left out for now: in one run the pytest process
-    # itself then received a SIGTERM (under investigation; the killed driver's own cleanup is
-    # covered by test_integrity's sentinel test and test_pipeline's kill during generation)
+    (signal.SIGKILL, "train/lora/0"),
 ])
 def test_a_signal_in_a_stage_then_resume_finishes_whole(tiny_base_folder, tmp_path, sig, stage):
     run_dir = tmp_path / "run"

@@ -338,12 +338,20 @@ def _normal(value: Any) -> Any:
 
 
 SIGNATURE_KEYS = ("version", "generator", "base", "seed", "unit_size", "runs", "sampling", "models")
+# Sampling settings that say how the work runs, not what it makes (generate.num_cpus and
+# generate.model_cache, both config.EXECUTION_KEYS): a new value samples the remaining units
+# with it and keeps the shards already written.
+EXECUTION_SAMPLING = ("num_threads", "model_cache")
 
 
 def plan_signature(plan: Dict[str, Any]) -> str:
     """What must not change for already-written shards to stay valid: the unit table with the
-    seed, the unit size and the models' prompts is every unit's ids, seeds and prompts."""
-    blob = json.dumps({k: plan.get(k) for k in SIGNATURE_KEYS}, sort_keys=True, default=str).encode()
+    seed, the unit size and the models' prompts is every unit's ids, seeds and prompts; the
+    sampling settings but those that only say how it runs."""
+    parts = {k: plan.get(k) for k in SIGNATURE_KEYS}
+    if isinstance(parts["sampling"], dict):
+        parts["sampling"] = {k: v for k, v in parts["sampling"].items() if k not in EXECUTION_SAMPLING}
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
