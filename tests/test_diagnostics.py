@@ -74,7 +74,7 @@ def _synthetic_rows(generator: str):
     group a quarter carries the other colour (what a generator that mixes up the bias does)."""
     from sklearn.datasets import load_digits
 
-    from raybias.data.colors import COLOR_RGB
+    from raybias.palette import COLOR_RGB
     from raybias.data.images import encode_png
     from raybias.data.sources.colored_digits import colorize
 
