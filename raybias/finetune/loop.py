@@ -57,7 +57,7 @@ PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 class Tuner(ABC):
     """What distinguishes one kind of model (raybias.registry.MODEL_KINDS) inside the one loop:
-    which weights train, at what rate, and how the model folder is written."""
+    which weights train and how the model folder is written (its learning rate is the spec's `lr`)."""
 
     kind = ""
 
