@@ -161,7 +161,7 @@ def overhead(args) -> None:
     from raybias.layout import finetune_key, training_json
     from raybias.ray_utils import init_ray
     from raybias.rundir import RunDir
-    from raybias.finetune.runner import finetune_generator
+    from raybias.stages.finetune import finetune_generator
     from raybias.stages.prepare import run_prepare
 
     from raybias.diffusion.backbone import build_pipeline, builtin_folder, is_pipeline_folder, save_pipeline

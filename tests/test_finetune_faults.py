@@ -20,7 +20,7 @@ def test_killed_run_resumes_without_retraining_finished_jobs(prepared_run, tmp_p
                                                               monkeypatch):
     from raybias.rundir import StageFailed
     from raybias import faults
-    from raybias.finetune.runner import finetune_generator
+    from raybias.stages.finetune import finetune_generator
 
     run, _ = fresh_run(prepared_run, tmp_path)
     # No retries: the killed job fails the run, as a killed driver or node would leave it.
@@ -61,7 +61,7 @@ def test_packed_jobs_match_lone_jobs_and_a_restarted_pack_skips_what_it_publishe
     skip the first (already published) and continue the second from its own checkpoint.
     """
     from raybias import faults
-    from raybias.finetune.runner import finetune_generators
+    from raybias.stages.finetune import finetune_generators
 
     run, _ = fresh_run(prepared_run, tmp_path)
     packed = ft_config(tmp_path, tiny_base, methods=["lora", "dreambooth"], steps=6, checkpoint_every=3,

@@ -1,7 +1,8 @@
 """Fine-tuning's driver: one diffusion model per group (LoRA, DreamBooth) or per (group, cluster).
 
-The `finetune` stage (raybias/stages/finetune.py) runs `finetune_generators`; DDB's model is
-one more job through `run_job`. Each job is its own Ray Train `TorchTrainer` (one worker sized by finetune.num_cpus_per_job /
+The `finetune` stage (raybias/stages/finetune.py) begins each generator's stage, plans it
+(`plan_generator`) and hands the plans to `train_generators`; DDB's model is one more job
+through `run_job`. Each job is its own Ray Train `TorchTrainer` (one worker sized by finetune.num_cpus_per_job /
 num_gpus_per_job), checkpointing into `generators/<gen>/_train/<job>` under the run
 directory; a failed worker restarts from its last checkpoint (`FailureConfig`), and a killed
 run continues with `--resume`: finished jobs are work units in the manifest and are not
@@ -36,12 +37,11 @@ from raybias.data.io import TableMissing, read_table
 from raybias import faults
 from raybias.finetune.spec import (FinetuneJob, FinetuneSpec, ModelEntry, TrainerWork, WorkItem, base_model,
                                    finetune_spec, model_name, prompt_template)
-from raybias.layout import (CLUSTER_KEY, CLUSTERS_PARQUET, PREPARE_KEY, REAL, fault_marker, finetune_key,
-                            finetune_storage, generator_dir, generator_manifest, generator_samples, model_dir,
-                            preview_png, previews_json, training_json)
-from raybias.ray_utils import cpus_available, cluster_gpus, init_ray, require_gpus, run_trainers
+from raybias.layout import (CLUSTERS_PARQUET, REAL, fault_marker, finetune_key, finetune_storage, generator_manifest,
+                            generator_samples, model_dir, preview_png, previews_json, training_json)
+from raybias.ray_utils import cpus_available, cluster_gpus, run_trainers
 from raybias.registry import GENERATORS, finetuned_generators
-from raybias.rundir import RunDir, StageFailed
+from raybias.rundir import RunDir, Stage, StageFailed
 
 log = logging.getLogger("raybias")
 
@@ -65,7 +65,7 @@ class GeneratorPlan:
         return [m.to_dict() for m in self.models]
 
 
-def _train_ids(run: RunDir) -> Dict[int, List[str]]:
+def real_train_ids(run: RunDir) -> Dict[int, List[str]]:
     real = read_table(run, REAL, columns=["id", "group", "split"], stage="prepare", split="train")
     return {int(g): list(part["id"]) for g, part in real.groupby("group")}
 
@@ -107,7 +107,7 @@ def plan_generator(cfg, run: RunDir, info: DatasetInfo, generator: str,
     ft = cfg.finetune
     kind = GENERATORS[generator].model
     identifier = ft.identifier if GENERATORS[generator].identifier else None
-    ids = train_ids if train_ids is not None else _train_ids(run)
+    ids = train_ids if train_ids is not None else real_train_ids(run)
     counts = {g: len(ids.get(g, [])) for g in range(info.n_groups)}
     clusters = _clusters(run, ids) if GENERATORS[generator].clusters else None
     min_images = max(1, int(ft.min_images))
@@ -459,34 +459,11 @@ def _manifest(cfg, generator: str, plan: GeneratorPlan, records: Dict[str, Dict[
 # --------------------------------------------------------------------------- entry points
 
 
-def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str = "fresh") -> Dict[str, Dict]:
-    """Fine-tune several generators with one pool of jobs; returns {generator: its manifest}."""
+def train_generators(cfg, run: RunDir, pending: Sequence[Tuple[str, GeneratorPlan, Stage]]) -> Dict[str, Dict]:
+    """Train the planned jobs of several generators (each with its begun, not skipped stage)
+    with one pool of trainers; write each generator's manifest and finish its stage; returns
+    {generator: its manifest}. Jobs the stage records as finished are not trained again."""
     out: Dict[str, Dict] = {}
-    pending: List[Tuple[str, GeneratorPlan, str]] = []
-    info = None
-    for gen in generators:
-        if gen not in finetuned_generators():
-            raise ConfigError(f"finetune: {gen!r} needs no fine-tuning (fine-tuned generators: "
-                              + ", ".join(finetuned_generators()) + ")")
-        # partial: finished jobs (their training.json) and a killed job's checkpoints are kept
-        # when resuming the same config; anything else of the generator's is wiped first
-        st = run.stage(finetune_key(gen), cfg, GENERATORS[gen].sections, mode, partial=True,
-                       owns=(generator_dir(gen),), outputs=(generator_manifest(gen),),
-                       needs=(PREPARE_KEY, CLUSTER_KEY) if "cluster" in GENERATORS[gen].sections else (PREPARE_KEY,))
-        if st.skip:
-            out[gen] = run.read_json(generator_manifest(gen))
-            continue
-        if info is None:
-            init_ray(cfg)
-            require_gpus(cfg.finetune.num_gpus_per_job, "finetune (finetune.num_gpus_per_job)")
-            info = DatasetInfo.load(run)
-            train_ids = _train_ids(run)
-        plan = plan_generator(cfg, run, info, gen, train_ids)
-        pending.append((gen, plan, st))
-        run.delete(generator_manifest(gen))
-    if not pending:
-        return out
-
     base, base_folder = base_model(cfg, run)
     records: Dict[str, Dict[str, Dict[str, Any]]] = {gen: {} for gen, _, _ in pending}
     every_job: List[WorkItem] = []
@@ -581,8 +558,3 @@ def print_summary(gen: str, manifest: Dict[str, Any], records: Dict[str, Dict[st
         say(f"  ... {len(shown)} of {len(manifest['models'])} models shown; all {len(steps)} trained for "
             f"{min(steps)}-{max(steps)} steps, final loss {min(losses):.4f}-{max(losses):.4f} "
             f"({generator_manifest(gen)} lists them)")
-
-
-def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") -> Dict[str, Any]:
-    """Fine-tune one generator's models; returns its generators/<gen>/manifest.json content."""
-    return finetune_generators(cfg, run, [generator], mode)[generator]

@@ -15,8 +15,8 @@ Three recorded, resumable steps, none of which reads a bias label:
 `ddb/generate`   ddb.per_class bias-ALIGNED images per class: the model prompted with the class
                  alone reproduces the training set's dominant bias. Its plan (`build_ddb_plan`)
                  is made by the generate stage's own path (`open_set`, `make_set`: the sampler
-                 actor pool, shards, resume), CFG weight ddb.guidance, ddb.sample_steps steps; shards in synthetic/ddb/ in
-                 the usual layout, with a = -1 and group = -1 ("bias unknown": DDB never
+                 actor pool, shards, resume), CFG weight ddb.guidance, ddb.sample_steps steps;
+                 shards in synthetic/ddb/ in the usual layout, with a = -1 and group = -1 ("bias unknown": DDB never
                  labels the bias); whole shards are kept on --resume.
 `ddb/amplifier`  the bias amplifier: a classifier of the train.model family trained by the
                  classifier loop (hook `ddb_amplifier`, GCE with q = ddb.lff_q,

@@ -14,13 +14,52 @@ Writes, per generator:
 
 from __future__ import annotations
 
-from typing import Dict
+from typing import Any, Dict, List, Sequence, Tuple
 
+from raybias.config import ConfigError
 from raybias.console import say
-from raybias.finetune.runner import finetune_generators
+from raybias.data.info import DatasetInfo
+from raybias.finetune.runner import GeneratorPlan, plan_generator, real_train_ids, train_generators
+from raybias.layout import CLUSTER_KEY, PREPARE_KEY, finetune_key, generator_dir, generator_manifest
 from raybias.methods import generators_needed
-from raybias.registry import finetuned_generators
-from raybias.rundir import RunDir
+from raybias.ray_utils import init_ray, require_gpus
+from raybias.registry import GENERATORS, finetuned_generators
+from raybias.rundir import RunDir, Stage
+
+
+def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str = "fresh") -> Dict[str, Dict]:
+    """Fine-tune several generators with one pool of jobs; returns {generator: its manifest}."""
+    out: Dict[str, Dict] = {}
+    pending: List[Tuple[str, GeneratorPlan, Stage]] = []
+    info = None
+    for gen in generators:
+        if gen not in finetuned_generators():
+            raise ConfigError(f"finetune: {gen!r} needs no fine-tuning (fine-tuned generators: "
+                              + ", ".join(finetuned_generators()) + ")")
+        # partial: finished jobs (their training.json) and a killed job's checkpoints are kept
+        # when resuming the same config; anything else of the generator's is wiped first
+        st = run.stage(finetune_key(gen), cfg, GENERATORS[gen].sections, mode, partial=True,
+                       owns=(generator_dir(gen),), outputs=(generator_manifest(gen),),
+                       needs=(PREPARE_KEY, CLUSTER_KEY) if "cluster" in GENERATORS[gen].sections else (PREPARE_KEY,))
+        if st.skip:
+            out[gen] = run.read_json(generator_manifest(gen))
+            continue
+        if info is None:
+            init_ray(cfg)
+            require_gpus(cfg.finetune.num_gpus_per_job, "finetune (finetune.num_gpus_per_job)")
+            info = DatasetInfo.load(run)
+            ids = real_train_ids(run)
+        plan = plan_generator(cfg, run, info, gen, ids)
+        pending.append((gen, plan, st))
+        run.delete(generator_manifest(gen))
+    if pending:
+        out.update(train_generators(cfg, run, pending))
+    return out
+
+
+def finetune_generator(cfg, run: RunDir, generator: str, mode: str = "fresh") -> Dict[str, Any]:
+    """Fine-tune one generator's models; returns its generators/<gen>/manifest.json content."""
+    return finetune_generators(cfg, run, [generator], mode)[generator]
 
 
 def run_finetune(cfg, run: RunDir, mode: str = "fresh", verbose: bool = True) -> Dict[str, Dict]:
