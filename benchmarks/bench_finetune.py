@@ -108,7 +108,10 @@ def timed(fn, steps: int, warmup: int, device) -> tuple:
 
 def bench_kind(kind: str, args, device, amp) -> dict:
     from raybias.diffusion.backbone import build_pipeline
-    from raybias.diffusion.finetune import FinetuneLoop, JobSpec
+    from raybias.config import config_from_dict
+    from raybias.finetune.loop import FinetuneLoop
+    from raybias.finetune.spec import FinetuneJob, finetune_spec, member_for
+    from raybias.rundir import RunDir
     from raybias.diffusion.sampling import default_size
 
     def fresh():
@@ -122,11 +125,14 @@ def bench_kind(kind: str, args, device, amp) -> dict:
     images = [rng.integers(0, 255, (size, size, 3), dtype=np.uint8) for _ in range(n)]
     members = ["zero", "one", "two", "three", "four"]
     template = "a sks red {member}" if kind == "dreambooth" else "a red {member}"
-    job = JobSpec(name="g0", generator=kind, kind=kind, group=0, cluster=None, prompt_template=template,
-                  members=members, ids=[f"img-{i}" for i in range(n)], class_template="a red {member}")
-    ft = {"seed": 0, "batch_size": args.batch, "lr": 1e-4, "dreambooth_lr": 5e-6, "lora_rank": 4, "lora_alpha": 4.0,
-          "prior_preservation": False, "prior_loss_weight": 1.0, "weight_decay": 1e-2, "max_grad_norm": 1.0,
-          "mixed_precision": args.dtype if args.dtype != "fp32" else "no"}
+    job = FinetuneJob(name="g0", generator=kind, kind=kind, group=0, cluster=None, prompt_template=template,
+                      members=members, ids=[f"img-{i}" for i in range(n)], class_template="a red {member}")
+    cfg = config_from_dict({"finetune": {
+        "seed": 0, "batch_size": args.batch, "lr": 1e-4, "dreambooth_lr": 5e-6, "lora_rank": 4, "lora_alpha": 4.0,
+        "prior_preservation": False, "prior_loss_weight": 1.0, "weight_decay": 1e-2, "max_grad_norm": 1.0,
+        "mixed_precision": args.dtype if args.dtype != "fp32" else "no"}})
+    with tempfile.TemporaryDirectory(prefix="raybias-bench-ft-") as tmp:  # the spec names a run directory
+        ft = finetune_spec(cfg, RunDir(tmp), kind, base=(args.arch, None))
     gflop = unet_gflop_per_image(pipe, device)
 
     setup = time.perf_counter()
@@ -139,11 +145,8 @@ def bench_kind(kind: str, args, device, amp) -> dict:
 
     pipe = fresh()
     pixels = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-    from raybias.diffusion.finetune import member_for
-
     prompts = [template.format(member=member_for(i, members, 0)) for i in job.ids]
-    plain = PlainLoop(pipe, kind, pixels, prompts, ft["lr"] if kind == "lora" else ft["dreambooth_lr"], 4,
-                      device, amp)
+    plain = PlainLoop(pipe, kind, pixels, prompts, ft.lr, 4, device, amp)
     plain_sps, plain_cpu = timed(lambda i: plain.step(args.batch), args.steps, args.warmup, device)
     del plain, pipe
     if device.type == "cuda":

@@ -176,7 +176,7 @@ def driver_micro(jobs: int, repeats: int = 5) -> dict:
     from raybias.config import config_from_dict
     from raybias.ray_utils import init_ray
     from raybias.rundir import RunDir
-    from raybias.stages.finetune import _progress_board_class
+    from raybias.finetune.runner import progress_board_class
 
     cfg = config_from_dict({"ray": {"num_cpus": 2, "object_store_mb": 400}})
     names = [f"g{i % 4}-c{i // 4}" for i in range(jobs)]
@@ -196,7 +196,7 @@ def driver_micro(jobs: int, repeats: int = 5) -> dict:
                         run.mark_units(key, pack)
                 out[arm].append(time.perf_counter() - t0)
     init_ray(cfg, quiet=True)
-    board = _progress_board_class().remote()
+    board = progress_board_class().remote()
     for n in names:
         board.update.remote(GEN, n, 1, 1, 0.5, "done")
     ray.get(board.update.remote(GEN, "g9-c0", 0, 1, None, "training"))

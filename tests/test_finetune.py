@@ -70,7 +70,7 @@ def write_clusters(run, info, split_group: int = 0):
 
 
 def test_plan_trains_stocked_groups_and_borrows_for_the_rest(prepared_run, tmp_path):
-    from raybias.stages.finetune import plan_generator
+    from raybias.finetune.runner import plan_generator
 
     run, info = fresh_run(prepared_run, tmp_path)
     cfg = ft_config(tmp_path, "builtin")
@@ -100,7 +100,7 @@ def test_plan_trains_stocked_groups_and_borrows_for_the_rest(prepared_run, tmp_p
 
 
 def test_plan_clustered_one_job_per_cluster_weighted_by_size(prepared_run, tmp_path):
-    from raybias.stages.finetune import plan_generator
+    from raybias.finetune.runner import plan_generator
 
     run, info = fresh_run(prepared_run, tmp_path)
     table = write_clusters(run, info, split_group=0)
@@ -123,7 +123,7 @@ def test_plan_refuses_what_cannot_be_trained(prepared_run, tmp_path):
     from raybias.config import ConfigError
     from raybias.data.io import TableMissing
     from raybias.rundir import StageFailed
-    from raybias.stages.finetune import plan_generator
+    from raybias.finetune.runner import plan_generator
 
     run, info = fresh_run(prepared_run, tmp_path)
     with pytest.raises(TableMissing, match="clusters.parquet.*raybias cluster"):
@@ -148,7 +148,7 @@ def test_config_checks_finetune_fields(tmp_path):
 
 
 def test_members_and_prompts_are_deterministic(prepared_run):
-    from raybias.diffusion.finetune import member_for, prompt_template
+    from raybias.finetune.spec import member_for, prompt_template
 
     _, _, info = prepared_run
     members = info.class_words[1]
@@ -176,19 +176,22 @@ def test_members_and_prompts_are_deterministic(prepared_run):
 # --------------------------------------------------------------------------- the loop (no Ray)
 
 
-def _loop_inputs(tiny_base, kind, prior):
+def _loop_inputs(tiny_base, tmp_path, kind, prior):
     from raybias.diffusion.backbone import load_pipeline
-    from raybias.diffusion.finetune import JobSpec
+    from raybias.finetune.spec import FinetuneJob, finetune_spec
+    from raybias.rundir import RunDir
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(5)]
-    job = JobSpec(name="g0", generator=kind, kind=kind, group=0, cluster=None,
-                  prompt_template="a sks red {member}" if kind == "dreambooth" else "a red {member}",
-                  members=["zero", "one"], ids=[f"i{k}" for k in range(5)],
-                  class_template="a red {member}" if kind == "dreambooth" else None)
-    ft = {"seed": 0, "batch_size": 2, "lr": 1e-3, "dreambooth_lr": 1e-3, "lora_rank": 2, "lora_alpha": 4.0,
-          "prior_preservation": prior, "prior_loss_weight": 1.0, "weight_decay": 1e-2, "max_grad_norm": 1.0,
-          "mixed_precision": "no"}
+    job = FinetuneJob(name="g0", generator=kind, kind=kind, group=0, cluster=None,
+                      prompt_template="a sks red {member}" if kind == "dreambooth" else "a red {member}",
+                      members=["zero", "one"], ids=[f"i{k}" for k in range(5)],
+                      class_template="a red {member}" if kind == "dreambooth" else None)
+    cfg = small_config(tmp_path, base={"model": tiny_base}, finetune={
+        "seed": 0, "batch_size": 2, "lr": 1e-3, "dreambooth_lr": 1e-3, "lora_rank": 2, "lora_alpha": 4.0,
+        "prior_preservation": prior, "prior_loss_weight": 1.0, "weight_decay": 1e-2, "max_grad_norm": 1.0,
+        "mixed_precision": "no"})
+    ft = finetune_spec(cfg, RunDir(cfg.run_dir), kind)
     class_imgs = [rng.integers(0, 255, (16, 16, 3), dtype=np.uint8) for _ in range(3)] if prior else None
     return lambda: load_pipeline(tiny_base), job, ft, images, class_imgs
 
@@ -198,9 +201,9 @@ def test_loop_resumed_from_checkpoint_continues_exactly(tiny_base, tmp_path, kin
     """Train 5 steps straight, or 3 + save + reload into a fresh model + 2: same losses, same weights."""
     import torch
 
-    from raybias.diffusion.finetune import FinetuneLoop
+    from raybias.finetune.loop import FinetuneLoop
 
-    load, job, ft, images, class_imgs = _loop_inputs(tiny_base, kind, prior)
+    load, job, ft, images, class_imgs = _loop_inputs(tiny_base, tmp_path, kind, prior)
     straight = FinetuneLoop(load(), job, ft, images=images, class_images=class_imgs)
     base_weights = {k: v.detach().clone() for k, v in straight.trainable_state().items()}
     losses = [straight.step(i) for i in range(5)]
@@ -233,7 +236,7 @@ def _preview(run, folder, k):
 
 
 def _fine_tuned_row(run, entry, pipe, ft):
-    from raybias.diffusion.finetune import preview_prompts
+    from raybias.finetune.spec import preview_prompts
     from raybias.diffusion.sampling import sample
 
     prompts = preview_prompts(entry["prompt_template"], entry["members"], ft.n_samples)

@@ -9,9 +9,9 @@ import logging
 def test_a_progress_poll_reads_only_what_changed_and_finished_jobs_log_once(ray_session, caplog):
     import ray
 
-    from raybias.stages.finetune import ProgressMonitor, _progress_board_class
+    from raybias.finetune.runner import ProgressMonitor, progress_board_class
 
-    board = _progress_board_class().remote()
+    board = progress_board_class().remote()
     try:
         for i in range(1000):  # a thousand jobs of one step, all finished
             board.update.remote("clustered_dreambooth", f"g0-c{i}", 1, 1, 0.5, "done")
@@ -38,17 +38,17 @@ def test_a_progress_poll_reads_only_what_changed_and_finished_jobs_log_once(ray_
 
 
 def test_the_summary_of_a_thousand_models_is_a_few_lines(capsys):
-    from raybias.stages.finetune import MAX_SUMMARY_LINES, _print_summary
+    from raybias.finetune.runner import MAX_SUMMARY_LINES, print_summary
 
     models = [{"name": f"g{i % 4}-c{i // 4}", "weight": 0.004, "prompt_template": "a sks red {member}",
                "borrowed_from": None, "negative_prompt": None, "n_images": 1, "steps": 1,
                "final_loss": 1.0 + i / 1e4} for i in range(1000)]
     records = {m["name"]: {"wall_seconds": 2.0} for m in models}
-    _print_summary("clustered_dreambooth", {"models": models}, records)
+    print_summary("clustered_dreambooth", {"models": models}, records)
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == MAX_SUMMARY_LINES + 2
     assert lines[0].endswith("1000 model(s)") and "g0-c0" in lines[1]
     assert f"{MAX_SUMMARY_LINES} of 1000 models shown" in lines[-1] and "1.0000-1.0999" in lines[-1]
     small = models[:3]
-    _print_summary("clustered_dreambooth", {"models": small}, records)
+    print_summary("clustered_dreambooth", {"models": small}, records)
     assert len(capsys.readouterr().out.splitlines()) == 4  # every model of a small stage

@@ -11,7 +11,7 @@ from PIL import Image
 
 from raybias.rundir import RunDir
 from raybias.layout import generator_samples, preview_png, previews_json
-from raybias.stages.finetune import MAX_PREVIEW_MODELS, preview_sample, write_samples_png
+from raybias.finetune.runner import MAX_PREVIEW_MODELS, preview_sample, write_samples_png
 
 
 def test_preview_sample_is_an_even_deterministic_sample():

@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
-import dataclasses
 import gc
 import json
 import math
@@ -422,7 +421,9 @@ class Bench:
     def m_smoke(self) -> Dict[str, Any]:
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-        from raybias.diffusion.finetune import LORA_WEIGHTS, LoraTuner
+        from raybias.config import config_from_dict
+        from raybias.finetune.loop import LORA_WEIGHTS, LoraTuner
+        from raybias.finetune.spec import finetune_spec
         from raybias.diffusion.sampling import sample, set_attention
         from raybias.generation.sampler import ModelSwitcher
         from raybias.layout import model_dir
@@ -487,8 +488,10 @@ class Bench:
 
         # LoRA: peft adapter (raybias's LoraTuner), non-zero B, changes the output for the same seeds
         dt = DTYPES[main]
-        ft = {"lr": 1e-4, "lora_rank": 4, "lora_alpha": 4.0, "seed": 0}
-        tuner = LoraTuner(ft)
+        tmp = tempfile.mkdtemp(prefix="bench-device-lora-")
+        run = RunDir(tmp)
+        cfg = config_from_dict({"finetune": {"lr": 1e-4, "lora_rank": 4, "lora_alpha": 4.0, "seed": 0}})
+        tuner = LoraTuner(finetune_spec(cfg, run, "lora", base=("smoke", None)))
         lpipe = self.copy_pipe(dt)
         tuner.prepare(lpipe.unet)
         checks["lora_layers"] = perturb_lora(lpipe.unet, a.lora_rel)
@@ -500,8 +503,6 @@ class Bench:
         checks["lora_mean_abs_change"] = change
         checks["lora_changes_output"] = bool(change > 0.5)
 
-        tmp = tempfile.mkdtemp(prefix="bench-device-lora-")
-        run = RunDir(tmp)
         rel = model_dir("lora", "smoke")
         tuner.save(lpipe, run.path(rel), None, False)
         weights = os.path.join(run.path(rel), LORA_WEIGHTS)
@@ -594,8 +595,10 @@ class Bench:
         return out
 
     def m_train(self, kind: str, dtype: str, batch: int):
-        from raybias.config import FinetuneConfig
-        from raybias.diffusion.finetune import FinetuneLoop, JobSpec
+        from raybias.config import config_from_dict
+        from raybias.finetune.loop import FinetuneLoop
+        from raybias.finetune.spec import FinetuneJob, finetune_spec
+        from raybias.rundir import RunDir
 
         a = self.args
         self.drop_plain()  # a full fp32 UNet, its gradients and AdamW state come next
@@ -605,12 +608,15 @@ class Bench:
         images = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(a.train_images)]
         members = ["zero", "one", "two", "three", "four"]
         template = "a sks red {member}" if kind == "dreambooth" else "a red {member}"
-        job = JobSpec(name="g0", generator=kind, kind=kind, group=0, cluster=None, prompt_template=template,
-                      members=members, ids=[f"img-{i}" for i in range(len(images))], class_template="a red {member}")
-        ft = dataclasses.asdict(FinetuneConfig())
-        ft.update(batch_size=batch, mixed_precision=dtype if dtype in ("fp16", "bf16") else "no", seed=0)
+        job = FinetuneJob(name="g0", generator=kind, kind=kind, group=0, cluster=None, prompt_template=template,
+                          members=members, ids=[f"img-{i}" for i in range(len(images))],
+                          class_template="a red {member}")
+        cfg = config_from_dict({"finetune": {"batch_size": batch, "seed": 0,
+                                             "mixed_precision": dtype if dtype in ("fp16", "bf16") else "no"}})
+        with tempfile.TemporaryDirectory(prefix="bench-device-train-") as tmp:  # the spec names a run directory
+            ft = finetune_spec(cfg, RunDir(tmp), kind, base=("bench", None))
         cls = None
-        if kind == "dreambooth" and ft["prior_preservation"]:
+        if kind == "dreambooth" and ft.prior_preservation:
             cls = [rng.integers(0, 256, (size, size, 3), dtype=np.uint8) for _ in range(a.train_images)]
         if self.cuda:
             torch.cuda.reset_peak_memory_stats()

@@ -33,6 +33,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence
 from raybias.data.info import DatasetInfo
 from raybias.data.io import TableMissing
 from raybias.data.schema import SchemaError
+from raybias.finetune.spec import ModelEntry, bias_unknown
 from raybias.layout import generator_manifest, plan_path
 from raybias.registry import MODEL_KINDS
 from raybias.rundir import RunDir
@@ -165,31 +166,46 @@ def read_generator_manifest(run: RunDir, generator: str, info: DatasetInfo,
     for e in entries:
         if not isinstance(e, dict):
             raise SchemaError(f"{where}: every entry of 'models' must be an object, not {e!r}")
-        name = _field(e, "name", where, str)
-        group = _field(e, "group", where, int)
-        if not 0 <= group < info.n_groups:
-            raise SchemaError(f"{where}: model {name!r} has group {group}; "
-                              f"the data has groups 0..{info.n_groups - 1}")
-        kind = _field(e, "kind", where, str)
-        if kind not in MODEL_KINDS:
-            raise SchemaError(f"{where}: model {name!r} has kind {kind!r}; allowed {', '.join(MODEL_KINDS)}")
-        folder = _field(e, "folder", where, str, required=kind != "base")
-        if folder is not None and not run.exists(folder):
-            raise TableMissing(f"{where}: model {name!r} folder {run.path(folder)} does not exist")
-        weight = float(_field(e, "weight", where, (int, float), required=False) or 1.0)
-        if not weight > 0:
-            raise SchemaError(f"{where}: model {name!r} has weight {weight}; it must be > 0")
-        y, a = info.y_a(group)
-        members = _field(e, "members", where, list, required=False) or list(info.class_words[y])
-        template = _field(e, "prompt_template", where, str)
-        negative = _field(e, "negative_prompt", where, str, required=False)
-        borrowed = _field(e, "borrowed_from", where, str, required=False)
-        cluster = _field(e, "cluster", where, int, required=False)
-        models.append(ModelSpec(
-            name=name, group=group, kind=kind, prompt_template=template, members=[str(m) for m in members],
-            weight=weight, cluster=cluster, folder=folder,
-            negative_prompt=negative if negative_prompts else None, borrowed_from=borrowed))
+        models.append(_model_spec(_model_entry(run, e, where, info), negative_prompts))
     return manifest, models
+
+
+def _model_entry(run: RunDir, e: Dict[str, Any], where: str, info: DatasetInfo) -> ModelEntry:
+    """One entry of a generator manifest, checked, as a `ModelEntry` (an earlier raybias's
+    entry has no y and bias: they come from its group)."""
+    name = _field(e, "name", where, str)
+    if bias_unknown(e):
+        raise SchemaError(f"{where}: model {name!r} makes images of an unknown bias (bias null, or group -1 as "
+                          "an earlier raybias wrote it); a group-balanced set needs every model's group")
+    group = _field(e, "group", where, int)
+    if not 0 <= group < info.n_groups:
+        raise SchemaError(f"{where}: model {name!r} has group {group}; "
+                          f"the data has groups 0..{info.n_groups - 1}")
+    kind = _field(e, "kind", where, str)
+    if kind not in MODEL_KINDS:
+        raise SchemaError(f"{where}: model {name!r} has kind {kind!r}; allowed {', '.join(MODEL_KINDS)}")
+    folder = _field(e, "folder", where, str, required=kind != "base")
+    if folder is not None and not run.exists(folder):
+        raise TableMissing(f"{where}: model {name!r} folder {run.path(folder)} does not exist")
+    weight = float(_field(e, "weight", where, (int, float), required=False) or 1.0)
+    if not weight > 0:
+        raise SchemaError(f"{where}: model {name!r} has weight {weight}; it must be > 0")
+    y, a = info.y_a(group)
+    members = _field(e, "members", where, list, required=False) or list(info.class_words[y])
+    template = _field(e, "prompt_template", where, str)
+    return ModelEntry(
+        name=name, y=y, bias=a, group=group, kind=kind, folder=folder, prompt_template=template,
+        members=[str(m) for m in members], cluster=_field(e, "cluster", where, int, required=False), weight=weight,
+        negative_prompt=_field(e, "negative_prompt", where, str, required=False),
+        borrowed_from=_field(e, "borrowed_from", where, str, required=False))
+
+
+def _model_spec(entry: ModelEntry, negative_prompts: bool) -> ModelSpec:
+    """The plan's model for a manifest's entry (its negative prompt dropped without `negative_prompts`)."""
+    return ModelSpec(name=entry.name, group=entry.group, kind=entry.kind, prompt_template=entry.prompt_template,
+                     members=entry.members, weight=entry.weight, cluster=entry.cluster, folder=entry.folder,
+                     negative_prompt=entry.negative_prompt if negative_prompts else None,
+                     borrowed_from=entry.borrowed_from)
 
 
 def models_for(run: RunDir, generator: str, info: DatasetInfo, negative_prompts: bool = True):

@@ -3,20 +3,20 @@
 Three recorded, resumable steps, none of which reads a bias label:
 
 `ddb/model`      a class-conditional diffusion model with classifier-free guidance, trained on
-                 the biased training set: the one fine-tuning loop (raybias.diffusion.finetune,
-                 a Ray Train job, full UNet like DreamBooth, no prior preservation) on the base
+                 the biased training set: the one fine-tuning loop (raybias.finetune, one
+                 Ray Train job, full UNet like DreamBooth, no prior preservation) on the base
                  backbone, with per-image prompts "a {member}" naming the image's class only
                  (a member word of class y, drawn per image from y alone) and the prompt dropped
                  (empty) with probability ddb.cond_drop. Steps, batch, lr: ddb.*; cpus/gpus,
                  checkpointing, failures: finetune.*. A killed job resumes from its checkpoint.
                  Writes generators/ddb/cond/ (diffusers folder, training.json) and
                  generators/ddb/manifest.json (the generators/<gen>/manifest.json format: one
-                 model entry per class, group -1, kind dreambooth, all sharing the folder).
+                 `ModelEntry` per class, bias unknown, kind dreambooth, all sharing the folder).
 `ddb/generate`   ddb.per_class bias-ALIGNED images per class: the model prompted with the class
-                 alone reproduces the training set's dominant bias. The generation path's plan
-                 units go through its Ray Data actor pool (raybias.generation.runner.run_units),
-                 CFG weight ddb.guidance, ddb.sample_steps steps; shards in synthetic/ddb/ in
-                 the usual layout, with a = -1 and group = -1 ("bias unknown": DDB never
+                 alone reproduces the training set's dominant bias. Its plan (`build_ddb_plan`)
+                 is made by the generate stage's own path (`open_set`, `make_set`: the sampler
+                 actor pool, shards, resume), CFG weight ddb.guidance, ddb.sample_steps steps;
+                 shards in synthetic/ddb/ in the usual layout, with a = -1 and group = -1 ("bias unknown": DDB never
                  labels the bias); whole shards are kept on --resume.
 `ddb/amplifier`  the bias amplifier: a classifier of the train.model family trained by the
                  classifier loop (hook `ddb_amplifier`, GCE with q = ddb.lff_q,
@@ -29,6 +29,7 @@ Three recorded, resumable steps, none of which reads a bias label:
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Any, Dict, List
 
 from raybias.config import config_hash
@@ -36,8 +37,8 @@ from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.layout import (DDB, DDB_AMPLIFIER_KEY, DDB_AMPLIFIER_MODEL, DDB_AMPLIFIER_OUTPUTS, DDB_CONFLICT_JSON,
                             DDB_GENERATE_KEY, DDB_MANIFEST, PREPARE_KEY, DDB_MODEL_DIR, DDB_MODEL_KEY, DDB_MODEL_NAME,
-                            TRAINING_JSON, classifier_model, generator_dir, synthetic_dir, synthetic_samples)
-from raybias.rundir import RunDir, StageFailed
+                            classifier_model, generator_dir, synthetic_samples, training_json)
+from raybias.rundir import RunDir
 
 PROMPT = "a {member}"
 
@@ -51,33 +52,31 @@ RECIPE_KEYS = ("ddb.lff_ema", "ddb.lff_min_weight")
 
 def class_prompts(ids: List[str], ys: List[int], info: DatasetInfo, seed: int) -> List[str]:
     """Per-image prompts naming the class only: a member word of class y, drawn per image."""
-    from raybias.diffusion.finetune import member_for
+    from raybias.finetune.spec import member_for
 
     return [PROMPT.format(member=member_for(i, info.class_words[int(y)], seed)) for i, y in zip(ids, ys)]
 
 
-def _ddb_finetune_dict(cfg, run: RunDir) -> Dict[str, Any]:
-    from raybias.stages.finetune import _base_model, _finetune_dict
+def ddb_spec(cfg, run: RunDir):
+    """The fine-tuning spec of DDB's model: a DreamBooth job's, with DDB's own values (ddb.*)."""
+    from raybias.finetune.spec import finetune_spec
 
-    base, base_folder = _base_model(cfg, run)
-    ft = _finetune_dict(cfg, run, base, base_folder)
     d = cfg.ddb
-    ft.update(steps=int(d.steps), batch_size=int(d.batch_size), dreambooth_lr=float(d.lr), seed=int(d.seed),
-              cond_drop=float(d.cond_drop), prior_preservation=False, n_samples=0,
-              checkpoint_every=max(1, min(int(cfg.finetune.checkpoint_every), int(d.steps))))
-    return ft
+    return replace(finetune_spec(cfg, run, "dreambooth"), steps=int(d.steps), batch_size=int(d.batch_size),
+                   lr=float(d.lr), seed=int(d.seed), cond_drop=float(d.cond_drop), prior_preservation=False,
+                   n_samples=0, checkpoint_every=max(1, min(int(cfg.finetune.checkpoint_every), int(d.steps))))
 
 
 def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any]:
     """`ddb/model`: the class-conditional CFG diffusion model (see the module docstring)."""
     from raybias.classify.data import real_sets
-    from raybias.diffusion.finetune import JobSpec
+    from raybias.finetune.runner import run_job
+    from raybias.finetune.spec import FinetuneJob, ModelEntry
     from raybias.ray_utils import require_gpus
-    from raybias.stages.finetune import _run_job
 
     # partial: the job's checkpoints resume a killed training of the same config
     st = run.stage(DDB_MODEL_KEY, cfg, MODEL_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
-                   owns=(generator_dir(DDB),), outputs=(DDB_MANIFEST, f"{DDB_MODEL_DIR}/{TRAINING_JSON}"),
+                   owns=(generator_dir(DDB),), outputs=(DDB_MANIFEST, training_json(DDB, DDB_MODEL_NAME)),
                    needs=(PREPARE_KEY,))
     if st.skip:
         return run.read_json(DDB_MANIFEST)
@@ -86,19 +85,18 @@ def train_model(cfg, run: RunDir, info: DatasetInfo, mode: str) -> Dict[str, Any
     ids = train["id"].astype(str).tolist()
     ys = [int(v) for v in train["y"]]
     members = [info.class_words[c][0] for c in range(info.n_classes)]
-    job = JobSpec(name=DDB_MODEL_NAME, generator=DDB, kind="dreambooth", group=-1, cluster=None,
-                  prompt_template=PROMPT, members=members, ids=ids,
-                  prompts=class_prompts(ids, ys, info, int(cfg.ddb.seed)))
-    ft = _ddb_finetune_dict(cfg, run)
-    record = _run_job(cfg, run, job, ft, None)
+    job = FinetuneJob(name=DDB_MODEL_NAME, generator=DDB, kind="dreambooth", group=None, cluster=None,
+                      prompt_template=PROMPT, members=members, ids=ids,
+                      prompts=class_prompts(ids, ys, info, int(cfg.ddb.seed)))
+    spec = ddb_spec(cfg, run)
+    record = run_job(cfg, run, job, spec)
     manifest = {
-        "generator": DDB, "base": cfg.base.model, "base_resolved": ft["base"], "identifier": None,
+        "generator": DDB, "base": cfg.base.model, "base_resolved": spec.base, "identifier": None,
         "conditioning": "class-only prompts, classifier-free guidance", "cond_drop": float(cfg.ddb.cond_drop),
-        "models": [{"name": f"y{c}", "group": -1, "y": c, "cluster": None, "weight": 1.0, "kind": "dreambooth",
-                    "folder": DDB_MODEL_DIR, "prompt_template": PROMPT, "members": list(info.class_words[c]),
-                    "negative_prompt": None, "n_images": int(sum(1 for y in ys if y == c)),
-                    "group_images": None, "borrowed_from": None, "steps": int(record["steps"]),
-                    "final_loss": float(record["final_loss"])} for c in range(info.n_classes)],
+        "models": [ModelEntry(name=f"y{c}", y=c, bias=None, group=None, kind="dreambooth", folder=DDB_MODEL_DIR,
+                              prompt_template=PROMPT, members=list(info.class_words[c]),
+                              n_images=int(sum(1 for y in ys if y == c)), steps=int(record["steps"]),
+                              final_loss=float(record["final_loss"])).to_dict() for c in range(info.n_classes)],
     }
     run.write_json(DDB_MANIFEST, manifest)
     st.finish(info={"steps": int(record["steps"]), "final_loss": float(record["final_loss"]),
@@ -148,48 +146,24 @@ class _ClassLabels:
 
 
 def generate_aligned(cfg, run: RunDir, info: DatasetInfo, manifest: Dict[str, Any], mode: str) -> Dict[str, Any]:
-    """`ddb/generate`: the bias-aligned synthetic set through the generation path."""
+    """`ddb/generate`: the bias-aligned synthetic set through the generate stage's path."""
     from raybias.diffusion.backbone import resolve_base_model
-    from raybias.generation.plan import is_current, load_plan, same_plan, save_plan
-    from raybias.generation.runner import missing_units, run_units, sample_grid, unit_key
-    from raybias.generation.shards import sort_out_shards
-    from raybias.ray_utils import require_gpus
+    from raybias.generation.runner import sample_grid
+    from raybias.stages.generate import make_set, open_set
 
-    old = load_plan(run, DDB)
-    plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
-
-    def shards_whole():
-        if not is_current(old):  # missing, or an earlier raybias's (same_plan below may keep its shards)
-            return "its plan is missing" if old is None else "its plan is in an earlier raybias's form"
-        left = missing_units(run, DDB, old)
-        return f"{len(left)} of its {old['n_units']} shards are missing or broken" if left else None
-
-    st = run.stage(DDB_GENERATE_KEY, cfg, GENERATE_SECTIONS, mode, exclude=RECIPE_KEYS, partial=True,
-                   owns=(synthetic_dir(DDB),), verify=shards_whole, needs=(DDB_MODEL_KEY,))
+    st, old = open_set(cfg, run, DDB, DDB_GENERATE_KEY, GENERATE_SECTIONS, mode, needs=(DDB_MODEL_KEY,),
+                       exclude=RECIPE_KEYS)
     if st.skip:
         return st.record_info
-    if st.resumable and not same_plan(old, plan):
-        run.delete(synthetic_dir(DDB))
-    save_plan(run, plan)
-    whole, _ = sort_out_shards(run, DDB, plan)  # the shards are the units' record
-    done = set(whole)
-    todo = [n for n in range(plan["n_units"]) if n not in done]
-    g = cfg.generate
-    facts: Dict[str, Any] = {}
-    if todo:
-        require_gpus(g.num_gpus, "ddb generation (generate.num_gpus)")
-        facts = run_units(run, plan, todo, base_model=plan["base"], base_revision=cfg.base.revision,
-                          concurrency=g.concurrency, num_gpus=g.num_gpus, num_cpus=g.num_cpus,
-                          desc="ddb bias-aligned set", allow_pickle=cfg.base.allow_pickle)
-    left = missing_units(run, DDB, plan)
-    if left:
-        raise StageFailed(f"ddb generation: {len(left)} planned unit(s) have no shard (e.g. {unit_key(left[0])}); "
-                          "rerun with --resume")
-    shown = dict(plan, runs=[dict(r, group=r["y"]) for r in plan["runs"]])
-    sample_grid(run, shown, _ClassLabels(info), synthetic_samples(DDB))
-    record = {"n_images": plan["n_images"], "units": plan["n_units"], "made_now": facts.get("images", 0),
-              "images_per_s": round(facts.get("images_per_s", 0.0), 3)}
-    st.finish(record, units=[unit_key(n) for n in range(plan["n_units"])])
+    plan = build_ddb_plan(cfg, info, manifest, resolve_base_model(cfg, run))
+
+    def grid(p: Dict[str, Any]):  # rows by class: DDB's units carry no group
+        return sample_grid(run, dict(p, runs=[dict(r, group=r["y"]) for r in p["runs"]]), _ClassLabels(info),
+                           synthetic_samples(DDB))
+
+    record, _, _ = make_set(cfg, run, st, old, plan, what="ddb generation",
+                            gpus_for="ddb generation (generate.num_gpus)", grid=grid, verbose=False, progress=True,
+                            desc="ddb bias-aligned set")
     return record
 
 

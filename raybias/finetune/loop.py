@@ -1,8 +1,9 @@
 """The one fine-tuning loop: LoRA, DreamBooth and Clustered DreamBooth are small differences of it.
 
 A *job* fine-tunes the base text-to-image model on the real training images of one group
-(or one (group, cluster)). Everything a job needs travels as plain data (`JobSpec` as a
-dict) so that it can run in a Ray Train worker anywhere:
+(or one (group, cluster)). Everything a job needs travels typed and picklable
+(`raybias.finetune.spec`: the `FinetuneJob`, its generator's `FinetuneSpec`, in a
+`TrainerWork`) so that it can run in a Ray Train worker anywhere:
 
     setup      load the base pipeline (inside the worker, never on the driver), read the
                job's images from the run directory, VAE-encode them ONCE (mean and std of
@@ -28,19 +29,19 @@ import io
 import json
 import logging
 import os
-import random
 import shutil
 import tempfile
 import time
 import zlib
 from abc import ABC, abstractmethod
-from dataclasses import asdict, dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from raybias.faults import strike
+from raybias.finetune.spec import (FinetuneJob, FinetuneSpec, TrainerWork, WorkItem, member_for, preview_prompts,
+                                   training_prompts)
 from raybias.layout import PREVIEWS_JSON, TRAINING_JSON, class_images_path, model_dir, preview_name, training_json
 
 log = logging.getLogger("raybias")
@@ -51,98 +52,17 @@ LORA_WEIGHTS = "pytorch_lora_weights.safetensors"
 PRECISION_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
-# --------------------------------------------------------------------------- jobs
-
-
-@dataclass
-class JobSpec:
-    """One fine-tuning job: a group, or a (group, cluster), of one generator."""
-
-    name: str  # "g1" or "g1-c2"
-    generator: str
-    kind: str  # "lora" | "dreambooth"
-    group: int
-    cluster: Optional[int]
-    prompt_template: str  # "a sks red {member}"
-    members: List[str]
-    ids: List[str]  # ids of the real training images
-    # prior preservation: prompt template of the class images (no identifier), else None
-    class_template: Optional[str] = None
-    # extra preview rows: models of other groups that borrow this job's weights
-    borrower_previews: List[Dict[str, Any]] = field(default_factory=list)
-    # per-image training prompts (same order as `ids`), overriding the template: Diffusing
-    # DeBias trains one class-conditional model whose prompts name each image's class only
-    prompts: Optional[List[str]] = None
-
-    @property
-    def key(self) -> str:
-        """Unique across the generators trained together: "dreambooth/g1"."""
-        return f"{self.generator}/{self.name}"
-
-    def to_dict(self) -> Dict[str, Any]:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, Any]) -> "JobSpec":
-        return cls(**d)
-
-
-def model_name(group: int, cluster: Optional[int] = None) -> str:
-    return f"g{group}" if cluster is None else f"g{group}-c{cluster}"
-
-
-class _MemberSlot(random.Random):
-    """A member "draw" that returns the `{member}` placeholder itself."""
-
-    def choice(self, seq):
-        return "{member}"
-
-
-def prompt_template(info, group: int, identifier: Optional[str] = None,
-                    bias_override: Optional[str] = None) -> str:
-    """The group's prompt with the bias word (and identifier) filled in and `{member}` left.
-
-    Built by the project's prompt helper (`raybias.diffusion.prompts.group_prompt`), so the
-    identifier lands where it puts it ("a sks red {member}"); training prompts are this
-    template with a member filled in, and the generation stage fills it the same way.
-    """
-    from raybias.diffusion.prompts import group_prompt
-
-    return group_prompt(info, group, _MemberSlot(), identifier=identifier, bias_override=bias_override)
-
-
-def member_for(image_id: str, members: Sequence[str], seed: int) -> str:
-    """The class member named in an image's prompt: drawn once per (image, seed), stable."""
-    rng = np.random.default_rng([int(seed), zlib.crc32(str(image_id).encode())])
-    return members[int(rng.integers(len(members)))]
-
-
-def training_prompts(job: JobSpec, seed: int) -> List[str]:
-    if job.prompts is not None:
-        return list(job.prompts)
-    return [job.prompt_template.format(member=member_for(i, job.members, seed)) for i in job.ids]
-
-
-def preview_prompts(template: str, members: Sequence[str], n: int) -> List[str]:
-    return [template.format(member=members[i % len(members)]) for i in range(n)]
-
-
 # --------------------------------------------------------------------------- tuners
 
 
 class Tuner(ABC):
     """What distinguishes one kind of model (raybias.registry.MODEL_KINDS) inside the one loop:
-    which weights train, at what rate, and how the model folder is written."""
+    which weights train and how the model folder is written (its learning rate is the spec's `lr`)."""
 
     kind = ""
 
-    def __init__(self, ft: Dict[str, Any]):
-        self.ft = ft
-
-    @property
-    @abstractmethod
-    def lr(self) -> float:
-        """Learning rate of the tuner's optimizer."""
+    def __init__(self, spec: FinetuneSpec):
+        self.spec = spec
 
     @abstractmethod
     def prepare(self, unet) -> List[torch.nn.Parameter]:
@@ -161,21 +81,17 @@ class LoraTuner(Tuner):
 
     kind = "lora"
 
-    @property
-    def lr(self) -> float:
-        return float(self.ft["lr"])
-
     def lora_config(self):
         from peft import LoraConfig
 
-        return LoraConfig(r=int(self.ft["lora_rank"]), lora_alpha=float(self.ft["lora_alpha"]),
+        return LoraConfig(r=self.spec.lora_rank, lora_alpha=self.spec.lora_alpha,
                           init_lora_weights="gaussian", target_modules=list(LORA_TARGETS))
 
     def prepare(self, unet) -> List[torch.nn.Parameter]:
         unet.requires_grad_(False)
         # The adapter's gaussian init draws from torch's RNG: seed it, so a job is reproducible.
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.ft["seed"]))
+            torch.manual_seed(self.spec.seed)
             unet.add_adapter(self.lora_config())
         params = [p for p in unet.parameters() if p.requires_grad]
         for p in params:  # adapters train in fp32 even when the base runs in half precision
@@ -203,17 +119,13 @@ class DreamBoothTuner(Tuner):
 
     kind = "dreambooth"
 
-    @property
-    def lr(self) -> float:
-        return float(self.ft["dreambooth_lr"])
-
     def prepare(self, unet) -> List[torch.nn.Parameter]:
         unet.requires_grad_(True)
         unet.float()
         return list(unet.parameters())
 
     def uses_prior(self) -> bool:
-        return bool(self.ft["prior_preservation"])
+        return self.spec.prior_preservation
 
     def save(self, pipe, folder: str, base_folder: Optional[str], link: bool) -> None:
         os.makedirs(folder, exist_ok=True)
@@ -237,8 +149,8 @@ class DreamBoothTuner(Tuner):
 TUNERS = {"lora": LoraTuner, "dreambooth": DreamBoothTuner}
 
 
-def make_tuner(kind: str, ft: Dict[str, Any]) -> Tuner:
-    return TUNERS[kind](ft)
+def make_tuner(kind: str, spec: FinetuneSpec) -> Tuner:
+    return TUNERS[kind](spec)
 
 
 def _link_or_copy(src: str, dst: str) -> str:
@@ -345,24 +257,24 @@ def load_training_state(folder: str, module: torch.nn.Module, trainable_names: S
 class FinetuneLoop:
     """Holds the pipeline, the cached latents and text embeddings, and runs training steps."""
 
-    def __init__(self, pipe, job: JobSpec, ft: Dict[str, Any], device: str = "cpu",
+    def __init__(self, pipe, job: FinetuneJob, spec: FinetuneSpec, device: str = "cpu",
                  class_images: Optional[List[np.ndarray]] = None, images: Optional[List[np.ndarray]] = None):
         from diffusers import DDPMScheduler
 
         from raybias.diffusion.sampling import default_size
 
-        self.pipe, self.job, self.ft = pipe, job, ft
+        self.pipe, self.job, self.spec = pipe, job, spec
         self.device = torch.device(device)
-        self.tuner = make_tuner(job.kind, ft)
-        self.seed = int(ft["seed"])
-        self.batch_size = int(ft["batch_size"])
+        self.tuner = make_tuner(job.kind, spec)
+        self.seed = spec.seed
+        self.batch_size = spec.batch_size
         self.size = default_size(pipe)
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
         self.prediction_type = self.noise_scheduler.config.prediction_type
         self.num_train_timesteps = int(self.noise_scheduler.config.num_train_timesteps)
         self.scaling = float(getattr(pipe.vae.config, "scaling_factor", 0.18215))
         self.shift = float(getattr(pipe.vae.config, "shift_factor", None) or 0.0)
-        precision = ft.get("mixed_precision", "no")
+        precision = spec.mixed_precision
         self.amp_dtype = PRECISION_DTYPES.get(precision) if self.device.type == "cuda" else None
         if precision != "no" and self.amp_dtype is None:
             log.info("finetune.mixed_precision=%s is for GPUs; training in fp32 on %s", precision, self.device)
@@ -371,14 +283,14 @@ class FinetuneLoop:
             module.requires_grad_(False)
             module.eval()
         if images is None:
-            images = decode_images(read_images_for(job, ft), self.size)
+            images = decode_images(read_images_for(job, spec), self.size)
         self.n_images = len(images)
         self.lat_mean, self.lat_std = self._encode(images)
         prompts = training_prompts(job, self.seed)
         self.emb_table, self.emb_index = self._embed(prompts)
         # classifier-free guidance training: the condition is dropped (empty prompt) with
         # probability cond_drop, so the model also learns the unconditional score
-        self.cond_drop = float(ft.get("cond_drop", 0.0))
+        self.cond_drop = spec.cond_drop
         self.null_emb = self._embed([""])[0][0] if self.cond_drop > 0 else None
         self.prior = self.tuner.uses_prior() and class_images is not None and len(class_images) > 0
         if self.prior:
@@ -389,7 +301,7 @@ class FinetuneLoop:
         self.trainable = self.tuner.prepare(pipe.unet)
         self.trainable_names = [n for n, p in pipe.unet.named_parameters() if p.requires_grad]
         pipe.unet.to(self.device)
-        self.optimizer = make_optimizer(self.trainable, self.tuner.lr, float(ft.get("weight_decay", 1e-2)))
+        self.optimizer = make_optimizer(self.trainable, spec.lr, spec.weight_decay)
         self.scaler = (torch.amp.GradScaler("cuda") if self.amp_dtype == torch.float16 else None)
 
     # one-off encodings ---------------------------------------------------
@@ -455,7 +367,7 @@ class FinetuneLoop:
             p_inst, p_cls = pred.chunk(2)
             t_inst, t_cls = target.chunk(2)
             loss = (torch.nn.functional.mse_loss(p_inst, t_inst)
-                    + float(self.ft["prior_loss_weight"]) * torch.nn.functional.mse_loss(p_cls, t_cls))
+                    + self.spec.prior_loss_weight * torch.nn.functional.mse_loss(p_cls, t_cls))
         else:
             loss = torch.nn.functional.mse_loss(pred, target)
         if self.scaler is not None:
@@ -463,7 +375,7 @@ class FinetuneLoop:
             self.scaler.unscale_(self.optimizer)
         else:
             loss.backward()
-        clip = float(self.ft.get("max_grad_norm", 0.0))
+        clip = self.spec.max_grad_norm
         if clip > 0:
             torch.nn.utils.clip_grad_norm_(self.trainable, clip)
         if self.scaler is not None:
@@ -494,16 +406,16 @@ def make_optimizer(params: List[torch.nn.Parameter], lr: float, weight_decay: fl
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
 
 
-def read_images_for(job: JobSpec, ft: Dict[str, Any]) -> List[bytes]:
+def read_images_for(job: FinetuneJob, spec: FinetuneSpec) -> List[bytes]:
     from raybias.rundir import RunDir
 
-    return read_images(RunDir(ft["run_spec"]), job.ids)
+    return read_images(RunDir(spec.run_spec), job.ids)
 
 
 # --------------------------------------------------------------------------- class images
 
 
-def class_images(pipe, job: JobSpec, ft: Dict[str, Any], run=None) -> List[np.ndarray]:
+def class_images(pipe, job: FinetuneJob, spec: FinetuneSpec, run=None) -> List[np.ndarray]:
     """Prior-preservation images: the base model's own samples for the prompt without identifier.
 
     Cached in the run directory under a key of everything that decides them, so restarted
@@ -511,12 +423,12 @@ def class_images(pipe, job: JobSpec, ft: Dict[str, Any], run=None) -> List[np.nd
     """
     from raybias.diffusion.sampling import sample
 
-    n = int(ft["num_class_images"])
-    prompts = [job.class_template.format(member=member_for(f"class-{i}", job.members, int(ft["seed"])))
+    n = spec.num_class_images
+    prompts = [job.class_template.format(member=member_for(f"class-{i}", job.members, spec.seed))
                for i in range(n)]
-    seeds = [int(ft["seed"]) * 100_003 + i for i in range(n)]
-    settings = dict(steps=int(ft["sample_steps"]), guidance=float(ft["sample_guidance"]))
-    key = zlib.crc32(json.dumps([ft["base"], prompts, seeds, settings]).encode())
+    seeds = [spec.seed * 100_003 + i for i in range(n)]
+    settings = dict(steps=spec.sample_steps, guidance=spec.sample_guidance)
+    key = zlib.crc32(json.dumps([spec.base, prompts, seeds, settings]).encode())
     rel = class_images_path(job.generator, job.group, key)
     if run is not None and run.exists(rel):
         with np.load(io.BytesIO(run.read_bytes(rel)), allow_pickle=False) as z:
@@ -532,15 +444,15 @@ def class_images(pipe, job: JobSpec, ft: Dict[str, Any], run=None) -> List[np.nd
 # --------------------------------------------------------------------------- previews
 
 
-def _preview_row(pipe, prompts: List[str], negatives: Optional[List[Optional[str]]], ft: Dict[str, Any],
+def _preview_row(pipe, prompts: List[str], negatives: Optional[List[Optional[str]]], spec: FinetuneSpec,
                  guidance: Optional[float] = None) -> np.ndarray:
     from raybias.diffusion.sampling import sample
 
-    seeds = [int(ft["seed"]) * 7919 + i for i in range(len(prompts))]
+    seeds = [spec.seed * 7919 + i for i in range(len(prompts))]
     # A negative prompt only acts through classifier-free guidance (> 1).
-    g = float(ft["sample_guidance"]) if guidance is None else guidance
+    g = spec.sample_guidance if guidance is None else guidance
     images = sample(pipe, prompts, seeds, negative_prompts=negatives, scheduler="ddim",
-                    steps=int(ft["sample_steps"]), guidance=g)
+                    steps=spec.sample_steps, guidance=g)
     return np.concatenate(images, axis=1)
 
 
@@ -553,10 +465,10 @@ def _encode_png(arr: np.ndarray) -> bytes:
 # --------------------------------------------------------------------------- Ray Train worker
 
 
-def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
-    """Ray Train entry point (1 worker): one job (`cfg["job"]`), or a pack of jobs trained in
-    turn (`cfg["pack"]`, finetune.jobs_per_trainer > 1) so that Ray Train's start-up, the imports
-    and the base model's loading are paid once per pack rather than once per job.
+def train_loop_per_worker(config: Dict[str, Any]) -> None:
+    """Ray Train entry point (1 worker): the `TrainerWork` in `config["work"]`, one job or a pack
+    of jobs trained in turn (finetune.jobs_per_trainer > 1) so that Ray Train's start-up, the
+    imports and the base model's loading are paid once per pack rather than once per job.
 
     Per job: setup, resume, train, checkpoint, publish. In a pack, a job whose model is already
     published is skipped (a restarted worker, or `--resume`), and the trainer's checkpoint is
@@ -567,39 +479,37 @@ def train_loop_per_worker(cfg: Dict[str, Any]) -> None:
     from raybias.ray_utils import quiet_train_worker
 
     quiet_train_worker()  # no log line per checkpoint reported
-    items = cfg.get("pack") or [{"job": cfg["job"], "finetune": cfg["finetune"], "fault": cfg.get("fault")}]
+    work: TrainerWork = config["work"]
+    items = list(work.items)
     ckpt = ray.train.get_checkpoint()
     ckpt_job = None
     if ckpt is not None:
         with ckpt.as_directory() as d:
             with open(os.path.join(d, "state.json")) as f:
                 ckpt_job = json.load(f).get("job")
-    if len(items) > 1:  # a restarted pack: what it already published is done
+    if work.packed:  # a restarted pack: what it already published is done
         from raybias.rundir import RunDir
 
-        items = [item for item in items if not RunDir(item["finetune"]["run_spec"]).exists(
-            training_json(item["job"]["generator"], item["job"]["name"]))]
+        items = [item for item in items
+                 if not RunDir(item.spec.run_spec).exists(training_json(item.job.generator, item.job.name))]
     bases: Dict[Tuple[str, Optional[str]], Tuple[Any, Any]] = {}
     started = time.time()
-    launched = float(cfg.get("launched_at", started))  # the driver's fit(): start-up is the first job's
-    device = "cuda" if cfg.get("use_gpu") and torch.cuda.is_available() else "cpu"
+    launched = work.launched_at  # the driver's fit(): start-up is the first job's
+    device = "cuda" if work.use_gpu and torch.cuda.is_available() else "cpu"
     for i, item in enumerate(items):
-        job = JobSpec.from_dict(item["job"])
-        ft = item["finetune"]
         # a single job's checkpoint is its own (checkpoints older than `job` in state.json too)
-        mine = ckpt if ckpt is not None and ("pack" not in cfg or ckpt_job == job.key) else None
-        keep = any(_base_key(later["finetune"]) == _base_key(ft) for later in items[i + 1:])
-        pipe = _base_pipeline(bases, ft, device, keep)
-        _train_job({**cfg, **item, "launched_at": launched, "packed": "pack" in cfg}, job, ft, mine, pipe, device,
-                   started)
+        mine = ckpt if ckpt is not None and (not work.packed or ckpt_job == item.job.key) else None
+        keep = any(_base_key(later.spec) == _base_key(item.spec) for later in items[i + 1:])
+        pipe = _base_pipeline(bases, item.spec, device, keep)
+        _train_job(work, item, mine, pipe, device, started, launched)
         started = launched = time.time()
 
 
-def _base_key(ft: Dict[str, Any]) -> Tuple[str, Optional[str]]:
-    return ft["base"], ft.get("revision")
+def _base_key(spec: FinetuneSpec) -> Tuple[str, Optional[str]]:
+    return spec.base, spec.revision
 
 
-def _base_pipeline(bases, ft: Dict[str, Any], device: str, keep: bool):
+def _base_pipeline(bases, spec: FinetuneSpec, device: str, keep: bool):
     """The base pipeline for one job, whose UNet that job trains. With `keep` (later jobs of the
     pack start from the same base) an untouched copy of the base UNet stays on the CPU; the
     last job takes that copy itself, and a lone job's pipeline is loaded with no copy at all."""
@@ -607,13 +517,12 @@ def _base_pipeline(bases, ft: Dict[str, Any], device: str, keep: bool):
 
     from raybias.diffusion.backbone import load_pipeline
 
-    key = _base_key(ft)
+    key = _base_key(spec)
     if key in bases:
         pipe, pristine = bases.pop(key)
         pipe.unet = (copy.deepcopy(pristine) if keep else pristine).to(device)
     else:
-        pipe = load_pipeline(ft["base"], revision=ft.get("revision"), device=device,
-                             allow_pickle=bool(ft.get("allow_pickle", False)))
+        pipe = load_pipeline(spec.base, revision=spec.revision, device=device, allow_pickle=spec.allow_pickle)
         pipe.set_progress_bar_config(disable=True)
         pristine = copy.deepcopy(pipe.unet).cpu() if keep else None
     if keep:
@@ -621,27 +530,28 @@ def _base_pipeline(bases, ft: Dict[str, Any], device: str, keep: bool):
     return pipe
 
 
-def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe, device: str,
-               started: float) -> None:
+def _train_job(work: TrainerWork, item: WorkItem, ckpt, pipe, device: str, started: float,
+               launched: float) -> None:
     import ray.train
     from ray.train import Checkpoint
 
     from raybias.rundir import RunDir
 
-    threads = max(1, int(cfg.get("threads", 1)))
+    job, spec = item.job, item.spec
+    threads = max(1, work.threads)
     torch.set_num_threads(threads)
-    run = RunDir(ft["run_spec"])
-    board = cfg.get("board")
+    run = RunDir(spec.run_spec)
+    board = work.board
 
-    steps = int(ft["steps"])
+    steps = spec.steps
     previews: List[Tuple[str, np.ndarray]] = []
-    n_prev = int(ft["n_samples"])
+    n_prev = spec.n_samples
     base_prompt = prompt_template_without_identifier(job)
     if n_prev:  # what the base model makes of the group's prompt, before any training
-        previews.append(("base", _preview_row(pipe, preview_prompts(base_prompt, job.members, n_prev), None, ft)))
-    cls_images = class_images(pipe, job, ft, run) if (job.kind == "dreambooth" and ft["prior_preservation"]
-                                                      and job.class_template) else None
-    loop = FinetuneLoop(pipe, job, ft, device=device, class_images=cls_images)
+        previews.append(("base", _preview_row(pipe, preview_prompts(base_prompt, job.members, n_prev), None, spec)))
+    cls_images = class_images(pipe, job, spec, run) if (job.kind == "dreambooth" and spec.prior_preservation
+                                                        and job.class_template) else None
+    loop = FinetuneLoop(pipe, job, spec, device=device, class_images=cls_images)
     setup_s = time.time() - started
 
     state = {"job": job.key, "step": 0, "losses": [], "attempts": 0, "resumed_from": [], "train_seconds": 0.0}
@@ -653,8 +563,8 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
     if board is not None:
         board.update.remote(job.generator, job.name, state["step"], steps,
                             state["losses"][-1] if state["losses"] else None, "training")
-    every = int(ft["checkpoint_every"])
-    progress_every = int(ft.get("progress_every", 10))
+    every = spec.checkpoint_every
+    progress_every = spec.progress_every
     t0 = time.time()
     for i in range(state["step"], steps):
         loss = loop.step(i)
@@ -671,9 +581,9 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
                 ray.train.report({"step": done, "loss": float(np.mean(state["losses"][-every:]))},
                                  checkpoint=Checkpoint.from_directory(tmp),
                                  # in a pack, names must not repeat across its jobs
-                                 checkpoint_dir_name=(f"{job.generator}-{job.name}-" if cfg.get("packed") else "")
+                                 checkpoint_dir_name=(f"{job.generator}-{job.name}-" if work.packed else "")
                                  + f"step-{done:06d}")
-        strike(cfg.get("fault"), done)  # raybias.faults: None outside the test suite
+        strike(item.fault, done)  # raybias.faults: None outside the test suite
     state["train_seconds"] += time.time() - t0
 
     # Only the rank-0 worker publishes (a job has one worker; kept right if that changes).
@@ -685,11 +595,11 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
     preview_start = time.time()
     if n_prev:
         previews.append(("fine-tuned", _preview_row(pipe, preview_prompts(job.prompt_template, job.members,
-                                                                          n_prev), None, ft)))
+                                                                          n_prev), None, spec)))
         for b in job.borrower_previews:
             prompts = preview_prompts(b["prompt_template"], job.members, n_prev)
             negs = [b.get("negative_prompt")] * n_prev
-            previews.append((b["name"], _preview_row(pipe, prompts, negs, ft, guidance=b.get("guidance"))))
+            previews.append((b["name"], _preview_row(pipe, prompts, negs, spec, guidance=b.get("guidance"))))
     record = {
         "name": job.name, "generator": job.generator, "kind": job.kind, "group": job.group,
         "cluster": job.cluster, "steps": state["step"], "final_loss": state["losses"][-1],
@@ -697,20 +607,19 @@ def _train_job(cfg: Dict[str, Any], job: JobSpec, ft: Dict[str, Any], ckpt, pipe
         "n_images": loop.n_images, "n_class_images": len(cls_images) if loop.prior else 0,
         "train_seconds": round(state["train_seconds"], 3), "setup_seconds": round(setup_s, 3),
         # from the driver's fit() call to this function: Ray Train controller, worker process, placement
-        "startup_seconds": round(started - float(cfg.get("launched_at", started)), 3),
+        "startup_seconds": round(started - launched, 3),
         "preview_seconds": round(time.time() - preview_start, 3),
         "seconds_per_step": round(state["train_seconds"] / max(1, steps - (state["resumed_from"] or [0])[-1]), 5),
         "device": device, "threads": threads,
         "precision": "fp32" if loop.amp_dtype is None else str(loop.amp_dtype).replace("torch.", ""),
         "prompt_template": job.prompt_template, "trainable_parameters": int(sum(p.numel() for p in loop.trainable)),
     }
-    publish_model(run, loop.tuner, pipe, model_dir(job.generator, job.name), record, previews,
-                  ft.get("base_folder"))
+    publish_model(run, loop.tuner, pipe, model_dir(job.generator, job.name), record, previews, spec.base_folder)
     if board is not None:
         board.update.remote(job.generator, job.name, steps, steps, state["losses"][-1], "done")
 
 
-def prompt_template_without_identifier(job: JobSpec) -> str:
+def prompt_template_without_identifier(job: FinetuneJob) -> str:
     return job.class_template or job.prompt_template
 
 
