@@ -297,7 +297,7 @@ def reap_orphans() -> int:
 
     import psutil
 
-    killed, killed_n = [], 0
+    killed = []
     try:
         folder = _state_dir()
         names = os.listdir(folder)
@@ -321,7 +321,6 @@ def reap_orphans() -> int:
                 if abs(p.create_time() - created) < 0.01:
                     p.kill()
                     killed.append(p)
-                    killed_n += 1
             except (psutil.Error, OSError):
                 continue
         try:
@@ -330,12 +329,12 @@ def reap_orphans() -> int:
             pass
     # gone, not only signalled: the caller then removes what they left half-written (polled,
     # not waited for: a waitpid would reap a child of this process that someone else waits on)
-    deadline = time.time() + 10
+    n_killed, deadline = len(killed), time.time() + 10
     while killed and time.time() < deadline:
         killed = [p for p in killed if _still_running(p)]
         if killed:
             time.sleep(0.02)
-    return killed_n
+    return n_killed
 
 
 def _still_running(p) -> bool:

@@ -36,11 +36,12 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from raybias.config import GENERATORS, ConfigError
+from raybias.config import ConfigError
 from raybias.console import say
 from raybias.data.info import DatasetInfo
 from raybias.layout import PREPARE_KEY, diagnostics_key, diagnostics_path, generate_key, scores_path, shard_path
 from raybias.methods import diagnostics_sections, generators_needed
+from raybias.registry import GENERATORS
 from raybias.rundir import RunDir
 
 READERS = ("oracle", "clip", "none")

@@ -35,7 +35,7 @@ from raybias.data.io import TableMissing
 from raybias.data.schema import SchemaError
 from raybias.finetune.spec import ModelEntry, bias_unknown
 from raybias.layout import generator_manifest, plan_path
-from raybias.registry import MODEL_KINDS
+from raybias.registry import GENERATORS, MODEL_KINDS
 from raybias.rundir import RunDir
 
 # 2: a unit table (one row per model's run of units) instead of every image's id, seed, prompt
@@ -210,7 +210,7 @@ def _model_spec(entry: ModelEntry, negative_prompts: bool) -> ModelSpec:
 
 def models_for(run: RunDir, generator: str, info: DatasetInfo, negative_prompts: bool = True):
     """(base model from the generator manifest or None, models) for any generator."""
-    if generator == "vanilla":
+    if not GENERATORS[generator].finetuned:  # the base model as it is: nothing was trained
         return None, vanilla_models(info)
     manifest, models = read_generator_manifest(run, generator, info, negative_prompts)
     return manifest.get("base"), models

@@ -40,7 +40,7 @@ def finetune_generators(cfg, run: RunDir, generators: Sequence[str], mode: str =
         # when resuming the same config; anything else of the generator's is wiped first
         st = run.stage(finetune_key(gen), cfg, GENERATORS[gen].sections, mode, partial=True,
                        owns=(generator_dir(gen),), outputs=(generator_manifest(gen),),
-                       needs=(PREPARE_KEY, CLUSTER_KEY) if "cluster" in GENERATORS[gen].sections else (PREPARE_KEY,))
+                       needs=(PREPARE_KEY, CLUSTER_KEY) if GENERATORS[gen].clusters else (PREPARE_KEY,))
         if st.skip:
             out[gen] = run.read_json(generator_manifest(gen))
             continue
